@@ -1,0 +1,102 @@
+"""`linear`: sliding-window softmax over the last W tokens + linear attention over older ones.
+
+Reuses the layer's own q/k/v/o projections, RoPE and GQA; adds only a Hedgehog feature map for q and k and
+a per-head gate. Those learned parts live in `LearnedLinearParts` and are what the bank stores.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import AttentionOption, register_option
+from .linear_kernels import LinearState, chunked_prefill, decode_step, empty_state
+
+
+class HedgehogFeatureMap(nn.Module):
+    """phi(x) = [softmax(x W_h + b_h), softmax(-(x W_h + b_h))] per head: positive, 2F features."""
+
+    def __init__(self, heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        weight = torch.empty(heads, head_dim, feature_dim)
+        for h in range(heads):  # identity where shapes allow: phi starts as a softmax over q's own dims
+            nn.init.eye_(weight[h]) if feature_dim == head_dim else nn.init.orthogonal_(weight[h])
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(heads, 1, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.matmul(x, self.weight) + self.bias  # (B, H, S, D) @ (H, D, F) -> (B, H, S, F)
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+
+class LearnedLinearParts(nn.Module):
+    """Everything attention transfer trains for one layer."""
+
+    def __init__(self, q_heads: int, kv_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        self.feature_q = HedgehogFeatureMap(q_heads, head_dim, feature_dim)
+        self.feature_k = HedgehogFeatureMap(kv_heads, head_dim, feature_dim)
+        self.gate_logit = nn.Parameter(torch.zeros(q_heads))  # sigmoid(0) = 0.5: window and linear equal
+
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_logit)
+
+
+class LinearSlidingWindowAttention(nn.Module):
+    """Drop-in replacement for a family's attention module (same call signature, returns (out, None))."""
+
+    def __init__(self, attn: nn.Module, family, window: int, feature_dim: int):
+        super().__init__()
+        self.family = family
+        self.layer_idx = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.window = window
+        # Shared with the original module (same Parameter objects), so switching options costs nothing.
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        if family.qk_norm:
+            self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        q_heads = attn.q_proj.out_features // attn.head_dim
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        self.learned = LearnedLinearParts(q_heads, kv_heads, attn.head_dim, feature_dim)
+        self.learned.to(device=attn.q_proj.weight.device, dtype=attn.q_proj.weight.dtype)
+
+    def attend(self, q, k, v, state: LinearState | None = None, return_state: bool = False):
+        """Core attention on post-RoPE q/k/v (B, H, S, D) -> (B, Hq, S, D). With a state, continues from it."""
+        fq, fk = self.learned.feature_q(q), self.learned.feature_k(k)
+        gate = self.learned.gate()
+        if state is None:
+            return chunked_prefill(q, k, v, fq, fk, gate, self.window, self.scaling, return_state=return_state)
+        outputs = []
+        for t in range(q.shape[2]):  # continuation token by token (decode is one token at a time)
+            sl = slice(t, t + 1)
+            y, state = decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], gate,
+                                   self.window, self.scaling, state)
+            outputs.append(y)
+        y = torch.cat(outputs, dim=2)
+        return (y, state) if return_state else y
+
+    def empty_state(self, batch: int, like: torch.Tensor) -> LinearState:
+        kv_heads = self.k_proj.out_features // self.head_dim
+        return empty_state(batch, kv_heads, self.head_dim, 2 * self.learned.feature_q.weight.shape[-1], like)
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, cache=None,
+                **kwargs):
+        q, k, v = self.family.project_qkv(self, hidden_states, position_embeddings)
+        layer_states = getattr(cache, "linear_states", None)  # set by the hybrid generation cache
+        if layer_states is None:
+            y = self.attend(q, k, v)
+        else:
+            previous = layer_states.get(self.layer_idx)
+            if previous is None:
+                y, layer_states[self.layer_idx] = self.attend(q, k, v, return_state=True)
+            else:
+                y, layer_states[self.layer_idx] = self.attend(q, k, v, previous, return_state=True)
+        y = y.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # (B, S, Hq*D)
+        return self.o_proj(y), None
+
+
+def build_linear(attn, family, settings):
+    return LinearSlidingWindowAttention(attn, family, int(settings["window"]), int(settings["feature_dim"]))
+
+
+LINEAR = register_option(AttentionOption("linear", "L", build_linear, trainable=True))

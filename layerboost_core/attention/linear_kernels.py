@@ -1,0 +1,173 @@
+"""Linear sliding-window attention (LoLCATs / Hedgehog style), pure PyTorch.
+
+For query i, keys in the window (i - W, i] get softmax weights exp(q.k * scale - m_i) (m_i: row max over the
+window), older keys get linear weights phi(q).phi(k); a learned per-head gate g mixes the two:
+
+    y_i = (g * sum_win e_ij v_j + (1 - g) * sum_old a_ij v_j) / (g * sum_win e_ij + (1 - g) * sum_old a_ij)
+
+`chunked_prefill` uses chunks of W tokens, so the window of chunk c lies in chunks c-1 and c and everything
+older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built.
+`decode_step` is the recurrent form. `naive.py` holds the quadratic reference both are tested against.
+GQA is kept grouped: the G query heads that share one kv head are stacked as rows, never repeat_kv'd.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LinearState:
+    """Recurrent state of one layer: the last <= W tokens' k, v, phi(k), and the linear sums of older ones."""
+
+    k_win: torch.Tensor  # (B, Hkv, w, D), w <= W
+    v_win: torch.Tensor  # (B, Hkv, w, D)
+    fk_win: torch.Tensor  # (B, Hkv, w, F)
+    kv: torch.Tensor  # (B, Hkv, F, D): sum of phi(k_j) v_j^T over tokens older than the window
+    k_sum: torch.Tensor  # (B, Hkv, F): sum of phi(k_j) over the same tokens
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_win, self.v_win, self.fk_win, self.kv, self.k_sum))
+
+
+def _group_rows(x: torch.Tensor, hkv: int, n: int, c: int, scale: float = 1.0) -> torch.Tensor:
+    """(B, Hq, n*c, X) -> (B, Hkv, n, G*c, X), times `scale`: the G query heads of one kv head stacked as
+    rows per chunk. One pass: the multiply writes straight into the grouped layout."""
+    b, hq, _, d = x.shape
+    g = hq // hkv
+    out = x.new_empty(b, hkv, n, g, c, d)
+    torch.mul(x.view(b, hkv, g, n, c, d), scale, out=out.permute(0, 1, 3, 2, 4, 5))
+    return out.view(b, hkv, n, g * c, d)
+
+
+def _ungroup_rows(y: torch.Tensor, hq: int, c: int, s: int) -> torch.Tensor:
+    """Inverse of `_group_rows`, keeping the first `s` positions: (B, Hkv, n, G*c, D) -> (B, Hq, s, D).
+    The result is a transposed view of a (B, s, Hq, D) tensor, so `o_proj` needs no further copy."""
+    b, hkv, n, _, d = y.shape
+    g = hq // hkv
+    out = y.view(b, hkv, n, g, c, d).permute(0, 2, 4, 1, 3, 5).reshape(b, n * c, hq, d)
+    return out[:, :s].transpose(1, 2)
+
+
+def _chunk_views(x: torch.Tensor, n: int, c: int):
+    """x (B, H, S, X) zero-padded to one chunk before and n*c tokens in all: views of the current chunk
+    (B, H, n, c, X), the previous chunk (same shape, zeros before chunk 0) and the padded tensor."""
+    b, h, s, width = x.shape
+    padded = F.pad(x, (0, 0, c, n * c - s))  # (B, H, (n+1)*c, X)
+    current = padded[:, :, c:].view(b, h, n, c, width)
+    previous = padded[:, :, : n * c].view(b, h, n, c, width)
+    return current, previous, padded
+
+
+def _windows(padded: torch.Tensor, n: int, c: int) -> torch.Tensor:
+    """Overlapping [previous chunk | this chunk] windows as a view: (B, H, n, 2c, X)."""
+    return padded.unfold(2, 2 * c, c).transpose(-1, -2)
+
+
+@functools.lru_cache(maxsize=32)
+def _masks(n: int, c: int, g: int, device, dtype):
+    """Per (chunk, row, key): an additive bias (0 / -inf) for the window band over [prev chunk | this chunk],
+    and a 0/1 multiplier for the linear part inside the previous chunk (keys at least W behind the query).
+    Also the (n, n) 0/1 matrix that sums, for chunk c, the per-chunk states of chunks 0 .. c-2."""
+    i = torch.arange(c, device=device).view(c, 1)
+    t = torch.arange(2 * c, device=device).view(1, 2 * c)
+    has_prev = (torch.arange(n, device=device) > 0).view(n, 1, 1)
+    band = ((t > i) & (t <= i + c)).repeat(g, 1).unsqueeze(0) & (has_prev | (t >= c))  # (n, g*c, 2c)
+    old = (torch.arange(c, device=device).view(1, c) <= i).repeat(g, 1).unsqueeze(0) & has_prev  # (n, g*c, c)
+    bias = torch.zeros(band.shape, device=device, dtype=dtype).masked_fill_(~band, float("-inf"))
+    chunk = torch.arange(n, device=device)
+    older = (chunk.view(1, n) <= chunk.view(n, 1) - 2).to(dtype)
+    return bias, old.to(dtype), older
+
+
+def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, return_state: bool = False):
+    """Linear sliding-window attention over a whole sequence.
+
+    q: (B, Hq, S, D), k/v: (B, Hkv, S, D), fq: (B, Hq, S, F), fk: (B, Hkv, S, F), gate: (Hq,) in (0, 1).
+    Returns y (B, Hq, S, D), and the `LinearState` after the last token when `return_state`.
+    """
+    b, hq, s, d = q.shape
+    hkv, f = k.shape[1], fq.shape[-1]
+    g, c = hq // hkv, window
+    n = math.ceil(s / c)
+    bias, old, older = _masks(n, c, g, q.device, q.dtype)
+    # Zero tokens past the end (causality keeps them out of every real query) and one zero chunk before
+    # the start (masked out) make the previous-chunk and window tensors plain views.
+    qg = _group_rows(F.pad(q, (0, 0, 0, n * c - s)), hkv, n, c, scale)  # (B, Hkv, n, G*c, D)
+    fqg = _group_rows(F.pad(fq, (0, 0, 0, n * c - s)), hkv, n, c)  # (B, Hkv, n, G*c, F)
+    _, _, k_pad = _chunk_views(k, n, c)
+    _, _, v_pad = _chunk_views(v, n, c)
+    # A ones column on v makes "linear weights @ v" also return the weights' row sum (the denominator).
+    vx_cur, vx_prev, _ = _chunk_views(torch.cat([v, v.new_ones(b, hkv, s, 1)], dim=-1), n, c)
+    fk_cur, fk_prev, _ = _chunk_views(fk, n, c)
+
+    # Window part: softmax over [previous chunk | this chunk], banded to the last W keys. With p the
+    # normalised weights, sum_win exp(s - max) = 1 / max(p), so the fused softmax gives both pieces.
+    scores = qg @ _windows(k_pad, n, c).transpose(-1, -2)  # (B, Hkv, n, G*c, 2c)
+    p = torch.softmax(scores.add_(bias), dim=-1)
+    den_win = p.amax(dim=-1, keepdim=True).reciprocal_()  # (B, Hkv, n, G*c, 1)
+    pv = p @ _windows(v_pad, n, c)  # (B, Hkv, n, G*c, D)
+
+    # Linear part: keys of the previous chunk at least W behind, then the summed state of older chunks.
+    a = (fqg @ fk_prev.transpose(-1, -2)).mul_(old)  # (B, Hkv, n, G*c, c)
+    kv_chunk = (fk_cur.transpose(-1, -2) @ vx_cur).view(b, hkv, n, f * (d + 1))  # (B, Hkv, n, F*(D+1))
+    kv_older = (older @ kv_chunk).view(b, hkv, n, f, d + 1)
+    lin = torch.matmul(fqg, kv_older).add_(a @ vx_prev)  # (B, Hkv, n, G*c, D+1): numerator | denominator
+    num_lin, den_lin = lin[..., :d], lin[..., d:]
+
+    gate_rows = gate.view(1, hkv, 1, g, 1, 1).expand(1, hkv, 1, g, c, 1).reshape(1, hkv, 1, g * c, 1)
+    w_win = gate_rows * den_win  # per-row weights of the two parts, normalised below
+    w_lin = 1 - gate_rows
+    total = w_win + w_lin * den_lin
+    y = _ungroup_rows(torch.addcmul(pv.mul_(w_win / total), num_lin, w_lin / total), hq, c, s)
+    if not return_state:
+        return y
+    return y, _state_after(k, v, fk, window)
+
+
+def _state_after(k, v, fk, window: int) -> LinearState:
+    """State after a prefill: the last W tokens stay exact, older ones are summed into the linear state."""
+    split = max(k.shape[2] - window, 0)
+    fk_old, v_old = fk[:, :, :split], v[:, :, :split]
+    return LinearState(
+        k_win=k[:, :, split:].contiguous(),
+        v_win=v[:, :, split:].contiguous(),
+        fk_win=fk[:, :, split:].contiguous(),
+        kv=fk_old.transpose(-1, -2) @ v_old,
+        k_sum=fk_old.sum(dim=2),
+    )
+
+
+def empty_state(b: int, hkv: int, d: int, f: int, like: torch.Tensor) -> LinearState:
+    z = like.new_zeros
+    return LinearState(z(b, hkv, 0, d), z(b, hkv, 0, d), z(b, hkv, 0, f), z(b, hkv, f, d), z(b, hkv, f))
+
+
+def decode_step(q, k, v, fq, fk, gate, window: int, scale: float, state: LinearState):
+    """One new token. q: (B, Hq, 1, D), k/v: (B, Hkv, 1, D), fq/fk likewise with F. Returns (y, new state)."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    k_win = torch.cat([state.k_win, k], dim=2)
+    v_win = torch.cat([state.v_win, v], dim=2)
+    fk_win = torch.cat([state.fk_win, fk], dim=2)
+    kv, k_sum = state.kv, state.k_sum
+    if k_win.shape[2] > window:  # the oldest token leaves the window and joins the linear sums
+        fk_out, v_out = fk_win[:, :, :1], v_win[:, :, :1]
+        kv = kv + fk_out.transpose(-1, -2) @ v_out
+        k_sum = k_sum + fk_out[:, :, 0]
+        k_win, v_win, fk_win = k_win[:, :, 1:], v_win[:, :, 1:], fk_win[:, :, 1:]
+
+    qg = q.view(b, hkv, g, d)  # the G query heads of one kv head as rows
+    fqg = fq.view(b, hkv, g, -1)
+    scores = qg @ k_win.transpose(-1, -2) * scale  # (B, Hkv, G, w)
+    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    num_win, den_win = e @ v_win, e.sum(dim=-1, keepdim=True)
+    num_lin, den_lin = fqg @ kv, fqg @ k_sum.unsqueeze(-1)
+    gate_rows = gate.view(1, hkv, g, 1)
+    y = (gate_rows * num_win + (1 - gate_rows) * num_lin) / (gate_rows * den_win + (1 - gate_rows) * den_lin)
+    return y.reshape(b, hq, 1, d), LinearState(k_win, v_win, fk_win, kv, k_sum)

@@ -1,0 +1,64 @@
+"""Model family adapters: how to get post-RoPE q/k/v out of one family's attention module.
+
+One file per family registers a `Family`; any other `model_type` is refused with the supported list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..registry import Registry
+
+FAMILIES: Registry["Family"] = Registry("model family (config.model_type)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as every supported family applies it; x: (B, H, S, D), cos/sin: (B, S, D)."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between decoder families for our purposes; everything else is shared."""
+
+    model_type: str
+    qk_norm: bool = False  # Qwen3 normalises q and k per head before RoPE
+
+    def project_qkv(self, attn: nn.Module, hidden: torch.Tensor, position_embeddings):
+        """hidden (B, S, hidden) -> q (B, Hq, S, D), k and v (B, Hkv, S, D), RoPE applied to q and k."""
+        batch, seq = hidden.shape[:2]
+        head_dim = attn.head_dim
+        q = attn.q_proj(hidden).view(batch, seq, -1, head_dim)
+        k = attn.k_proj(hidden).view(batch, seq, -1, head_dim)
+        v = attn.v_proj(hidden).view(batch, seq, -1, head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = position_embeddings
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a *ForCausalLM model of this family."""
+        return model.model.layers
+
+
+def family_of(model_or_config) -> Family:
+    """The registered family of a model or config; refuses unsupported families with one clear line."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UserError(
+            f"model family: {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES.get(model_type)
+
+
+# Registration happens on import of each family file.
+from . import llama, mistral, qwen2, qwen3  # noqa: E402,F401

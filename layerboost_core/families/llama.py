@@ -1,0 +1,4 @@
+"""The llama family: standard GQA attention with RoPE (the shared path in `Family`)."""
+from . import FAMILIES, Family
+
+FAMILIES.register("llama")(Family("llama"))

