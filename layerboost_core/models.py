@@ -141,6 +141,22 @@ def _looks_like_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub, so an offline machine fails at once instead of after minutes of retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _load_pretrained(source: str, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -151,7 +167,14 @@ def _load_pretrained(source: str, dtype: torch.dtype):
         )
     target = str(path) if path.exists() else source
     try:
-        config = AutoConfig.from_pretrained(target)
+        config = AutoConfig.from_pretrained(target, local_files_only=True)
+    except OSError:
+        config = None
+    if config is None and not path.exists() and not _hub_reachable():
+        raise UserError(f"model.source: hub id {source!r} is not in the local cache and the Hugging Face hub "
+                        "cannot be reached (offline); use the built-in model=smollm2-135m or a local folder")
+    try:
+        config = config or AutoConfig.from_pretrained(target)
     except OSError as error:
         where = "local folder" if path.exists() else "hub id"
         raise UserError(

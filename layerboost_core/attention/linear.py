@@ -1,4 +1,5 @@
-"""`linear`: sliding-window softmax over the last W tokens + linear attention over older ones.
+"""`linear`: sliding-window softmax over the last W tokens (plus a few sink tokens) + linear attention over
+the rest.
 
 Reuses the layer's own q/k/v/o projections, RoPE and GQA; adds only a Hedgehog feature map for q and k and
 a per-head gate. Those learned parts live in `LearnedLinearParts` and are what the bank stores.
@@ -44,13 +45,14 @@ class LearnedLinearParts(nn.Module):
 class LinearSlidingWindowAttention(nn.Module):
     """Drop-in replacement for a family's attention module (same call signature, returns (out, None))."""
 
-    def __init__(self, attn: nn.Module, family, window: int, feature_dim: int):
+    def __init__(self, attn: nn.Module, family, window: int, feature_dim: int, sinks: int = 0):
         super().__init__()
         self.family = family
         self.layer_idx = attn.layer_idx
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.window = window
+        self.sinks = sinks
         # Shared with the original module (same Parameter objects), so switching options costs nothing.
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
         if family.qk_norm:
@@ -65,12 +67,12 @@ class LinearSlidingWindowAttention(nn.Module):
         fq, fk = self.learned.feature_q(q), self.learned.feature_k(k)
         gate = self.learned.gate()
         if state is None:
-            return chunked_prefill(q, k, v, fq, fk, gate, self.window, self.scaling, return_state=return_state)
+            return chunked_prefill(q, k, v, fq, fk, gate, self.window, self.scaling, self.sinks, return_state)
         outputs = []
         for t in range(q.shape[2]):  # continuation token by token (decode is one token at a time)
             sl = slice(t, t + 1)
             y, state = decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], gate,
-                                   self.window, self.scaling, state)
+                                   self.window, self.scaling, state, self.sinks)
             outputs.append(y)
         y = torch.cat(outputs, dim=2)
         return (y, state) if return_state else y
@@ -96,7 +98,8 @@ class LinearSlidingWindowAttention(nn.Module):
 
 
 def build_linear(attn, family, settings):
-    return LinearSlidingWindowAttention(attn, family, int(settings["window"]), int(settings["feature_dim"]))
+    return LinearSlidingWindowAttention(attn, family, int(settings["window"]), int(settings["feature_dim"]),
+                                        int(settings.get("sinks", 0)))
 
 
 LINEAR = register_option(AttentionOption("linear", "L", build_linear, trainable=True))

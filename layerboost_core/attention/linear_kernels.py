@@ -1,9 +1,11 @@
-"""Linear sliding-window attention (LoLCATs / Hedgehog style), pure PyTorch.
+"""Linear sliding-window attention (LoLCATs / Hedgehog style, with attention sinks), pure PyTorch.
 
-For query i, keys in the window (i - W, i] get softmax weights exp(q.k * scale - m_i) (m_i: row max over the
-window), older keys get linear weights phi(q).phi(k); a learned per-head gate g mixes the two:
+For query i, the softmax set holds the keys in the window (i - W, i] plus the first `sinks` tokens of the
+sequence (the attention sinks small LMs park most attention on; without them a window loses ~90% of the
+output's energy on SmolLM2). All other earlier keys get linear weights phi(q).phi(k). A learned per-head
+gate g mixes the two (m_i: the row max of the softmax scores):
 
-    y_i = (g * sum_win e_ij v_j + (1 - g) * sum_old a_ij v_j) / (g * sum_win e_ij + (1 - g) * sum_old a_ij)
+    y_i = (g * sum_sm e_ij v_j + (1 - g) * sum_lin a_ij v_j) / (g * sum_sm e_ij + (1 - g) * sum_lin a_ij)
 
 `chunked_prefill` uses chunks of W tokens, so the window of chunk c lies in chunks c-1 and c and everything
 older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built.
@@ -22,25 +24,33 @@ import torch.nn.functional as F
 
 @dataclass
 class LinearState:
-    """Recurrent state of one layer: the last <= W tokens' k, v, phi(k), and the linear sums of older ones."""
+    """Recurrent state of one layer: the sinks' and the last <= W tokens' k, v (and phi(k)), and the linear
+    sums of every other earlier token. Its size does not grow with the sequence."""
 
     k_win: torch.Tensor  # (B, Hkv, w, D), w <= W
     v_win: torch.Tensor  # (B, Hkv, w, D)
-    fk_win: torch.Tensor  # (B, Hkv, w, F)
+    fk_win: torch.Tensor  # (B, Hkv, w, F); zero rows for sink tokens, so they never enter the sums
+    k_sink: torch.Tensor  # (B, Hkv, s, D), s <= sinks
+    v_sink: torch.Tensor  # (B, Hkv, s, D)
     kv: torch.Tensor  # (B, Hkv, F, D): sum of phi(k_j) v_j^T over tokens older than the window
     k_sum: torch.Tensor  # (B, Hkv, F): sum of phi(k_j) over the same tokens
+    position: int  # tokens seen so far
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_win, self.v_win, self.fk_win, self.kv, self.k_sum))
+        tensors = (self.k_win, self.v_win, self.fk_win, self.k_sink, self.v_sink, self.kv, self.k_sum)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _group_rows(x: torch.Tensor, hkv: int, n: int, c: int, scale: float = 1.0) -> torch.Tensor:
     """(B, Hq, n*c, X) -> (B, Hkv, n, G*c, X), times `scale`: the G query heads of one kv head stacked as
-    rows per chunk. One pass: the multiply writes straight into the grouped layout."""
+    rows per chunk. At inference the multiply writes straight into the grouped layout (one pass)."""
     b, hq, _, d = x.shape
     g = hq // hkv
+    grouped = x.view(b, hkv, g, n, c, d).permute(0, 1, 3, 2, 4, 5)
+    if torch.is_grad_enabled() and x.requires_grad:  # out= has no autograd: two passes when training
+        return (grouped * scale).reshape(b, hkv, n, g * c, d)
     out = x.new_empty(b, hkv, n, g, c, d)
-    torch.mul(x.view(b, hkv, g, n, c, d), scale, out=out.permute(0, 1, 3, 2, 4, 5))
+    torch.mul(grouped, scale, out=out)
     return out.view(b, hkv, n, g * c, d)
 
 
@@ -54,8 +64,8 @@ def _ungroup_rows(y: torch.Tensor, hq: int, c: int, s: int) -> torch.Tensor:
 
 
 def _chunk_views(x: torch.Tensor, n: int, c: int):
-    """x (B, H, S, X) zero-padded to one chunk before and n*c tokens in all: views of the current chunk
-    (B, H, n, c, X), the previous chunk (same shape, zeros before chunk 0) and the padded tensor."""
+    """x (B, H, S, X) zero-padded with one chunk before and to n*c tokens: views of the current chunk
+    (B, H, n, c, X), of the previous chunk (same shape, zeros before chunk 0), and the padded tensor."""
     b, h, s, width = x.shape
     padded = F.pad(x, (0, 0, c, n * c - s))  # (B, H, (n+1)*c, X)
     current = padded[:, :, c:].view(b, h, n, c, width)
@@ -63,28 +73,40 @@ def _chunk_views(x: torch.Tensor, n: int, c: int):
     return current, previous, padded
 
 
-def _windows(padded: torch.Tensor, n: int, c: int) -> torch.Tensor:
+def _windows(padded: torch.Tensor, c: int) -> torch.Tensor:
     """Overlapping [previous chunk | this chunk] windows as a view: (B, H, n, 2c, X)."""
     return padded.unfold(2, 2 * c, c).transpose(-1, -2)
 
 
 @functools.lru_cache(maxsize=32)
-def _masks(n: int, c: int, g: int, device, dtype):
-    """Per (chunk, row, key): an additive bias (0 / -inf) for the window band over [prev chunk | this chunk],
-    and a 0/1 multiplier for the linear part inside the previous chunk (keys at least W behind the query).
-    Also the (n, n) 0/1 matrix that sums, for chunk c, the per-chunk states of chunks 0 .. c-2."""
+def _masks(n: int, c: int, g: int, sinks: int, device, dtype):
+    """Per (chunk, row, key): the additive bias (0 / -inf) of the softmax set, over [prev chunk | this chunk
+    | sinks] columns; the 0/1 multiplier of the linear part inside the previous chunk (keys at least W
+    behind); and the (n, n) 0/1 matrix summing, for chunk c, the per-chunk states of chunks 0 .. c-2."""
     i = torch.arange(c, device=device).view(c, 1)
     t = torch.arange(2 * c, device=device).view(1, 2 * c)
-    has_prev = (torch.arange(n, device=device) > 0).view(n, 1, 1)
-    band = ((t > i) & (t <= i + c)).repeat(g, 1).unsqueeze(0) & (has_prev | (t >= c))  # (n, g*c, 2c)
-    old = (torch.arange(c, device=device).view(1, c) <= i).repeat(g, 1).unsqueeze(0) & has_prev  # (n, g*c, c)
-    bias = torch.zeros(band.shape, device=device, dtype=dtype).masked_fill_(~band, float("-inf"))
     chunk = torch.arange(n, device=device)
+    has_prev = (chunk > 0).view(n, 1, 1)
+    band = ((t > i) & (t <= i + c)).repeat(g, 1).unsqueeze(0) & (has_prev | (t >= c))  # (n, g*c, 2c)
+    position = (chunk.view(n, 1) * c + torch.arange(c, device=device).view(1, c)).repeat(1, g)  # (n, g*c)
+    sink_ok = torch.arange(sinks, device=device).view(1, 1, sinks) <= position.unsqueeze(-1) - c  # (n, g*c, s)
+    allowed = torch.cat([band, sink_ok], dim=-1)
+    bias = torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    old = (torch.arange(c, device=device).view(1, c) <= i).repeat(g, 1).unsqueeze(0) & has_prev  # (n, g*c, c)
     older = (chunk.view(1, n) <= chunk.view(n, 1) - 2).to(dtype)
     return bias, old.to(dtype), older
 
 
-def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, return_state: bool = False):
+def _without_sinks(fk: torch.Tensor, sinks: int) -> torch.Tensor:
+    """phi(k) with the sink tokens' rows zeroed: sinks are always in the softmax set, never in the sums."""
+    if sinks == 0:
+        return fk
+    keep = (torch.arange(fk.shape[2], device=fk.device) >= sinks).to(fk.dtype).view(1, 1, -1, 1)
+    return fk * keep
+
+
+def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int = 0,
+                    return_state: bool = False):
     """Linear sliding-window attention over a whole sequence.
 
     q: (B, Hq, S, D), k/v: (B, Hkv, S, D), fq: (B, Hq, S, F), fk: (B, Hkv, S, F), gate: (Hq,) in (0, 1).
@@ -94,7 +116,9 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, return_sta
     hkv, f = k.shape[1], fq.shape[-1]
     g, c = hq // hkv, window
     n = math.ceil(s / c)
-    bias, old, older = _masks(n, c, g, q.device, q.dtype)
+    sinks = min(sinks, s)
+    bias, old, older = _masks(n, c, g, sinks, q.device, q.dtype)
+    fk = _without_sinks(fk, sinks)
     # Zero tokens past the end (causality keeps them out of every real query) and one zero chunk before
     # the start (masked out) make the previous-chunk and window tensors plain views.
     qg = _group_rows(F.pad(q, (0, 0, 0, n * c - s)), hkv, n, c, scale)  # (B, Hkv, n, G*c, D)
@@ -105,12 +129,18 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, return_sta
     vx_cur, vx_prev, _ = _chunk_views(torch.cat([v, v.new_ones(b, hkv, s, 1)], dim=-1), n, c)
     fk_cur, fk_prev, _ = _chunk_views(fk, n, c)
 
-    # Window part: softmax over [previous chunk | this chunk], banded to the last W keys. With p the
-    # normalised weights, sum_win exp(s - max) = 1 / max(p), so the fused softmax gives both pieces.
-    scores = qg @ _windows(k_pad, n, c).transpose(-1, -2)  # (B, Hkv, n, G*c, 2c)
+    # Softmax part over [previous chunk | this chunk | sinks], masked to the window and to sinks outside it.
+    # With p the normalised weights, sum exp(s - max) = 1 / max(p): the fused softmax gives both pieces.
+    scores = qg @ _windows(k_pad, c).transpose(-1, -2)  # (B, Hkv, n, G*c, 2c)
+    if sinks:
+        sink_scores = qg @ k[:, :, None, :sinks].transpose(-1, -2)  # (B, Hkv, n, G*c, sinks)
+        scores = torch.cat([scores, sink_scores], dim=-1)
     p = torch.softmax(scores.add_(bias), dim=-1)
-    den_win = p.amax(dim=-1, keepdim=True).reciprocal_()  # (B, Hkv, n, G*c, 1)
-    pv = p @ _windows(v_pad, n, c)  # (B, Hkv, n, G*c, D)
+    den_sm = p.amax(dim=-1, keepdim=True).reciprocal_()  # (B, Hkv, n, G*c, 1)
+    if sinks:
+        pv = p[..., : 2 * c] @ _windows(v_pad, c) + p[..., 2 * c:] @ v[:, :, None, :sinks]
+    else:
+        pv = p @ _windows(v_pad, c)  # (B, Hkv, n, G*c, D)
 
     # Linear part: keys of the previous chunk at least W behind, then the summed state of older chunks.
     a = (fqg @ fk_prev.transpose(-1, -2)).mul_(old)  # (B, Hkv, n, G*c, c)
@@ -120,38 +150,49 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, return_sta
     num_lin, den_lin = lin[..., :d], lin[..., d:]
 
     gate_rows = gate.view(1, hkv, 1, g, 1, 1).expand(1, hkv, 1, g, c, 1).reshape(1, hkv, 1, g * c, 1)
-    w_win = gate_rows * den_win  # per-row weights of the two parts, normalised below
+    w_sm = gate_rows * den_sm  # per-row weights of the two parts, normalised below
     w_lin = 1 - gate_rows
-    total = w_win + w_lin * den_lin
-    y = _ungroup_rows(torch.addcmul(pv.mul_(w_win / total), num_lin, w_lin / total), hq, c, s)
+    total = w_sm + w_lin * den_lin
+    y = _ungroup_rows(torch.addcmul(pv.mul_(w_sm / total), num_lin, w_lin / total), hq, c, s)
     if not return_state:
         return y
-    return y, _state_after(k, v, fk, window)
+    return y, _state_after(k, v, fk, window, sinks)
 
 
-def _state_after(k, v, fk, window: int) -> LinearState:
-    """State after a prefill: the last W tokens stay exact, older ones are summed into the linear state."""
-    split = max(k.shape[2] - window, 0)
+def _state_after(k, v, fk, window: int, sinks: int) -> LinearState:
+    """State after a prefill (fk already zero at sinks): the sinks and the last W tokens stay exact, the
+    other tokens are summed into the linear state."""
+    s = k.shape[2]
+    split = max(s - window, 0)
     fk_old, v_old = fk[:, :, :split], v[:, :, :split]
     return LinearState(
         k_win=k[:, :, split:].contiguous(),
         v_win=v[:, :, split:].contiguous(),
         fk_win=fk[:, :, split:].contiguous(),
+        k_sink=k[:, :, :sinks].contiguous(),
+        v_sink=v[:, :, :sinks].contiguous(),
         kv=fk_old.transpose(-1, -2) @ v_old,
         k_sum=fk_old.sum(dim=2),
+        position=s,
     )
 
 
 def empty_state(b: int, hkv: int, d: int, f: int, like: torch.Tensor) -> LinearState:
     z = like.new_zeros
-    return LinearState(z(b, hkv, 0, d), z(b, hkv, 0, d), z(b, hkv, 0, f), z(b, hkv, f, d), z(b, hkv, f))
+    return LinearState(z(b, hkv, 0, d), z(b, hkv, 0, d), z(b, hkv, 0, f), z(b, hkv, 0, d), z(b, hkv, 0, d),
+                       z(b, hkv, f, d), z(b, hkv, f), 0)
 
 
-def decode_step(q, k, v, fq, fk, gate, window: int, scale: float, state: LinearState):
+def decode_step(q, k, v, fq, fk, gate, window: int, scale: float, state: LinearState, sinks: int = 0):
     """One new token. q: (B, Hq, 1, D), k/v: (B, Hkv, 1, D), fq/fk likewise with F. Returns (y, new state)."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
+    t = state.position
+    k_sink, v_sink = state.k_sink, state.v_sink
+    if t < sinks:  # one of the first tokens: a sink forever, never part of the linear sums
+        k_sink, v_sink = torch.cat([k_sink, k], dim=2), torch.cat([v_sink, v], dim=2)
+        fk = torch.zeros_like(fk)
     k_win = torch.cat([state.k_win, k], dim=2)
     v_win = torch.cat([state.v_win, v], dim=2)
     fk_win = torch.cat([state.fk_win, fk], dim=2)
@@ -162,12 +203,15 @@ def decode_step(q, k, v, fq, fk, gate, window: int, scale: float, state: LinearS
         k_sum = k_sum + fk_out[:, :, 0]
         k_win, v_win, fk_win = k_win[:, :, 1:], v_win[:, :, 1:], fk_win[:, :, 1:]
 
+    outside = max(0, min(k_sink.shape[2], t - window + 1))  # sinks that have left the window
+    keys = torch.cat([k_sink[:, :, :outside], k_win], dim=2)
+    values = torch.cat([v_sink[:, :, :outside], v_win], dim=2)
     qg = q.view(b, hkv, g, d)  # the G query heads of one kv head as rows
     fqg = fq.view(b, hkv, g, -1)
-    scores = qg @ k_win.transpose(-1, -2) * scale  # (B, Hkv, G, w)
+    scores = qg @ keys.transpose(-1, -2) * scale  # (B, Hkv, G, keys)
     e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    num_win, den_win = e @ v_win, e.sum(dim=-1, keepdim=True)
+    num_sm, den_sm = e @ values, e.sum(dim=-1, keepdim=True)
     num_lin, den_lin = fqg @ kv, fqg @ k_sum.unsqueeze(-1)
     gate_rows = gate.view(1, hkv, g, 1)
-    y = (gate_rows * num_win + (1 - gate_rows) * num_lin) / (gate_rows * den_win + (1 - gate_rows) * den_lin)
-    return y.reshape(b, hq, 1, d), LinearState(k_win, v_win, fk_win, kv, k_sum)
+    y = (gate_rows * num_sm + (1 - gate_rows) * num_lin) / (gate_rows * den_sm + (1 - gate_rows) * den_lin)
+    return y.reshape(b, hq, 1, d), LinearState(k_win, v_win, fk_win, k_sink, v_sink, kv, k_sum, t + 1)

@@ -1,0 +1,63 @@
+"""Single-swap sensitivity: every (layer, option) swapped alone, scored with the proxy metrics.
+
+The `none` column is the LayerBoost paper's own importance score (attention replaced by identity). Results
+are cached by a hash of (bank id, held-out data, metrics) and written as sensitivity.csv.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .cache_dir import atomic_path, cache_root, content_hash
+from .metrics import ProxyEvaluator
+from .patch import PlanSwitcher
+from .plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+
+def single_swap_plan(num_layers: int, layer: int, option: str) -> LayerPlan:
+    names = ["softmax"] * num_layers
+    names[layer] = option
+    return LayerPlan(tuple(names))
+
+
+def sensitivity_table(switcher: PlanSwitcher, evaluator: ProxyEvaluator, options=("linear", "none"),
+                      progress: bool = True) -> list[dict]:
+    """Rows of (layer, option, metrics...) for every single swap; the switcher is left at all-softmax."""
+    rows = []
+    jobs = [(layer, option) for layer in range(switcher.num_layers) for option in options]
+    try:
+        for layer, option in tqdm(jobs, desc="sensitivity", unit="swap", disable=not progress):
+            switcher.apply(single_swap_plan(switcher.num_layers, layer, option))
+            rows.append({"layer": layer, "option": option, **evaluator.evaluate()})
+    finally:
+        switcher.restore()
+    return rows
+
+
+def cached_sensitivity(switcher: PlanSwitcher, evaluator: ProxyEvaluator, key_parts: tuple,
+                       options=("linear", "none"), progress: bool = True) -> list[dict]:
+    """`sensitivity_table`, reused from the cache when the same bank, data and options were scored before."""
+    key = content_hash("sensitivity/v1", *key_parts, list(options))
+    path = cache_root() / "sensitivity" / f"{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError):
+            log.warning("sensitivity cache %s is unreadable; recomputing", path)
+    rows = sensitivity_table(switcher, evaluator, options, progress)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key_parts": [str(p) for p in key_parts], "rows": rows}))
+    return rows
+
+
+def write_sensitivity_csv(rows: list[dict], path: Path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
