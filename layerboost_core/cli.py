@@ -34,7 +34,7 @@ def _rewrite_model_override(overrides: list[str]) -> list[str]:
     for item in overrides:
         key, sep, value = item.partition("=")
         if key == "model" and sep and value not in _model_choices():
-            looks_like_source = value.count("/") == 1 and not value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
+            looks_like_source = value.startswith("tiny:") or value.count("/") == 1 and not value.startswith(("/", ".", "~")) or Path(value).expanduser().exists()
             if not looks_like_source:
                 raise UserError(f"model: unknown value {value!r}; {did_you_mean(value, _model_choices())}, "
                                 "or a hub id (org/name) or a local folder")
@@ -60,15 +60,23 @@ def compose(overrides: list[str]):
         raise UserError(f"config: {first}") from None
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def quiet_libraries() -> None:
+    """Keep third-party chatter (download retries, weight-loading bars) out of our output."""
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "datasets", "fsspec", "lm_eval", "lm-eval"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    quiet_libraries()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,3 +107,4 @@ def main(argv: list[str] | None = None) -> None:
 def _load_verbs() -> None:
     """Import the modules that register verbs (kept lazy so `--help` is instant)."""
     from . import commands  # noqa: F401
+    import layerboost_search.command  # noqa: F401

@@ -133,7 +133,11 @@ class DataSplits:
     train: torch.Tensor
     heldout: torch.Tensor
     documents: dict[str, list[str]]
-    hash: str
+    hashes: dict[str, str]  # per split: what a cached artifact made from one split is keyed by
+
+    @property
+    def hash(self) -> str:
+        return content_hash(self.hashes)
 
 
 def make_splits(tokenizer, source: str = "builtin", seq_len: int = 512, fractions: dict | None = None,
@@ -153,5 +157,6 @@ def make_splits(tokenizer, source: str = "builtin", seq_len: int = 512, fraction
         wanted = blocks.get(name)
         if tensor.shape[0] == 0 or (wanted is not None and tensor.shape[0] < wanted):
             log.warning("data: split %s has %d blocks of %d tokens (asked for %s)", name, tensor.shape[0], seq_len, wanted)
-    digest = content_hash(source, seq_len, fractions, {n: hashlib.sha256(t.numpy().tobytes()).hexdigest() for n, t in tensors.items()})
-    return DataSplits(tensors["calibration"], tensors["train"], tensors["heldout"], documents, digest)
+    hashes = {n: content_hash(source, seq_len, fractions, hashlib.sha256(t.numpy().tobytes()).hexdigest())
+              for n, t in tensors.items()}
+    return DataSplits(tensors["calibration"], tensors["train"], tensors["heldout"], documents, hashes)

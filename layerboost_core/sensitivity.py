@@ -42,18 +42,18 @@ def sensitivity_table(switcher: PlanSwitcher, evaluator: ProxyEvaluator, options
 
 def cached_sensitivity(switcher: PlanSwitcher, evaluator: ProxyEvaluator, key_parts: tuple,
                        options=("linear", "none"), progress: bool = True) -> list[dict]:
-    """`sensitivity_table`, reused from the cache when the same bank, data and options were scored before."""
-    key = content_hash("sensitivity/v1", *key_parts, list(options))
-    path = cache_root() / "sensitivity" / f"{key}.json"
-    if path.exists():
+    """`sensitivity_table` in this process, reused from the cache when scored before."""
+    def score_here(jobs):
+        results = {}
         try:
-            return json.loads(path.read_text())["rows"]
-        except (OSError, ValueError, KeyError):
-            log.warning("sensitivity cache %s is unreadable; recomputing", path)
-    rows = sensitivity_table(switcher, evaluator, options, progress)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"key_parts": [str(p) for p in key_parts], "rows": rows}))
-    return rows
+            for key, plan in tqdm(jobs.items(), desc="sensitivity", unit="swap", disable=not progress):
+                switcher.apply(plan)
+                results[key] = {"metrics": evaluator.evaluate()}
+        finally:
+            switcher.restore()
+        return results
+
+    return cached_sensitivity_rows(key_parts, switcher.num_layers, score_here, options)
 
 
 def write_sensitivity_csv(rows: list[dict], path: Path) -> None:
@@ -61,3 +61,26 @@ def write_sensitivity_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def cached_sensitivity_rows(key_parts: tuple, num_layers: int, score_plans, options=("linear", "none")) -> list[dict]:
+    """Sensitivity rows computed by `score_plans({key: plan}) -> {key: result}` (e.g. a runner pool), cached."""
+    key = content_hash("sensitivity/v1", *key_parts, list(options))
+    path = cache_root() / "sensitivity" / f"{key}.json"
+    if path.exists():
+        try:
+            return json.loads(path.read_text())["rows"]
+        except (OSError, ValueError, KeyError):
+            log.warning("sensitivity cache %s is unreadable; recomputing", path)
+    jobs = {(layer, option): single_swap_plan(num_layers, layer, option)
+            for layer in range(num_layers) for option in options}
+    log.info("sensitivity: scoring %d single-layer swaps", len(jobs))
+    results = score_plans(jobs)
+    rows = []
+    for (layer, option), result in sorted(results.items()):
+        if "error" in result:
+            raise RuntimeError(f"sensitivity of layer {layer} / {option} failed: {result['error']}")
+        rows.append({"layer": layer, "option": option, **result["metrics"]})
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"key_parts": [str(p) for p in key_parts], "rows": rows}))
+    return rows

@@ -180,7 +180,7 @@ def read_bank(path: Path, expected_id: str) -> Bank | None:
 def load_or_build_bank(switcher: PlanSwitcher, model_info: dict, splits, option_settings: dict,
                        transfer: TransferSettings, progress: bool = True, rebuild: bool = False) -> Bank:
     """The bank for this model, data and settings: from the cache if present and sound, else trained now."""
-    key = bank_id(model_info, splits.hash, option_settings, transfer)
+    key = bank_id(model_info, splits.hashes["train"], option_settings, transfer)
     path = bank_path(model_info["name"], key)
     bank = None if rebuild else read_bank(path, key)
     if bank is None:
@@ -189,8 +189,8 @@ def load_or_build_bank(switcher: PlanSwitcher, model_info: dict, splits, option_
         for name in OPTIONS:
             if OPTIONS.get(name).trainable:
                 parts[name], training_log[name] = train_bank(switcher, splits.train, transfer, name, progress)
-        meta = {"bank_id": key, "model": model_info, "data_hash": splits.hash, "option_settings": option_settings,
-                "transfer": asdict(transfer), "training": training_log, "torch": torch.__version__}
+        meta = {"bank_id": key, "model": model_info, "data_hash": splits.hashes["train"], "option_settings": option_settings,
+                "transfer": asdict(transfer), "training": training_log, "torch": str(torch.__version__)}
         bank = Bank(parts=parts, meta=meta)
         save_bank(bank, path)
     switcher.load_bank(bank)

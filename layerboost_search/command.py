@@ -1,0 +1,155 @@
+"""`layerboost search` (= `python search.py`) and `layerboost report`."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from layerboost_core.cli import verb
+from layerboost_core.errors import UserError
+from layerboost_core.plan import LayerPlan
+from layerboost_core.sensitivity import cached_sensitivity_rows, write_sensitivity_csv
+from layerboost_core.workbench import open_workbench, option_settings
+
+from .driver import PLAN_ATTR, SearchRun, enqueue_seeds, make_sampler, open_study, requeue_abandoned, storage_url, study_name
+from .objectives import declare_objectives
+from .report import front_trials, write_report
+from .runner import make_runner
+from .seeds import seed_plans
+from .space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+OFFLINE_TASKS = ("lb_cloze", "lb_passkey", "lb_mqar")
+
+
+def _validate(cfg) -> None:
+    if int(cfg.budget) <= 0:
+        raise UserError(f"budget: {cfg.budget} must be a positive number of evaluations")
+    if int(cfg.runner.num_workers) < 1:
+        raise UserError(f"runner.num_workers: {cfg.runner.num_workers} must be >= 1")
+
+
+def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
+    """Evaluate {key: plan} on the runner pool; returns {key: result}."""
+    from tqdm.auto import tqdm
+
+    results = {}
+    for key, plan in jobs.items():
+        runner.submit(key, "evaluate", str(plan))
+    for _ in tqdm(range(len(jobs)), desc="sensitivity", unit="swap", disable=not progress):
+        key, result = runner.next_result()
+        results[key] = result
+    return results
+
+
+def run_search(cfg) -> Path:
+    _validate(cfg)
+    sampler = make_sampler(cfg)
+    objectives = declare_objectives(cfg.objective, OFFLINE_TASKS)
+    from layerboost_surrogates.cost_model import Workload, cost_model
+
+    workload = Workload(**OmegaConf.to_container(cfg.workload))
+    bench = open_workbench(cfg, with_bank=True)
+    info, n = bench.info, bench.switcher.num_layers
+    space = SearchSpace.from_config(cfg.space, n)
+    cost = cost_model(bench.switcher, info, option_settings(cfg), workload)
+    softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
+    ceiling = cfg.objective.latency_ceiling
+    fastest = cost.fastest(space.options)
+    if ceiling is not None and float(ceiling) < fastest:
+        raise UserError(f"objective.latency_ceiling: {ceiling} s cannot be met; the fastest plan in the space is "
+                        f"predicted at {fastest:.3f} s (all-softmax {softmax_latency:.3f} s) for this workload")
+
+    name = study_name(cfg, info, bench.bank.id)
+    study = open_study(cfg, name, objectives, sampler)
+    run_dir = Path(cfg.output_dir) / "runs" / name
+    requeued = requeue_abandoned(study)
+    if requeued:
+        log.info("re-queued %d trial(s) left running by an interrupted run", requeued)
+
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    runner = make_runner(cfg_dict, cfg.runner)
+    try:
+        started = time.perf_counter()
+        rows = cached_sensitivity_rows(
+            (bench.bank.id, bench.splits.hashes["heldout"]), n,
+            lambda jobs: _scores_by_runner(runner, jobs, bool(cfg.progress)))
+        write_sensitivity_csv(rows, run_dir / "sensitivity.csv")
+        log.info("sensitivity table ready (%.0f s)", time.perf_counter() - started)
+        seeded = enqueue_seeds(study, space, seed_plans(rows, n))
+        if seeded:
+            log.info("enqueued %d seed plans", seeded)
+        context_for_plan = {"model_config": bench.model.config, "option_settings": option_settings(cfg),
+                            "bytes_per_value": bench.model.dtype.itemsize}
+        search = SearchRun(cfg, space, objectives, study, cost, runner, context_for_plan)
+        search.run(int(cfg.budget), progress=bool(cfg.progress))
+        _score_front_with_lm_eval(cfg, study, runner)
+    finally:
+        runner.close()
+
+    context = {"model": info, "settings": option_settings(cfg), "bank_id": bench.bank.id,
+               "workload": OmegaConf.to_container(cfg.workload), "study": name, "storage": storage_url(cfg, name),
+               "softmax_latency": softmax_latency}
+    table = write_report(study, objectives, run_dir, context, LATENCY_TARGETS)
+    print(f"\nPareto front of {name} ({len(front_trials(study))} plans; all-softmax latency {softmax_latency:.3f} s):")
+    print(table)
+    print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {storage_url(cfg, name)}")
+    return run_dir
+
+
+def _score_front_with_lm_eval(cfg, study, runner) -> None:
+    """Second fidelity: lm-eval tasks for the top-k front candidates not scored yet (resumable)."""
+    top_k, tasks = int(cfg.eval.top_k), list(cfg.eval.tasks)
+    if top_k <= 0 or not tasks:
+        return
+    front = front_trials(study)
+    if len(front) > top_k:  # spread over the front: its ends and evenly between
+        step = (len(front) - 1) / (top_k - 1) if top_k > 1 else 0
+        front = [front[round(i * step)] for i in range(top_k)]
+    todo = [t for t in front if not any(k.startswith("lm_eval:") for k in t.user_attrs)]
+    for trial in todo:
+        runner.submit(trial.number, "lm_eval", trial.user_attrs[PLAN_ATTR])
+    for _ in todo:
+        number, result = runner.next_result()
+        if "error" in result:
+            log.warning("lm-eval of trial %d failed: %s", number, result["error"])
+            continue
+        for task, score in result["scores"].items():
+            study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, number), f"lm_eval:{task}", score)
+
+
+@verb("search")
+def search_command(cfg) -> None:
+    """Multi-objective search of per-layer attention options; resumable."""
+    run_search(cfg)
+
+
+@verb("report")
+def report_command(cfg) -> None:
+    """Re-write the report files of an existing study (same overrides as the search)."""
+    import optuna
+
+    objectives = declare_objectives(cfg.objective, OFFLINE_TASKS)
+    bench = open_workbench(cfg, with_bank=True)
+    from layerboost_surrogates.cost_model import Workload, cost_model
+
+    cost = cost_model(bench.switcher, bench.info, option_settings(cfg), Workload(**OmegaConf.to_container(cfg.workload)))
+    name = study_name(cfg, bench.info, bench.bank.id)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_url(cfg, name))
+    except KeyError:
+        raise UserError(f"study: no study {name!r} in {storage_url(cfg, name)}; run the search first") from None
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise UserError(f"study: {name!r} has no completed trials yet")
+    run_dir = Path(cfg.output_dir) / "runs" / name
+    context = {"model": bench.info, "settings": option_settings(cfg), "bank_id": bench.bank.id,
+               "workload": OmegaConf.to_container(cfg.workload), "study": name, "storage": storage_url(cfg, name),
+               "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
+    print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS))
+    print(f"report: {run_dir}")

@@ -1,0 +1,34 @@
+"""Objectives, declared once: name, direction, fidelity. Optuna directions and report columns derive from
+this list."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from layerboost_core.errors import UserError
+from layerboost_core.metrics import PROXY_METRICS
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str  # metric name as it appears in the study and the reports
+    direction: str  # "minimize" | "maximize"
+    fidelity: str  # "proxy" | "lm-eval" | "cost-model"
+    unit: str = ""
+
+
+def declare_objectives(cfg, offline_tasks=()) -> list[Objective]:
+    """The objectives of a search config: quality, latency, and optionally KV memory."""
+    quality = str(cfg.quality)
+    if quality in PROXY_METRICS:
+        metric = PROXY_METRICS.get(quality)
+        objectives = [Objective(quality, metric.direction, "proxy")]
+    elif quality in offline_tasks or quality.startswith("lm_eval:"):
+        task = quality.removeprefix("lm_eval:")
+        objectives = [Objective(f"lm_eval:{task}", "maximize", "lm-eval")]
+    else:
+        raise UserError(f"objective.quality: unknown value {quality!r}; allowed: {', '.join(PROXY_METRICS)}, "
+                        f"{', '.join(offline_tasks)} or lm_eval:<task>")
+    objectives.append(Objective("latency_s", "minimize", "cost-model", "s"))
+    if cfg.memory:
+        objectives.append(Objective("kv_bytes", "minimize", "cost-model", "bytes/sequence"))
+    return objectives

@@ -1,0 +1,143 @@
+"""Runners: a pool of evaluators behind `submit(key, method, plan)` / `next_result()`.
+
+`SerialRunner` evaluates in-process; `RayRunner` keeps one Ray actor per worker, each loading the model
+and bank once. A worker that dies is replaced and its job retried (up to `max_retries`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from typing import Protocol
+
+from layerboost_core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    capacity: int
+
+    def submit(self, key, method: str, plan_text: str) -> None: ...
+
+    def next_result(self) -> tuple[object, dict]: ...
+
+    def close(self) -> None: ...
+
+
+class SerialRunner:
+    """In-process evaluation, one job at a time (debugging, tests)."""
+
+    def __init__(self, cfg_dict: dict):
+        from .worker import PlanEvaluator
+
+        self.capacity = 1
+        self.evaluator = PlanEvaluator(cfg_dict)
+        self.queue: deque = deque()
+
+    def submit(self, key, method: str, plan_text: str) -> None:
+        self.queue.append((key, method, plan_text))
+
+    def next_result(self):
+        key, method, plan_text = self.queue.popleft()
+        try:
+            return key, getattr(self.evaluator, method)(plan_text)
+        except Exception as error:  # an evaluation bug is a failed trial, not a crashed search
+            return key, {"error": f"{type(error).__name__}: {error}"}
+
+    def pending(self) -> int:
+        return len(self.queue)
+
+    def close(self) -> None:
+        pass
+
+
+class RayRunner:
+    """A pool of Ray actors; each holds a `PlanEvaluator`."""
+
+    def __init__(self, cfg_dict: dict, runner_cfg):
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        self.ray = ray
+        if not ray.is_initialized():
+            try:
+                if runner_cfg.address:
+                    ray.init(address=runner_cfg.address, include_dashboard=False, log_to_driver=False)
+                else:
+                    workers = int(runner_cfg.num_workers)
+                    cpus = max(int(runner_cfg.num_cpus), 1) * workers
+                    gpus = float(runner_cfg.num_gpus) * workers
+                    ray.init(num_cpus=cpus, num_gpus=gpus if gpus else None, include_dashboard=False,
+                             log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise UserError(f"runner.address: cannot start or join Ray ({error})") from None
+        self.cfg_dict = cfg_dict
+        self.runner_cfg = runner_cfg
+        self.capacity = int(runner_cfg.num_workers)
+        self.max_retries = int(runner_cfg.max_retries)
+        from .worker import PlanEvaluator
+
+        self.actor_class = ray.remote(PlanEvaluator).options(
+            num_cpus=max(int(runner_cfg.num_cpus), 0) or 1, num_gpus=float(runner_cfg.num_gpus), max_restarts=0)
+        self.actors = [self._new_actor() for _ in range(self.capacity)]
+        self.idle = list(range(self.capacity))
+        self.queue: deque = deque()
+        self.running: dict = {}  # object ref -> (actor index, key, method, plan_text, attempt)
+
+    def _new_actor(self):
+        threads = max(int(self.runner_cfg.num_cpus), 1)
+        return self.actor_class.remote(self.cfg_dict, threads)
+
+    def submit(self, key, method: str, plan_text: str, attempt: int = 0) -> None:
+        self.queue.append((key, method, plan_text, attempt))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle:
+            index = self.idle.pop()
+            key, method, plan_text, attempt = self.queue.popleft()
+            ref = getattr(self.actors[index], method).remote(plan_text)
+            self.running[ref] = (index, key, method, plan_text, attempt)
+
+    def pending(self) -> int:
+        return len(self.queue) + len(self.running)
+
+    def next_result(self):
+        ray = self.ray
+        while True:
+            ready, _ = ray.wait(list(self.running), num_returns=1)
+            ref = ready[0]
+            index, key, method, plan_text, attempt = self.running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as error:
+                log.warning("worker %d died during %s of %s (%s); replacing it", index, method, plan_text,
+                            type(error).__name__)
+                self.actors[index] = self._new_actor()
+                self.idle.append(index)
+                if attempt < self.max_retries:
+                    self.submit(key, method, plan_text, attempt + 1)
+                    continue
+                result = {"error": f"worker died {attempt + 1} times"}
+            except ray.exceptions.RayTaskError as error:
+                result = {"error": str(error).strip().splitlines()[-1]}
+            self.idle.append(index)
+            self._dispatch()
+            return key, result
+
+    def actor_pids(self) -> list[int]:
+        return self.ray.get([actor.pid.remote() for actor in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+
+
+def make_runner(cfg_dict: dict, runner_cfg) -> Runner:
+    kind = str(runner_cfg.kind)
+    if kind == "serial":
+        return SerialRunner(cfg_dict)
+    if kind == "ray":
+        return RayRunner(cfg_dict, runner_cfg)
+    raise UserError(f"runner.kind: unknown value {kind!r}; allowed: ray, serial")

@@ -1,0 +1,104 @@
+"""The search space: one categorical variable per layer, with pinned layers and option-count bounds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layerboost_core.attention import OPTIONS
+from layerboost_core.errors import UserError, did_you_mean
+from layerboost_core.plan import LayerPlan
+
+
+def layer_param(index: int) -> str:
+    return f"layer_{index:03d}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    num_layers: int
+    options: tuple[str, ...]
+    pinned: dict[int, str] = field(default_factory=dict)
+    min_count: dict[str, int] = field(default_factory=dict)
+    max_count: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg, num_layers: int) -> "SearchSpace":
+        options = tuple(cfg.options)
+        if not options:
+            raise UserError("space.options: empty; allowed: a non-empty list of " + ", ".join(OPTIONS))
+        for name in options:
+            if name not in OPTIONS:
+                raise UserError(f"space.options: unknown option {name!r}; {did_you_mean(name, OPTIONS)}")
+        pinned = {}
+        for key, option in dict(cfg.pinned or {}).items():
+            index = int(key)
+            if not 0 <= index < num_layers:
+                raise UserError(f"space.pinned: layer {index} does not exist; allowed: 0..{num_layers - 1}")
+            if option not in OPTIONS:
+                raise UserError(f"space.pinned: layer {index} pinned to unknown option {option!r}; {did_you_mean(option, OPTIONS)}")
+            pinned[index] = option
+        space = cls(num_layers, options, pinned, {k: int(v) for k, v in dict(cfg.min_count or {}).items()},
+                    {k: int(v) for k, v in dict(cfg.max_count or {}).items()})
+        space.check_consistent()
+        return space
+
+    def check_consistent(self) -> None:
+        """Refuse contradictory constraints before any work is done."""
+        for bound in ("min_count", "max_count"):
+            for option, count in getattr(self, bound).items():
+                if option not in self.options and not (bound == "max_count"):
+                    raise UserError(f"space.{bound}: option {option!r} is not in space.options {list(self.options)}")
+                if count < 0 or count > self.num_layers:
+                    raise UserError(f"space.{bound}: {option}={count} is outside 0..{self.num_layers}")
+        for option in self.options:
+            low, high = self.min_count.get(option, 0), self.max_count.get(option, self.num_layers)
+            pinned_here = sum(1 for o in self.pinned.values() if o == option)
+            if low > high:
+                raise UserError(f"space.min_count: {option}={low} exceeds space.max_count {option}={high}")
+            if pinned_here > high:
+                raise UserError(f"space.pinned: {pinned_here} layers pinned to {option} exceed space.max_count {option}={high}")
+        if sum(self.min_count.values()) > self.num_layers:
+            raise UserError(f"space.min_count: {dict(self.min_count)} needs {sum(self.min_count.values())} layers, "
+                            f"the model has {self.num_layers}")
+        free = self.num_layers - len(self.pinned)
+        for option, low in self.min_count.items():
+            pinned_here = sum(1 for o in self.pinned.values() if o == option)
+            if low - pinned_here > free:
+                raise UserError(f"space.min_count: {option}={low} cannot be met with {len(self.pinned)} layers pinned")
+
+    def free_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.pinned]
+
+    def distributions(self) -> dict:
+        import optuna
+
+        return {layer_param(i): optuna.distributions.CategoricalDistribution(list(self.options))
+                for i in self.free_layers()}
+
+    def suggest(self, trial) -> LayerPlan:
+        names = [self.pinned.get(i) or trial.suggest_categorical(layer_param(i), list(self.options))
+                 for i in range(self.num_layers)]
+        return LayerPlan(tuple(names))
+
+    def params_of(self, plan: LayerPlan) -> dict:
+        """The trial parameters that produce `plan` (for enqueueing seeds)."""
+        return {layer_param(i): plan.layers[i] for i in self.free_layers()}
+
+    def violation(self, plan: LayerPlan) -> str | None:
+        """Why `plan` is outside the space, or None."""
+        for index, option in enumerate(plan.layers):
+            if index in self.pinned and self.pinned[index] != option:
+                return f"layer {index} must be {self.pinned[index]}"
+            if option not in self.options and index not in self.pinned:
+                return f"layer {index} uses {option}, not in {list(self.options)}"
+        for option, low in self.min_count.items():
+            if plan.count(option) < low:
+                return f"{plan.count(option)} {option} layers < min {low}"
+        for option, high in self.max_count.items():
+            if plan.count(option) > high:
+                return f"{plan.count(option)} {option} layers > max {high}"
+        return None
+
+    def project(self, plan: LayerPlan) -> LayerPlan:
+        """`plan` with pinned layers forced and disallowed options replaced by softmax (seeds use this)."""
+        names = [self.pinned.get(i) or (o if o in self.options else "softmax") for i, o in enumerate(plan.layers)]
+        return LayerPlan(tuple(names))

@@ -1,0 +1,60 @@
+"""An evaluator: holds the model, the bank and the cached original log-probs; switches plans in place.
+
+The same class runs in-process (serial runner) or as a Ray actor (ray runner). It takes the config as a
+plain dict so it pickles to remote workers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+
+class PlanEvaluator:
+    def __init__(self, cfg: dict, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        from layerboost_core.cli import quiet_libraries
+        from layerboost_core.metrics import ProxyEvaluator
+        from layerboost_core.workbench import open_workbench
+
+        quiet_libraries()
+        self.cfg = OmegaConf.create(cfg)
+        self.bench = open_workbench(self.cfg, with_bank=True)  # the driver built and cached the bank
+        self.proxy = ProxyEvaluator(self.bench.model, self.bench.splits.heldout)
+        self._task_dir = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def evaluate(self, plan_text: str) -> dict:
+        """Proxy metrics of one plan. Non-finite metrics come back as an error, not as numbers."""
+        from layerboost_core.plan import LayerPlan
+
+        started = time.perf_counter()
+        self.bench.switcher.apply(LayerPlan.from_string(plan_text))
+        metrics = self.proxy.evaluate()
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        result = {"metrics": metrics, "seconds": time.perf_counter() - started, "pid": os.getpid()}
+        if bad:
+            result["error"] = f"non-finite metrics: {', '.join(bad)}"
+        return result
+
+    def lm_eval(self, plan_text: str) -> dict:
+        """lm-eval task accuracies of one plan (the configured tasks), on the in-memory patched model."""
+        from layerboost_core import lm_eval_tasks
+        from layerboost_core.plan import LayerPlan
+
+        e = self.cfg.eval
+        if self._task_dir is None:
+            settings = {"n_examples": int(e.n_examples), "passkey_context": int(e.passkey_context), "seed": int(self.cfg.seed)}
+            self._task_dir = lm_eval_tasks.write_offline_tasks(
+                None, self.bench.splits.documents["heldout"], self.bench.loaded.tokenizer, settings)
+        started = time.perf_counter()
+        self.bench.switcher.apply(LayerPlan.from_string(plan_text))
+        scores = lm_eval_tasks.evaluate_tasks(self.bench.model, self.bench.loaded.tokenizer, list(e.tasks),
+                                              self._task_dir, batch_size=int(e.batch_size), limit=e.limit)
+        return {"scores": scores, "seconds": time.perf_counter() - started}

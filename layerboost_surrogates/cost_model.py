@@ -1,0 +1,135 @@
+"""Latency and KV-memory cost model of plans at a workload, measured once on the current device.
+
+Layers of one model have identical shapes, so a plan's forward time is additive in its options:
+    T(plan) = T(all none) + sum_layers (t[option] - t[none]),  t[o] = (T(all o) - T(all none)) / n_layers
+The three uniform plans are timed round-robin (median of `repeats`), cached per device, model, option
+settings and workload, with the settings stored beside the numbers. KV bytes are exact from the plan.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from layerboost_core.cache_dir import cache_root, content_hash, write_json
+from layerboost_core.errors import UserError
+from layerboost_core.plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What latency is measured for."""
+
+    prefill: int = 2048
+    decode: int = 0
+    batch: int = 1
+    repeats: int = 3
+
+    def __post_init__(self):
+        for name in ("prefill", "batch", "repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"workload.{name}: {getattr(self, name)} must be >= 1")
+        if self.decode < 0:
+            raise UserError(f"workload.decode: {self.decode} must be >= 0")
+        if self.decode:
+            raise UserError("workload.decode: decode latency is not modelled yet; use workload.decode=0")
+
+    @property
+    def context(self) -> int:
+        return self.prefill + self.decode
+
+
+def kv_bytes_per_sequence(plan: LayerPlan, config, settings: dict, context: int, bytes_per_value: int) -> int:
+    """Exact cache bytes of one sequence after `context` tokens under `plan`."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = config.num_key_value_heads
+    total = 0
+    for option in plan.layers:
+        if option == "softmax":
+            total += 2 * kv_heads * head_dim * context
+        elif option == "linear":
+            linear = settings["linear"]
+            features = 2 * int(linear["feature_dim"])
+            window = min(int(linear["window"]), context)
+            sinks = min(int(linear.get("sinks", 0)), context)
+            total += kv_heads * (2 * head_dim * (window + sinks) + features * window + features * (head_dim + 1))
+    return total * bytes_per_value
+
+
+@dataclass
+class AdditiveCostModel:
+    """Predicted latency (seconds) and KV bytes of any plan at one workload."""
+
+    base_seconds: float  # T(all none)
+    per_layer_seconds: dict[str, float]  # option -> seconds per layer above `none`
+    uniform_seconds: dict[str, float]  # measured T(all option)
+    workload: dict
+    device: str
+    settings: dict
+
+    def latency(self, plan: LayerPlan) -> float:
+        return self.base_seconds + sum(self.per_layer_seconds[o] for o in plan.layers)
+
+    def fastest(self, options) -> float:
+        return self.base_seconds + min(self.per_layer_seconds[o] for o in options) * self.num_layers
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.settings["num_layers"])
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+
+
+def measure_uniform(switcher, workload: Workload, options, device) -> dict[str, float]:
+    """Median forward time of each all-`option` plan at the workload, timed round-robin."""
+    ids = torch.randint(0, switcher.model.config.vocab_size, (workload.batch, workload.prefill), device=device)
+    times = {o: [] for o in options}
+    with torch.inference_mode():
+        for round_index in range(workload.repeats + 1):  # round 0 warms up
+            for option in options:
+                switcher.apply(LayerPlan.uniform(option, switcher.num_layers))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                switcher.model.model(input_ids=ids, use_cache=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if round_index:
+                    times[option].append(time.perf_counter() - start)
+    switcher.restore()
+    return {o: statistics.median(t) for o, t in times.items()}
+
+
+def cost_model(switcher, model_info: dict, option_settings: dict, workload: Workload,
+               options=("softmax", "linear", "none")) -> AdditiveCostModel:
+    """The cached cost model for this device, model, settings and workload (measured on first use)."""
+    device = switcher.model.get_input_embeddings().weight.device
+    settings = {"model": model_info["fingerprint"], "num_layers": switcher.num_layers, "options": option_settings,
+                "dtype": str(switcher.model.dtype)}
+    dev = device_name(device)
+    key = content_hash("cost/v1", dev, settings, asdict(workload), sorted(options))
+    path = cache_root() / "costs" / f"{model_info['name'].replace('/', '--')}-{key}.json"
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            return AdditiveCostModel(**data)
+        except (OSError, ValueError, TypeError):
+            log.warning("cost model cache %s is unreadable; measuring again", path)
+    log.info("measuring per-layer latency of %s at %s on %s", ", ".join(options), asdict(workload), dev)
+    uniform = measure_uniform(switcher, workload, options, device)
+    base = uniform["none"] if "none" in uniform else 0.0
+    per_layer = {o: (t - base) / switcher.num_layers for o, t in uniform.items()}
+    model = AdditiveCostModel(base, per_layer, uniform, asdict(workload), dev, settings)
+    write_json(path, asdict(model))
+    return model
