@@ -79,12 +79,16 @@ def _hf_documents(name: str, field: str) -> list[str]:
     return [str(row[field]) for row in dataset if str(row[field]).strip()]
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=1)
+def _builtin_documents_cached() -> tuple[str, ...]:
+    return tuple(_builtin_documents())  # shipped files never change during a process
+
+
 def load_documents(source: str, text_field: str = "text") -> tuple[str, ...]:
     """Documents of a source: `builtin`, `text:<file>` (blank-line separated), `jsonl:<file>`, `hf:<name>`."""
     kind, _, rest = source.partition(":")
     if source == "builtin":
-        docs = _builtin_documents()
+        docs = _builtin_documents_cached()
     elif kind in ("text", "jsonl"):
         path = Path(rest).expanduser()
         if not path.is_file():

@@ -78,6 +78,8 @@ class LayerPlan:
         """Read plan JSON; with `model_info` (name, fingerprint, num_layers) refuse plans made for another model."""
         if data.get("schema") != PLAN_SCHEMA:
             raise UserError(f"plan: schema is {data.get('schema')!r}, expected {PLAN_SCHEMA!r}")
+        if not isinstance(data.get("layers"), list):
+            raise UserError("plan: JSON has no 'layers' list of option names")
         plan = cls(tuple(data["layers"]))
         if model_info is not None:
             plan.check_layers(model_info["num_layers"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
 from . import AttentionOption, register_option
 from .linear_kernels import LinearState, chunked_prefill, decode_step, empty_state
 
@@ -98,6 +99,11 @@ class LinearSlidingWindowAttention(nn.Module):
 
 
 def build_linear(attn, family, settings):
+    for key in ("window", "feature_dim"):
+        if key not in settings or int(settings[key]) < 1:
+            raise UserError(f"attention.linear.{key}: {settings.get(key)!r} must be a positive integer")
+    if int(settings.get("sinks", 0)) < 0:
+        raise UserError(f"attention.linear.sinks: {settings['sinks']!r} must be >= 0")
     return LinearSlidingWindowAttention(attn, family, int(settings["window"]), int(settings["feature_dim"]),
                                         int(settings.get("sinks", 0)))
 

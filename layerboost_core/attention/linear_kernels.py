@@ -136,7 +136,7 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
         sink_scores = qg @ k[:, :, None, :sinks].transpose(-1, -2)  # (B, Hkv, n, G*c, sinks)
         scores = torch.cat([scores, sink_scores], dim=-1)
     p = torch.softmax(scores.add_(bias), dim=-1)
-    den_sm = p.amax(dim=-1, keepdim=True).reciprocal_()  # (B, Hkv, n, G*c, 1)
+    den_sm = p.amax(dim=-1, keepdim=True).reciprocal()  # not in place: amax's backward needs its output  # (B, Hkv, n, G*c, 1)
     if sinks:
         pv = p[..., : 2 * c] @ _windows(v_pad, c) + p[..., 2 * c:] @ v[:, :, None, :sinks]
     else:

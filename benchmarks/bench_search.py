@@ -1,0 +1,119 @@
+"""Search quality on SmolLM2 at proxy fidelity: hypervolume of the front (KL vs predicted latency, one
+fixed reference point) reached by the paper's threshold heuristic, random search, NSGA-II, TPE and our
+default search (TPE multivariate + seeds), at equal numbers of evaluations.
+
+    python benchmarks/bench_search.py [--budgets 30 60 120] [overrides...]
+
+Every method runs in this process on one shared evaluation cache (a plan evaluated by one method is not
+re-evaluated by another; evaluation is deterministic), so the comparison costs one evaluation per distinct
+plan. Prints the hypervolume table and ratios to the heuristic.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import optuna
+from omegaconf import OmegaConf
+
+from layerboost_core.cli import compose, quiet_libraries
+from layerboost_core.metrics import ProxyEvaluator
+from layerboost_core.plan import LayerPlan
+from layerboost_core.sensitivity import cached_sensitivity
+from layerboost_core.workbench import open_workbench, option_settings
+from layerboost_search.driver import SearchRun, enqueue_seeds
+from layerboost_search.objectives import declare_objectives
+from layerboost_search.report import hypervolume_2d
+from layerboost_search.seeds import heuristic_sweep, seed_plans
+from layerboost_search.space import SearchSpace
+from layerboost_surrogates.cost_model import Workload, cost_model
+
+
+class CachedEvaluator:
+    """A runner (capacity 1) that evaluates in this process and remembers every plan's metrics."""
+
+    capacity = 1
+
+    def __init__(self, bench, proxy):
+        self.bench, self.proxy, self.cache, self.queue = bench, proxy, {}, []
+
+    def metrics(self, plan_text: str) -> dict:
+        if plan_text not in self.cache:
+            self.bench.switcher.apply(LayerPlan.from_string(plan_text))
+            self.cache[plan_text] = self.proxy.evaluate()
+        return self.cache[plan_text]
+
+    def submit(self, key, method, plan_text):
+        self.queue.append((key, plan_text))
+
+    def next_result(self):
+        key, plan_text = self.queue.pop(0)
+        return key, {"metrics": self.metrics(plan_text), "seconds": 0.0}
+
+    def close(self):
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[30, 60, 120])
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg = compose(args.overrides)
+    bench = open_workbench(cfg, with_bank=True)
+    n = bench.switcher.num_layers
+    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
+    rows = cached_sensitivity(bench.switcher, proxy, (bench.bank.id, bench.splits.hashes["heldout"]), progress=False)
+    cost = cost_model(bench.switcher, bench.info, option_settings(cfg), Workload(**OmegaConf.to_container(cfg.workload)))
+    space = SearchSpace.from_config(cfg.space, n)
+    objectives = declare_objectives(cfg.objective)
+    runner = CachedEvaluator(bench, proxy)
+    context = {"model_config": bench.model.config, "option_settings": option_settings(cfg),
+               "bytes_per_value": bench.model.dtype.itemsize}
+    top = max(args.budgets)
+
+    def points_of(plans):
+        return [(cost.latency(p), runner.metrics(str(p))["kl"]) for p in plans]
+
+    none_kl = runner.metrics(str(LayerPlan.uniform("none", n)))["kl"]
+    reference = (cost.latency(LayerPlan.uniform("softmax", n)) * 1.05, none_kl * 1.05)
+    print(f"reference point: latency {reference[0]:.3f} s, KL {reference[1]:.3f} (1.05 x all-softmax latency, all-none KL)")
+
+    results: dict[str, dict[int, float]] = {}
+    started = time.perf_counter()
+    for budget in args.budgets:
+        plans = [p for _, p in heuristic_sweep(rows, n, budget)]
+        results.setdefault("paper heuristic", {})[budget] = hypervolume_2d(points_of(plans), reference)
+    print(f"heuristic done ({time.perf_counter() - started:.0f} s, {len(runner.cache)} plans evaluated so far)")
+
+    methods = {
+        "random": (optuna.samplers.RandomSampler(seed=0), False),
+        "nsga2": (optuna.samplers.NSGAIISampler(population_size=20, seed=0), False),
+        "tpe": (optuna.samplers.TPESampler(multivariate=True, seed=0), False),
+        "ours (tpe + seeds)": (optuna.samplers.TPESampler(multivariate=True, n_startup_trials=10, seed=0), True),
+    }
+    for name, (sampler, seeded) in methods.items():
+        study = optuna.create_study(directions=[o.direction for o in objectives], sampler=sampler)
+        if seeded:
+            enqueue_seeds(study, space, seed_plans(rows, n))
+        run = SearchRun(cfg, space, objectives, study, cost, runner, context)
+        run.run(top, progress=False)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        for budget in args.budgets:
+            first = done[:budget]
+            results.setdefault(name, {})[budget] = hypervolume_2d([(t.values[1], t.values[0]) for t in first], reference)
+        print(f"{name} done ({time.perf_counter() - started:.0f} s, {len(runner.cache)} distinct plans evaluated)")
+
+    base = results["paper heuristic"]
+    print("\nhypervolume (KL vs predicted latency) and ratio to the paper heuristic")
+    print("| method | " + " | ".join(f"{b} evals" for b in args.budgets) + " |")
+    print("|---|" + "---|" * len(args.budgets))
+    for name, by_budget in results.items():
+        cells = [f"{by_budget[b]:.4f} ({by_budget[b] / base[b]:.3f}x)" for b in args.budgets]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
