@@ -84,3 +84,19 @@ def cached_sensitivity_rows(key_parts: tuple, num_layers: int, score_plans, opti
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"key_parts": [str(p) for p in key_parts], "rows": rows}))
     return rows
+
+
+def sensitivity_heatmap(rows: list[dict], path: Path, metric: str = "kl", title: str = "") -> None:
+    """A layer x option heatmap (plotly HTML) of one metric from sensitivity rows."""
+    import plotly.graph_objects as go
+
+    options = sorted({r["option"] for r in rows})
+    layers = sorted({r["layer"] for r in rows})
+    value = {(r["layer"], r["option"]): r[metric] for r in rows}
+    z = [[value[(layer, option)] for layer in layers] for option in options]
+    fig = go.Figure(go.Heatmap(z=z, x=layers, y=options, colorscale="Viridis", colorbar=dict(title=metric),
+                               hovertemplate="layer %{x}, %{y}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=title or f"single-layer swap sensitivity ({metric})", xaxis_title="layer",
+                      yaxis_title="option swapped in alone", template="plotly_white")
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True)

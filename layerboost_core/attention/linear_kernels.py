@@ -131,16 +131,14 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
 
     # Softmax part over [previous chunk | this chunk | sinks], masked to the window and to sinks outside it.
     # With p the normalised weights, sum exp(s - max) = 1 / max(p): the fused softmax gives both pieces.
-    scores = qg @ _windows(k_pad, c).transpose(-1, -2)  # (B, Hkv, n, G*c, 2c)
-    if sinks:
-        sink_scores = qg @ k[:, :, None, :sinks].transpose(-1, -2)  # (B, Hkv, n, G*c, sinks)
-        scores = torch.cat([scores, sink_scores], dim=-1)
+    k_set, v_set = _windows(k_pad, c), _windows(v_pad, c)  # (B, Hkv, n, 2c, D) views
+    if sinks:  # append the sink keys to every chunk's set (copies K/V, which are far smaller than the scores)
+        k_set = torch.cat([k_set, k[:, :, None, :sinks].expand(-1, -1, n, -1, -1)], dim=-2)
+        v_set = torch.cat([v_set, v[:, :, None, :sinks].expand(-1, -1, n, -1, -1)], dim=-2)
+    scores = qg @ k_set.transpose(-1, -2)  # (B, Hkv, n, G*c, 2c + sinks)
     p = torch.softmax(scores.add_(bias), dim=-1)
-    den_sm = p.amax(dim=-1, keepdim=True).reciprocal()  # not in place: amax's backward needs its output  # (B, Hkv, n, G*c, 1)
-    if sinks:
-        pv = p[..., : 2 * c] @ _windows(v_pad, c) + p[..., 2 * c:] @ v[:, :, None, :sinks]
-    else:
-        pv = p @ _windows(v_pad, c)  # (B, Hkv, n, G*c, D)
+    den_sm = p.amax(dim=-1, keepdim=True).reciprocal()  # (B, Hkv, n, G*c, 1); not in place: amax's backward needs it
+    pv = p @ v_set  # (B, Hkv, n, G*c, D)
 
     # Linear part: keys of the previous chunk at least W behind, then the summed state of older chunks.
     a = (fqg @ fk_prev.transpose(-1, -2)).mul_(old)  # (B, Hkv, n, G*c, c)
