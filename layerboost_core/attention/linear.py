@@ -27,7 +27,8 @@ class HedgehogFeatureMap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.matmul(x, self.weight) + self.bias  # (B, H, S, D) @ (H, D, F) -> (B, H, S, F)
-        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+        both = torch.stack([z, -z], dim=-2)  # (B, H, S, 2, F): one softmax call for both signs
+        return torch.softmax(both, dim=-1).flatten(-2)  # (B, H, S, 2F)
 
 
 class LearnedLinearParts(nn.Module):

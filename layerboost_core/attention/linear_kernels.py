@@ -63,6 +63,11 @@ def _ungroup_rows(y: torch.Tensor, hq: int, c: int, s: int) -> torch.Tensor:
     return out[:, :s].transpose(1, 2)
 
 
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """x (B, H, S, X) zero-padded along S to `length` (no copy when already that long)."""
+    return x if x.shape[2] == length else F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
 def _chunk_views(x: torch.Tensor, n: int, c: int):
     """x (B, H, S, X) zero-padded with one chunk before and to n*c tokens: views of the current chunk
     (B, H, n, c, X), of the previous chunk (same shape, zeros before chunk 0), and the padded tensor."""
@@ -121,8 +126,8 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
     fk = _without_sinks(fk, sinks)
     # Zero tokens past the end (causality keeps them out of every real query) and one zero chunk before
     # the start (masked out) make the previous-chunk and window tensors plain views.
-    qg = _group_rows(F.pad(q, (0, 0, 0, n * c - s)), hkv, n, c, scale)  # (B, Hkv, n, G*c, D)
-    fqg = _group_rows(F.pad(fq, (0, 0, 0, n * c - s)), hkv, n, c)  # (B, Hkv, n, G*c, F)
+    qg = _group_rows(_pad_to(q, n * c), hkv, n, c, scale)  # (B, Hkv, n, G*c, D)
+    fqg = _group_rows(_pad_to(fq, n * c), hkv, n, c)  # (B, Hkv, n, G*c, F)
     _, _, k_pad = _chunk_views(k, n, c)
     _, _, v_pad = _chunk_views(v, n, c)
     # A ones column on v makes "linear weights @ v" also return the weights' row sum (the denominator).
