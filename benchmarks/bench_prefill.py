@@ -1,6 +1,6 @@
 """Prefill speed of all-softmax, all-linear, all-none and a core-free ceiling, measured side by side.
 
-    python benchmarks/bench_prefill.py [--lengths 1024 4096] [--repeats 5] [--window 64] [--feature-dim 32]
+    python benchmarks/bench_prefill.py [--lengths 1024,4096] [--repeats 5] [--window 64] [--feature-dim 32]
 
 Core-free keeps every layer's q/k/v/o projections and RoPE but skips the attention computation itself:
 the ceiling any replacement of the attention core could reach. Variants are timed round-robin (one
@@ -34,7 +34,8 @@ class CoreFreeAttention(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 4096],
+                        help="comma-separated, e.g. 1024,4096")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--feature-dim", type=int, default=32)

@@ -2,7 +2,7 @@
 fixed reference point) reached by the paper's threshold heuristic, random search, NSGA-II, TPE and our
 default search (TPE multivariate + seeds), at equal numbers of evaluations.
 
-    python benchmarks/bench_search.py [--budgets 30 60 120] [overrides...]
+    python benchmarks/bench_search.py [--budgets 30,60,120] [overrides...]
 
 Every method runs in this process on one shared evaluation cache (a plan evaluated by one method is not
 re-evaluated by another; evaluation is deterministic), so the comparison costs one evaluation per distinct
@@ -56,7 +56,8 @@ class CachedEvaluator:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[30, 60, 120])
+    parser.add_argument("--budgets", type=lambda t: [int(x) for x in t.split(",")], default=[30, 60, 120],
+                        help="comma-separated, e.g. 30,60,120")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     quiet_libraries()

@@ -5,7 +5,7 @@ import statistics
 import time
 
 from .cli import verb
-from .workbench import open_workbench
+from .workbench import attach_bank, open_workbench
 
 
 @verb("transfer")
@@ -65,8 +65,9 @@ def eval_command(cfg) -> None:
 
     if not cfg.plan:
         raise UserError("plan: missing; pass plan=<plan.json> or plan=<compact string such as SSLN...>")
-    bench = open_workbench(cfg, with_bank=True)
-    plan = load_plan(str(cfg.plan), bench.info)
+    bench = open_workbench(cfg, with_bank=False)
+    plan = load_plan(str(cfg.plan), bench.info)  # refuse a foreign plan before any training
+    attach_bank(bench)
     proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
     bench.switcher.apply(plan)
     started = time.perf_counter()

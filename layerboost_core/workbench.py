@@ -47,9 +47,14 @@ def open_workbench(cfg: DictConfig, with_bank: bool = True) -> Workbench:
     d = cfg.data
     splits = make_splits(loaded.tokenizer, d.source, int(d.seq_len), OmegaConf.to_container(d.fractions),
                          OmegaConf.to_container(d.blocks), d.text_field)
-    switcher = PlanSwitcher(loaded.model, option_settings(cfg))
-    bank = None
-    if with_bank:
-        bank = load_or_build_bank(switcher, loaded.info, splits, option_settings(cfg), transfer_settings(cfg),
-                                  progress=bool(cfg.progress), rebuild=bool(cfg.transfer.rebuild))
-    return Workbench(cfg, loaded, splits, switcher, bank)
+    bench = Workbench(cfg, loaded, splits, PlanSwitcher(loaded.model, option_settings(cfg)), None)
+    return attach_bank(bench) if with_bank else bench
+
+
+def attach_bank(bench: Workbench) -> Workbench:
+    """Load the cached bank into the workbench's switcher, or train it now."""
+    cfg = bench.cfg
+    bench.bank = load_or_build_bank(bench.switcher, bench.info, bench.splits, option_settings(cfg),
+                                    transfer_settings(cfg), progress=bool(cfg.progress),
+                                    rebuild=bool(cfg.transfer.rebuild))
+    return bench
