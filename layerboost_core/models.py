@@ -141,7 +141,7 @@ def _looks_like_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the hub, so an offline machine fails at once instead of after minutes of retries."""
     import os
     import socket
@@ -170,7 +170,7 @@ def _load_pretrained(source: str, dtype: torch.dtype):
         config = AutoConfig.from_pretrained(target, local_files_only=True)
     except OSError:
         config = None
-    if config is None and not path.exists() and not _hub_reachable():
+    if config is None and not path.exists() and not hub_reachable():
         raise UserError(f"model.source: hub id {source!r} is not in the local cache and the Hugging Face hub "
                         "cannot be reached (offline); use the built-in model=smollm2-135m or a local folder")
     try:

@@ -190,8 +190,9 @@ class SearchRun:
                 if self._tell(number, result):
                     done += 1
                     bar.update(1)
-                    bar.set_postfix(front=len(self.study.best_trials), failed=len(self.study.get_trials(
-                        deepcopy=False, states=(TrialState.FAIL,))))
+                    if progress:  # reads every trial back from storage: only when someone sees the bar
+                        bar.set_postfix(front=len(self.study.best_trials), failed=len(self.study.get_trials(
+                            deepcopy=False, states=(TrialState.FAIL,))))
         finally:
             bar.close()
 

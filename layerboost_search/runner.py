@@ -55,7 +55,8 @@ class SerialRunner:
 class RayRunner:
     """A pool of Ray actors; each holds a `PlanEvaluator`."""
 
-    def __init__(self, cfg_dict: dict, runner_cfg):
+    def __init__(self, cfg_dict: dict, runner_cfg, evaluator_class=None):
+        """`evaluator_class`: the actor class (default `PlanEvaluator`; tests pass instrumented subclasses)."""
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -65,20 +66,27 @@ class RayRunner:
                 if runner_cfg.address:
                     ray.init(address=runner_cfg.address, include_dashboard=False, log_to_driver=False)
                 else:
+                    # Ray renices its workers to 15 so its own daemons stay responsive; here the workers *are*
+                    # the job, and at nice 15 any other busy process on the machine starves them (the actors
+                    # took minutes to start next to one CPU-bound benchmark). Start them at normal priority.
+                    os.environ.setdefault("RAY_worker_niceness", "0")
                     workers = int(runner_cfg.num_workers)
                     cpus = max(int(runner_cfg.num_cpus), 1) * workers
                     gpus = float(runner_cfg.num_gpus) * workers
-                    ray.init(num_cpus=cpus, num_gpus=gpus if gpus else None, include_dashboard=False,
-                             log_to_driver=False)
+                    # "local": always our own instance, never a cluster found through RAY_ADDRESS or `ray start`
+                    # (which would refuse num_cpus); joining one is `runner.address=auto`.
+                    ray.init(address="local", num_cpus=cpus, num_gpus=gpus if gpus else None,
+                             include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise UserError(f"runner.address: cannot start or join Ray ({error})") from None
         self.cfg_dict = cfg_dict
         self.runner_cfg = runner_cfg
         self.capacity = int(runner_cfg.num_workers)
         self.max_retries = int(runner_cfg.max_retries)
-        from .worker import PlanEvaluator
+        if evaluator_class is None:
+            from .worker import PlanEvaluator as evaluator_class
 
-        self.actor_class = ray.remote(PlanEvaluator).options(
+        self.actor_class = ray.remote(evaluator_class).options(
             num_cpus=max(int(runner_cfg.num_cpus), 0) or 1, num_gpus=float(runner_cfg.num_gpus), max_restarts=0)
         self.actors = [self._new_actor() for _ in range(self.capacity)]
         self.idle = list(range(self.capacity))
@@ -115,8 +123,8 @@ class RayRunner:
                 log.warning("worker %d died during %s of %s (%s); replacing it", index, method, plan_text,
                             type(error).__name__)
                 self.actors[index] = self._new_actor()
-                self.idle.append(index)
                 if attempt < self.max_retries:
+                    self.idle.append(index)
                     self.submit(key, method, plan_text, attempt + 1)
                     continue
                 result = {"error": f"worker died {attempt + 1} times"}

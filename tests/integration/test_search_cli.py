@@ -1,0 +1,329 @@
+"""`python search.py` end to end on the tiny random model: report files, resume after SIGKILL, a Ray worker
+killed mid-evaluation, optuna-dashboard on the produced storage, and one-line errors for bad input.
+
+The tiny model needs no network (it borrows the SmolLM2 tokenizer from the converted cache folder), so these
+tests are not marked `integration`; each uses its own output_dir, the shared cache (~/.cache/layerboost or
+$LAYERBOOST_CACHE) keeps the bank, cost model and sensitivity table between tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model=tiny:llama", "eval=none", "transfer.batches=2", "data.seq_len=128", "workload.prefill=128",
+        "workload.repeats=1", "progress=false"]
+REPORT_FILES = ["best", "pareto.csv", "pareto.html", "sensitivity.csv", "summary.md", "trials.csv"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def env() -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def search_command(output_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(ROOT / "search.py"), *TINY, f"output_dir={output_dir}", *overrides]
+
+
+def run_search(output_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(search_command(output_dir, *overrides), capture_output=True, text=True, env=env(),
+                            cwd=output_dir.parent, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def the_study(output_dir: Path) -> tuple[str, str]:
+    """(study name, storage URL) of the single study under output_dir."""
+    dbs = sorted((output_dir / "studies").glob("*.db"))
+    assert len(dbs) == 1, dbs
+    return dbs[0].stem, f"sqlite:///{dbs[0]}"
+
+
+def complete_trials(name: str, storage: str) -> list:
+    study = optuna.load_study(study_name=name, storage=storage)
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def trial_counts(db: Path) -> dict[str, int]:
+    """Trial counts by state, read straight from the sqlite file (cheap enough to poll). `EVALUATING`: running
+    trials whose plan is known (submitted for evaluation, not just asked)."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as connection:
+            counts = dict(connection.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
+            counts["EVALUATING"] = connection.execute(
+                "SELECT COUNT(*) FROM trials JOIN trial_user_attributes USING (trial_id) "
+                "WHERE state = 'RUNNING' AND key = 'feasible'").fetchone()[0]
+            return counts
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return {}
+
+
+# --- (a) a full search writes every report file ---------------------------------------------------------------
+
+BUDGET = 8
+
+
+@pytest.fixture(scope="module")
+def ray_search(tmp_path_factory):
+    """One Ray-runner search on the tiny model (shared by the report and dashboard tests)."""
+    output_dir = tmp_path_factory.mktemp("ray-search") / "outputs"
+    output_dir.mkdir()
+    result = run_search(output_dir, f"budget={BUDGET}", "runner=ray", "runner.num_workers=2")
+    return output_dir, result
+
+
+@pytest.mark.timeout(300)
+def test_search_writes_every_report_file_and_exactly_budget_distinct_plans(ray_search):
+    output_dir, result = ray_search
+    name, storage = the_study(output_dir)
+    run_dir = output_dir / "runs" / name
+    assert sorted(p.name for p in run_dir.iterdir()) == REPORT_FILES
+    best = sorted((run_dir / "best").glob("*.json"))
+    assert best, "no best plan written"
+    for path in best:
+        data = json.loads(path.read_text())
+        assert data["schema"] == "layerboost.plan/v1" and len(data["layers"]) == data["num_layers"] == 4
+        assert data["origin"]["study"] == name
+    done = complete_trials(name, storage)
+    assert len(done) == BUDGET
+    plans = [t.user_attrs["plan"] for t in done]
+    assert len(set(plans)) == BUDGET, plans
+    assert done[0].user_attrs["label"] == "all-softmax"
+    sensitivity = (run_dir / "sensitivity.csv").read_text().splitlines()
+    assert len(sensitivity) == 1 + 4 * 2  # header + every (layer, option) swap
+    assert f"Pareto front of {name}" in result.stdout
+    assert f"optuna-dashboard {storage}" in result.stdout
+
+
+# --- (d) optuna-dashboard serves the study ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_optuna_dashboard_serves_the_study(ray_search):
+    output_dir, _ = ray_search
+    name, storage = the_study(output_dir)
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    port = free_port()
+    process = subprocess.Popen([str(dashboard), storage, "--port", str(port), "--host", "127.0.0.1", "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env())
+    try:
+        deadline, body = time.monotonic() + 60, None
+        while time.monotonic() < deadline and body is None:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    body = json.loads(response.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        assert body is not None, "optuna-dashboard did not answer within 60 s"
+        summaries = {s["study_name"]: s for s in body["study_summaries"]}
+        assert name in summaries
+        study_id = summaries[name]["study_id"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0", timeout=10) as response:
+            detail = json.loads(response.read())
+        states = [t["state"] for t in detail["trials"]]
+        assert states.count("Complete") == BUDGET, states
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+# --- (b) resume after the driver is SIGKILLed ---------------------------------------------------------------------
+
+RESUME_BUDGET = 20  # above the 18 seeds, so the re-queued plan (queued behind them) is evaluated too
+
+
+def start_and_kill(output_dir: Path, at_least: int) -> set[int]:
+    """Start the search, SIGKILL it once `at_least` trials completed while one runs; the RUNNING trial numbers."""
+    process = subprocess.Popen(search_command(output_dir, f"budget={RESUME_BUDGET}", "runner=serial"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
+                               cwd=output_dir.parent)
+    db = None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            dbs = list((output_dir / "studies").glob("*.db"))
+            db = dbs[0] if dbs else None
+            counts = trial_counts(db) if db else {}
+            if counts.get("COMPLETE", 0) >= at_least and counts.get("EVALUATING", 0):
+                break
+            assert process.poll() is None, f"search ended before it could be killed: {process.stderr.read()[-2000:]}"
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no trial running after {at_least} completed within 120 s: {trial_counts(db) if db else {}}")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        process.stderr.close()
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+        return {number for (number,) in connection.execute("SELECT number FROM trials WHERE state = 'RUNNING'")}
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_sigkill_requeues_running_trials_and_stops_at_budget(tmp_path):
+    output_dir = tmp_path / "outputs"
+    output_dir.mkdir()
+    killed: set[int] = set()
+    for _ in range(3):  # the kill can land between two trials (nothing running); then kill the resumed run
+        killed = start_and_kill(output_dir, at_least=3)
+        if killed:
+            break
+    assert killed, "every kill landed between two trials"
+    name, storage = the_study(output_dir)
+    before = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)}
+    done_before = sum(t.state == TrialState.COMPLETE for t in before.values())
+    assert 3 <= done_before < RESUME_BUDGET
+
+    result = run_search(output_dir, f"budget={RESUME_BUDGET}", "runner=serial")
+    assert f"re-queued {len(killed)} trial(s)" in result.stderr
+
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == RESUME_BUDGET
+    plans = [t.user_attrs["plan"] for t in done]
+    assert len(set(plans)) == RESUME_BUDGET, plans
+    for number, t in before.items():  # what was evaluated before the kill is kept as it was
+        if t.state == TrialState.COMPLETE:
+            assert trials[number].state == TrialState.COMPLETE and trials[number].values == t.values
+    for number in killed:
+        assert trials[number].state == TrialState.FAIL
+        again = [t for t in trials if t.user_attrs.get("requeued_from") == number]
+        assert len(again) == 1 and again[0].number > number
+        assert again[0].state == TrialState.COMPLETE, again[0].state
+        assert again[0].user_attrs["plan"] == trials[number].user_attrs["plan"]
+        assert again[0].user_attrs["label"] == trials[number].user_attrs["label"]
+
+
+# --- (c) a Ray worker killed mid-evaluation -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_ray_worker_killed_mid_evaluation_is_replaced_and_its_plan_retried(tmp_path, monkeypatch):
+    import ray
+    from omegaconf import OmegaConf
+
+    from layerboost_core.cli import compose
+    from layerboost_search.runner import RayRunner
+    from layerboost_search.worker import PlanEvaluator
+
+    started = tmp_path / "started"
+    started.mkdir()
+
+    class SlowEvaluator(PlanEvaluator):
+        """Marks the start of each evaluation with a file named after its process, then takes a while.
+        (A local class: Ray pickles it by value, so the actors need not import this test module.)"""
+
+        def evaluate(self, plan_text):
+            (started / f"{os.getpid()}-{plan_text}").touch()
+            time.sleep(1)
+            return super().evaluate(plan_text)
+
+    def wait_started(pid: int, plan: str) -> None:
+        deadline = time.monotonic() + 60
+        while not (started / f"{pid}-{plan}").exists():
+            assert time.monotonic() < deadline, f"worker {pid} never started evaluating {plan}"
+            time.sleep(0.05)
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    cfg = compose([*TINY, f"output_dir={tmp_path}", "runner=ray", "runner.num_workers=1", "runner.max_retries=2"])
+    runner = RayRunner(OmegaConf.to_container(cfg, resolve=True), cfg.runner, evaluator_class=SlowEvaluator)
+    try:
+        [first] = runner.actor_pids()  # waits until the actor holds model and bank
+        runner.submit("plan-a", "evaluate", "SSLN")
+        wait_started(first, "SSLN")
+        os.kill(first, signal.SIGKILL)
+        key, result = runner.next_result()
+        assert key == "plan-a"
+        assert "error" not in result, result
+        assert result["pid"] != first
+        assert {"kl", "nll"} <= set(result["metrics"])
+        [second] = runner.actor_pids()
+        assert second == result["pid"]
+        assert runner.idle == [0] and not runner.running and not runner.queue
+
+        # no retries left: the plan fails with its reason, and the pool is whole again (one idle slot)
+        runner.max_retries = 0
+        runner.submit("plan-b", "evaluate", "SLLN")
+        wait_started(second, "SLLN")
+        os.kill(second, signal.SIGKILL)
+        key, result = runner.next_result()
+        assert key == "plan-b" and result == {"error": "worker died 1 times"}
+        assert runner.idle == [0] and not runner.running and not runner.queue
+    finally:
+        runner.close()
+        ray.shutdown()
+
+
+# --- (e) bad input: one line, exit status 2, nothing written -----------------------------------------------------
+
+BAD_INPUT = {
+    "budget=0": ["budget: 0"],
+    "sampler=nonexistent": ["config:", "sampler/nonexistent"],
+    "sampler._target_=optuna.samplers.NoSuchSampler": ["sampler._target_:", "optuna.samplers.NoSuchSampler"],
+    "+space.min_count={softmax:3,linear:3}": ["space.min_count:", "needs 6 layers", "the model has 4"],
+    "storage=sqlite:////nonexistent/dir/x.db": ["storage:", "sqlite:////nonexistent/dir/x.db"],
+    "objective.latency_ceiling=1e-9": ["objective.latency_ceiling:", "cannot be met"],
+}
+
+
+@pytest.mark.timeout(240)
+def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path):
+    runs = {}
+    for index, override in enumerate(BAD_INPUT):  # all at once: most of the time is start-up
+        output_dir = tmp_path / str(index) / "outputs"
+        output_dir.parent.mkdir()
+        runs[override] = (output_dir, subprocess.Popen(
+            search_command(output_dir, "budget=4", "runner=serial", override), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=env(), cwd=output_dir.parent))
+    failures = []
+    for override, (output_dir, process) in runs.items():
+        try:
+            stdout, stderr = process.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate(timeout=30)
+        lines = stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("error:")]
+        problems = []
+        if process.returncode != 2:
+            problems.append(f"exit status {process.returncode}")
+        if len(errors) != 1 or lines[-1:] != errors:
+            problems.append("not exactly one 'error:' line, last")
+        if "Traceback" in stderr:
+            problems.append("traceback")
+        problems += [f"missing {fragment!r}" for fragment in BAD_INPUT[override] if errors and fragment not in errors[0]]
+        if (output_dir / "runs").exists() or list(output_dir.rglob("*.db")):
+            problems.append(f"wrote {sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob('*'))}")
+        if problems:
+            failures.append(f"{override}: {'; '.join(problems)}\n  stderr: {stderr.strip()[-1500:]}")
+    assert not failures, "\n".join(failures)
