@@ -56,8 +56,16 @@ def compose(overrides: list[str]):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"config: {first}") from None
+        raise UserError(f"config: {_one_line(str(error)) or type(error).__name__}") from None
+
+
+def _one_line(hydra_message: str) -> str:
+    """Hydra's multi-line message as one line: the problem plus its hint (`+key=` to add a key, the
+    available options of a group), without the config search path."""
+    lines = [line.strip() for line in hydra_message.split("Config search path:")[0].splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Available options"):
+        return f"{lines[0]}; {lines[1].rstrip(':')}: {', '.join(lines[2:])}"
+    return "; ".join(line.rstrip(".") for line in lines)
 
 
 def quiet_libraries() -> None:

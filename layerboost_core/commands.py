@@ -95,3 +95,11 @@ def eval_command(cfg) -> None:
     for name, m in metrics.items():
         print(f"  {name:28s} {m['value']:.4f}  ({m['fidelity']}, {m['direction']})")
     print(f"proxy evaluation {proxy_seconds:.1f} s; written to {out}")
+
+
+@verb("bench")
+def bench_command(cfg) -> None:
+    """Measured prefill latency, decode speed, KV bytes, memory and max batch of `plan=` beside all-softmax."""
+    from .bench import run_bench
+
+    run_bench(cfg)

@@ -1,6 +1,7 @@
 """Apply a plan to a loaded model in place. Switching plans only re-points each layer's `self_attn`."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .attention import OPTIONS
@@ -33,7 +34,10 @@ class PlanSwitcher:
         built = self._modules[layer]
         if option not in built:
             spec = OPTIONS.get(option)
-            built[option] = spec.build(self.original[layer], self.family, self.settings.get(option, {}))
+            # Built outside inference mode even when first applied inside it (latency measurement), so the
+            # option's parameters stay normal tensors that attention transfer can later train.
+            with torch.inference_mode(False):
+                built[option] = spec.build(self.original[layer], self.family, self.settings.get(option, {}))
         return built[option]
 
     def apply(self, plan: LayerPlan) -> None:

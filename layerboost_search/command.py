@@ -12,9 +12,10 @@ from layerboost_core.cli import verb
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity_rows, write_sensitivity_csv
-from layerboost_core.workbench import open_workbench, option_settings
+from layerboost_core.workbench import attach_bank, open_workbench, option_settings
 
-from .driver import PLAN_ATTR, SearchRun, enqueue_seeds, make_sampler, open_study, requeue_abandoned, storage_url, study_name
+from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, lm_eval_scores, make_sampler, open_study, record_lm_eval,
+                     requeue_abandoned, storage_url, study_name)
 from .objectives import declare_objectives
 from .report import front_trials, write_report
 from .runner import make_runner
@@ -54,7 +55,9 @@ def run_search(cfg) -> Path:
     from layerboost_surrogates.cost_model import Workload, cost_model
 
     workload = Workload(**OmegaConf.to_container(cfg.workload))
-    bench = open_workbench(cfg, with_bank=True)
+    # The bank (minutes when cold) comes after every check that can refuse the run: the space needs only the
+    # layer count, and the cost model only the modules' shapes (timing does not depend on trained weights).
+    bench = open_workbench(cfg, with_bank=False)
     info, n = bench.info, bench.switcher.num_layers
     space = SearchSpace.from_config(cfg.space, n)
     cost = cost_model(bench.switcher, info, option_settings(cfg), workload)
@@ -64,6 +67,7 @@ def run_search(cfg) -> Path:
     if ceiling is not None and float(ceiling) < fastest:
         raise UserError(f"objective.latency_ceiling: {ceiling} s cannot be met; the fastest plan in the space is "
                         f"predicted at {fastest:.3f} s (all-softmax {softmax_latency:.3f} s) for this workload")
+    attach_bank(bench)
 
     name = study_name(cfg, info, bench.bank.id)
     study = open_study(cfg, name, objectives, sampler)
@@ -111,7 +115,8 @@ def _score_front_with_lm_eval(cfg, study, runner) -> None:
     if len(front) > top_k:  # spread over the front: its ends and evenly between
         step = (len(front) - 1) / (top_k - 1) if top_k > 1 else 0
         front = [front[round(i * step)] for i in range(top_k)]
-    todo = [t for t in front if not any(k.startswith("lm_eval:") for k in t.user_attrs)]
+    scored = lm_eval_scores(study)
+    todo = [t for t in front if t.number not in scored]
     for trial in todo:
         runner.submit(trial.number, "lm_eval", trial.user_attrs[PLAN_ATTR])
     for _ in todo:
@@ -119,9 +124,7 @@ def _score_front_with_lm_eval(cfg, study, runner) -> None:
         if "error" in result:
             log.warning("lm-eval of trial %d failed: %s", number, result["error"])
             continue
-        for task, score in result["scores"].items():
-            study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
-                study._study_id, number), f"lm_eval:{task}", score)
+        record_lm_eval(study, number, result["scores"])
 
 
 @verb("search")

@@ -27,6 +27,20 @@ from .space import SearchSpace
 log = logging.getLogger(__name__)
 
 PLAN_ATTR, LABEL_ATTR, FEASIBLE_ATTR = "plan", "label", "feasible"
+# lm-eval scores arrive after a trial has finished, and Optuna refuses to change a finished trial, so they
+# live in the study's user attrs under this prefix + the trial number ({task: accuracy}); the dashboard
+# shows them there and the report merges them into the trial's own `lm_eval:<task>` columns.
+LM_EVAL_STUDY_ATTR = "lm_eval:trial:"
+
+
+def record_lm_eval(study: optuna.Study, number: int, scores: dict) -> None:
+    study.set_user_attr(f"{LM_EVAL_STUDY_ATTR}{number}", {task: float(v) for task, v in scores.items()})
+
+
+def lm_eval_scores(study: optuna.Study) -> dict[int, dict]:
+    """{trial number: {task: accuracy}} for every trial scored with lm-eval."""
+    return {int(key.removeprefix(LM_EVAL_STUDY_ATTR)): value for key, value in study.user_attrs.items()
+            if key.startswith(LM_EVAL_STUDY_ATTR)}
 MAX_CONSECUTIVE_SKIPS = 500
 
 

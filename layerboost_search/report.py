@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from layerboost_core.cache_dir import atomic_path, write_json, write_text
 from layerboost_core.plan import LayerPlan
 
-from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR
+from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
 
 
 def hypervolume_2d(points, reference) -> float:
@@ -28,7 +28,7 @@ def hypervolume_2d(points, reference) -> float:
 
 
 def trial_rows(study: optuna.Study, objectives) -> list[dict]:
-    rows = []
+    rows, scored = [], lm_eval_scores(study)
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "plan": t.user_attrs.get(PLAN_ATTR, ""),
                "plan_id": t.user_attrs.get("plan_id", ""), "label": t.user_attrs.get(LABEL_ATTR, ""),
@@ -36,8 +36,9 @@ def trial_rows(study: optuna.Study, objectives) -> list[dict]:
         for i, o in enumerate(objectives):
             row[o.name] = t.values[i] if t.values else ""
         for key, value in sorted(t.user_attrs.items()):
-            if key.startswith(("proxy:", "lm_eval:")) or key in ("kv_bytes", "eval_seconds", "skipped", "fail_reason"):
+            if key.startswith("proxy:") or key in ("kv_bytes", "eval_seconds", "skipped", "fail_reason"):
                 row[key] = value
+        row.update({f"lm_eval:{task}": v for task, v in scored.get(t.number, {}).items()})
         row["duration_s"] = t.duration.total_seconds() if t.duration else ""
         rows.append(row)
     return rows
@@ -78,15 +79,16 @@ def knee(front, objectives) -> object | None:
     return front[max(range(len(front)), key=distances.__getitem__)]
 
 
-def plan_json(trial, objectives, context: dict) -> dict:
+def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None) -> dict:
+    """The plan JSON of `trial`; `lm_eval`: its lm-eval scores {task: accuracy}, if it has any."""
     plan = LayerPlan.from_string(trial.user_attrs[PLAN_ATTR])
     metrics = {o.name: {"value": trial.values[i], "fidelity": o.fidelity, "direction": o.direction}
                for i, o in enumerate(objectives)}
     for key, value in trial.user_attrs.items():
         if key.startswith("proxy:"):
             metrics[key.removeprefix("proxy:")] = {"value": value, "fidelity": "proxy"}
-        if key.startswith("lm_eval:"):
-            metrics[key] = {"value": value, "fidelity": "lm-eval"}
+    for task, value in (lm_eval or {}).items():
+        metrics[f"lm_eval:{task}"] = {"value": value, "fidelity": "lm-eval"}
     return plan.to_json(model=context["model"], settings=context["settings"], bank_id=context["bank_id"],
                         metrics=metrics, workload=context["workload"],
                         origin={"study": context["study"], "storage": context["storage"], "trial": trial.number,
@@ -135,7 +137,7 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
 
     best_dir = run_dir / "best"
     best_dir.mkdir(exist_ok=True)
-    chosen = {}
+    chosen, scored = {}, lm_eval_scores(study)
     reference = context.get("softmax_latency")
     for fraction in latency_targets:
         if reference is None:
@@ -149,13 +151,16 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     if knee_trial is not None:
         chosen["knee"] = knee_trial
     for name, trial in chosen.items():
-        write_json(best_dir / f"{name}.json", plan_json(trial, objectives, context))
+        write_json(best_dir / f"{name}.json", plan_json(trial, objectives, context, scored.get(trial.number)))
 
-    lines = [f"| trial | label | plan | {objectives[0].name} | {objectives[1].name} | kv_bytes |",
-             "|---|---|---|---|---|---|"]
+    tasks = sorted({task for scores in scored.values() for task in scores})
+    lines = [f"| trial | label | plan | {objectives[0].name} | {objectives[1].name} | kv_bytes | "
+             + "".join(f"lm_eval:{task} | " for task in tasks), "|---" * (6 + len(tasks)) + "|"]
     for t in front:
+        lm_eval = scored.get(t.number, {})
         lines.append(f"| {t.number} | {t.user_attrs.get(LABEL_ATTR)} | `{t.user_attrs.get(PLAN_ATTR)}` | "
-                     f"{t.values[0]:.4f} | {t.values[1]:.3f} | {t.user_attrs.get('kv_bytes', '')} |")
+                     f"{t.values[0]:.4f} | {t.values[1]:.3f} | {t.user_attrs.get('kv_bytes', '')} | "
+                     + "".join(f"{lm_eval[task]:.3f} | " if task in lm_eval else "| " for task in tasks))
     table = "\n".join(lines)
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     summary = [f"# Search {context['study']}", "",

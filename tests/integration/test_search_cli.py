@@ -7,6 +7,7 @@ $LAYERBOOST_CACHE) keeps the bank, cost model and sensitivity table between test
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -327,3 +328,20 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(tmp_path):
         if problems:
             failures.append(f"{override}: {'; '.join(problems)}\n  stderr: {stderr.strip()[-1500:]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.timeout(300)
+def test_front_candidates_get_lm_eval_columns(tmp_path):
+    # Second fidelity end to end on real sqlite storage: scores land after the trials have finished.
+    output_dir = tmp_path / "outputs"
+    output_dir.mkdir()
+    run_search(output_dir, "budget=4", "runner=serial", "eval=offline", "eval.top_k=2", "eval.n_examples=4",
+               "eval.passkey_context=128")
+    name, storage = the_study(output_dir)
+    with open(output_dir / "runs" / name / "trials.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    scored = [r for r in rows if r.get("lm_eval:lb_passkey", "") != ""]
+    assert 1 <= len(scored) <= 2
+    for row in scored:
+        for task in ("lb_cloze", "lb_passkey", "lb_mqar"):
+            assert 0.0 <= float(row[f"lm_eval:{task}"]) <= 1.0

@@ -141,3 +141,15 @@ def test_load_bank_sets_learned_parts(model, token_ids):
     for part in switcher.trainable_parts("linear"):
         assert torch.equal(part.gate_logit, torch.full_like(part.gate_logit, 3.0))
     assert max_diff(logits(model, token_ids), before) > 1e-5
+
+
+def test_options_first_applied_in_inference_mode_stay_trainable(model, token_ids):
+    # The search times uniform plans (inference mode) before the bank is trained on the same modules.
+    switcher = PlanSwitcher(model, LINEAR_SETTINGS)
+    with torch.inference_mode():
+        switcher.apply(LayerPlan.uniform("linear", 4))
+        model(token_ids)
+    for part in switcher.trainable_parts("linear"):
+        for parameter in part.parameters():
+            assert not parameter.is_inference()
+            parameter.requires_grad_(True)

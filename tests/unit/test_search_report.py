@@ -170,3 +170,24 @@ def test_write_report_is_repeatable(study, tmp_path):
     write_report(study, OBJECTIVES, run_dir, CONTEXT, (0.9,))
     assert (run_dir / "trials.csv").read_text() == first
     assert not [p for p in run_dir.rglob(".*")]  # no temporary files left behind
+
+
+def test_lm_eval_scores_of_finished_trials_reach_the_report(tmp_path):
+    # Optuna refuses to change a finished trial (in RDB storage); lm-eval scores come after the trial.
+    from layerboost_search.driver import lm_eval_scores, record_lm_eval
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="unit-report", storage=storage, directions=["minimize", "minimize"])
+    add(study, "SSSS", "all-softmax", 0.0, 1.0)
+    add(study, "SLLN", "sampled", 0.5, 0.4)
+    record_lm_eval(study, 1, {"lb_passkey": 0.75, "lb_cloze": 0.5})
+    reopened = optuna.load_study(study_name="unit-report", storage=storage)
+    assert lm_eval_scores(reopened) == {1: {"lb_passkey": 0.75, "lb_cloze": 0.5}}
+
+    run_dir = tmp_path / "run"
+    table = write_report(reopened, OBJECTIVES, run_dir, CONTEXT, (0.5,))
+    trials = read_csv(run_dir / "trials.csv")
+    assert float(trials[1]["lm_eval:lb_passkey"]) == 0.75 and trials[0]["lm_eval:lb_passkey"] == ""
+    best = json.loads((run_dir / "best" / "latency-50pct.json").read_text())
+    assert best["metrics"]["lm_eval:lb_passkey"] == {"value": 0.75, "fidelity": "lm-eval"}
+    assert "lm_eval:lb_passkey" in table and "0.750" in table

@@ -1,0 +1,73 @@
+"""Surrogate proposals for the search: plans the accuracy predictor and the exact solver expect on the front.
+
+Most proposals are the predicted front (posterior mean) at a sweep of latency budgets; the rest explore:
+each solves the front problem for one posterior draw of the predictor at a random budget (Thompson
+sampling), so plans whose quality is uncertain enough to be plausibly on the front get evaluated.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from layerboost_core.plan import LayerPlan
+
+from .accuracy import SensitivityTable, make_predictor
+from .solver import FrontSolver
+
+
+def plan_of_params(space, params: dict) -> LayerPlan:
+    """The plan an (enqueued or finished) trial's parameters stand for."""
+    from layerboost_search.space import layer_param
+
+    return LayerPlan(tuple(space.pinned.get(i) or params[layer_param(i)] for i in range(space.num_layers)))
+
+
+def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[LayerPlan, float]], n: int, seed: int = 0,
+                  *, exclude: Iterable[str] = (), metric: str = "kl", pairs: str = "adjacent",
+                  latency_ceiling: float | None = None, kv_bytes: dict[str, float] | None = None,
+                  kv_ceiling: float | None = None, explore_fraction: float = 0.25, min_trials: int = 8,
+                  max_draws: int | None = None) -> list[LayerPlan]:
+    """Up to `n` distinct plans of `space`, none in `completed` or `exclude` (plan strings).
+
+    `sensitivity`: rows of sensitivity.csv, {(layer, option): score} or a SensitivityTable, of `metric` --
+    a lower-is-better proxy that is 0 for the original model (kl, nll_delta). `completed`: (plan, metric value)
+    of finished trials. Uses the interaction predictor from `min_trials` trials on, the additive one before.
+    `kv_bytes` (option -> bytes per layer, see solver.kv_per_layer) with `kv_ceiling` bounds KV memory.
+    Fewer than `n` plans come back when the space has run out of unseen plans the surrogate would pick.
+    `pairs` is 'adjacent' or 'none': with 'all', a 30-layer model gives the solver thousands of pair variables
+    and a single solve takes minutes (use 'all' for offline accuracy studies only).
+    """
+    if pairs not in ("adjacent", "none"):
+        raise ValueError(f"pairs: {pairs!r}; propose_plans allows adjacent or none (all pairs are too slow to solve)")
+    table = SensitivityTable.of(sensitivity, space.num_layers, metric)
+    predictor = make_predictor(table, [p for p, _ in completed], [v for _, v in completed], pairs, min_trials)
+    rng = np.random.default_rng(seed)
+    taken = {str(p) for p, _ in completed} | set(exclude)
+    known = [LayerPlan.from_string(text) for text in taken]  # no-good cuts: the solver returns unseen plans only
+    out: list[LayerPlan] = []
+
+    def take(plan: LayerPlan | None) -> None:
+        if plan is not None and len(out) < n and str(plan) not in taken and space.violation(plan) is None:
+            taken.add(str(plan))
+            out.append(plan)
+
+    solver = FrontSolver(space, cost_model, predictor.terms(), kv_bytes)
+    front = [p for p, _, _ in solver.predicted_front(max(8, 2 * n), kv_ceiling, latency_ceiling, known)]
+    exploit = n - int(round(explore_fraction * n)) if completed else n
+    if front and exploit > 0:  # spread over the front of unseen plans, both ends included
+        step = (len(front) - 1) / max(1, exploit - 1)
+        for i in sorted({round(i * step) for i in range(min(exploit, len(front)))}):
+            take(front[i])
+    fastest, best = solver.fastest(kv_ceiling, known), solver.solve(latency_ceiling, kv_ceiling, known)
+    if fastest is None or best is None:
+        return out
+    low, high = cost_model.latency(fastest), cost_model.latency(best)
+    for _ in range(max_draws if max_draws is not None else 2 * n):
+        if len(out) >= n:
+            break
+        draw = FrontSolver(space, cost_model, predictor.terms(rng), kv_bytes)
+        take(draw.solve(float(rng.uniform(low, high)), kv_ceiling, known + out))
+    for plan in front:  # draws that failed to find anything new: fill from the mean front
+        take(plan)
+    return out
