@@ -1,6 +1,7 @@
 """Search quality on SmolLM2 at proxy fidelity: hypervolume of the front (KL vs predicted latency, one
 fixed reference point) reached by the paper's threshold heuristic, random search, NSGA-II, TPE and our
-default search (TPE multivariate + seeds), at equal numbers of evaluations.
+default search (TPE multivariate + seeds), and the same with surrogate proposals, at equal numbers of
+evaluations.
 
     python benchmarks/bench_search.py [--budgets 30,60,120] [overrides...]
 
@@ -21,6 +22,7 @@ from layerboost_core.metrics import ProxyEvaluator
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity
 from layerboost_core.workbench import open_workbench, option_settings
+from layerboost_search.command import make_surrogate_feed
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.objectives import declare_objectives
 from layerboost_search.report import hypervolume_2d
@@ -97,12 +99,16 @@ def main() -> None:
         "nsga2": (optuna.samplers.NSGAIISampler(population_size=20, seed=0), False),
         "tpe": (optuna.samplers.TPESampler(multivariate=True, seed=0), False),
         "ours (tpe + seeds)": (optuna.samplers.TPESampler(multivariate=True, n_startup_trials=10, seed=0), True),
+        "ours + surrogate": (optuna.samplers.TPESampler(multivariate=True, n_startup_trials=10, seed=0), True),
     }
+    surrogate_cfg = OmegaConf.merge(cfg, {"surrogate": {"enabled": True}})
     for name, (sampler, seeded) in methods.items():
         study = optuna.create_study(directions=[o.direction for o in objectives], sampler=sampler)
         if seeded:
             enqueue_seeds(study, space, seed_plans(rows, n))
-        run = SearchRun(cfg, space, objectives, study, cost, runner, context)
+        feed = (make_surrogate_feed(surrogate_cfg, space, cost, rows, objectives, context)
+                if name == "ours + surrogate" else None)
+        run = SearchRun(cfg, space, objectives, study, cost, runner, context, feed)
         run.run(top, progress=False)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for budget in args.budgets:

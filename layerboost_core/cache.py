@@ -37,9 +37,9 @@ def applied_plan(model) -> LayerPlan:
 
 
 def _state_map(state: LinearState, fn) -> LinearState:
-    """`fn` applied to every tensor of the state (batch reordering for beam search and friends)."""
-    return LinearState(*(fn(getattr(state, name)) for name in
-                         ("k_win", "v_win", "fk_win", "k_sink", "v_sink", "kv", "k_sum")), state.position)
+    """`fn` applied to every tensor of the state (batch reordering for beam search and friends). `fn` must
+    return new tensors: decoding updates a state's buffers in place."""
+    return state.map(fn)
 
 
 class LinearStateLayer:

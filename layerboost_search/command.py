@@ -90,7 +90,8 @@ def run_search(cfg) -> Path:
             log.info("enqueued %d seed plans", seeded)
         context_for_plan = {"model_config": bench.model.config, "option_settings": option_settings(cfg),
                             "bytes_per_value": bench.model.dtype.itemsize}
-        search = SearchRun(cfg, space, objectives, study, cost, runner, context_for_plan)
+        surrogate = make_surrogate_feed(cfg, space, cost, rows, objectives, context_for_plan)
+        search = SearchRun(cfg, space, objectives, study, cost, runner, context_for_plan, surrogate)
         search.run(int(cfg.budget), progress=bool(cfg.progress))
         _score_front_with_lm_eval(cfg, study, runner)
     finally:
@@ -104,6 +105,18 @@ def run_search(cfg) -> Path:
     print(table)
     print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {storage_url(cfg, name)}")
     return run_dir
+
+
+def make_surrogate_feed(cfg, space, cost, sensitivity_rows, objectives, context_for_plan):
+    """The search's surrogate feed (None when `surrogate.enabled=false`)."""
+    from layerboost_surrogates.solver import kv_per_layer
+
+    from .surrogate_feed import SurrogateFeed
+
+    context = int(cfg.workload.prefill) + int(cfg.workload.decode)
+    kv = kv_per_layer(set(space.options) | set(space.pinned.values()), context_for_plan["model_config"],
+                      context_for_plan["option_settings"], context, context_for_plan["bytes_per_value"])
+    return SurrogateFeed.maybe(cfg.get("surrogate"), space, cost, sensitivity_rows, objectives, cfg.objective, kv)
 
 
 def _score_front_with_lm_eval(cfg, study, runner) -> None:

@@ -105,9 +105,11 @@ def requeue_abandoned(study: optuna.Study) -> int:
 class SearchRun:
     """One search over a study, with the plan-level bookkeeping ask/tell needs."""
 
-    def __init__(self, cfg, space: SearchSpace, objectives, study: optuna.Study, cost, runner, config_for_plan):
+    def __init__(self, cfg, space: SearchSpace, objectives, study: optuna.Study, cost, runner, config_for_plan,
+                 surrogate=None):
+        """`surrogate`: an optional `SurrogateFeed` whose proposals are enqueued as the search runs."""
         self.cfg, self.space, self.objectives, self.study = cfg, space, objectives, study
-        self.cost, self.runner, self.config_for_plan = cost, runner, config_for_plan
+        self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
         self.seen: dict[str, int] = {}  # plan string -> trial number that evaluated (or is evaluating) it
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
@@ -159,6 +161,17 @@ class SearchRun:
         self.runner.submit(trial.number, "evaluate", text)
         return True
 
+    def _enqueue_surrogate_plans(self, done: int) -> None:
+        """Ask the surrogate for plans once the queue (seeds, earlier proposals) has drained."""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if waiting:
+            return
+        completed = [(LayerPlan.from_string(t.user_attrs[PLAN_ATTR]), t.values[0])
+                     for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.user_attrs.get(PLAN_ATTR)]
+        for plan in self.surrogate.propose(done, completed, set(self.seen)):
+            self.study.enqueue_trial(self.space.params_of(plan), user_attrs={LABEL_ATTR: "surrogate"})
+
     def _tell(self, number: int, result: dict) -> bool:
         trial, plan = self.in_flight.pop(number)
         if "error" in result:
@@ -190,6 +203,8 @@ class SearchRun:
         skips = 0
         try:
             while done < budget:
+                if self.surrogate is not None and self.surrogate.due(done):
+                    self._enqueue_surrogate_plans(done)
                 while len(self.in_flight) < self.runner.capacity and done + len(self.in_flight) < budget:
                     if self._ask():
                         skips = 0

@@ -39,9 +39,49 @@ class LearnedLinearParts(nn.Module):
         self.feature_q = HedgehogFeatureMap(q_heads, head_dim, feature_dim)
         self.feature_k = HedgehogFeatureMap(kv_heads, head_dim, feature_dim)
         self.gate_logit = nn.Parameter(torch.zeros(q_heads))  # sigmoid(0) = 0.5: window and linear equal
+        self._stacked = None  # (key, weight, bias) of `_stacked_maps`; a cache, not part of the state dict
 
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_logit)
+
+    def one_token_features(self, q: torch.Tensor, k: torch.Tensor):
+        """(feature_q(q), feature_k(k)) for a single position, q (B, Hq, 1, D) and k (B, Hkv, 1, D): both maps
+        and both signs in one bmm batched over heads (B rows each) and one softmax. The results are views of
+        one (Hq + Hkv, B, 2F) tensor."""
+        weight, bias = self._stacked_maps()
+        b, hq, _, d = q.shape
+        h = weight.shape[0]
+        x = torch.cat([q.reshape(b, hq, d), k.reshape(b, h - hq, d)], dim=1).transpose(0, 1)  # (H, B, D)
+        z = torch.baddbmm(bias, x, weight).view(h, b, 2, -1)  # [x W + b, -(x W + b)] per head
+        phi = torch.softmax(z, dim=-1).view(h, b, 1, -1).transpose(0, 1)  # (B, H, 1, 2F)
+        return phi[:, :hq], phi[:, hq:]
+
+    def _stacked_maps(self):
+        """[W, -W] and [b, -b] of the q feature map then of the k one: (Hq + Hkv, D, 2F) and (Hq + Hkv, 1, 2F).
+        Cached while nothing is differentiated, keyed on the parameters' storage and version counter (an
+        in-place update, load_state_dict, a move or a new Parameter all rebuild it)."""
+        # Plain dict lookups: nn.Module.__getattr__ would cost more than the whole cache check.
+        maps = self._modules
+        q_params, k_params = maps["feature_q"]._parameters, maps["feature_k"]._parameters
+        params = (q_params["weight"], q_params["bias"], k_params["weight"], k_params["bias"])
+        key = None
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)) and not params[0].is_inference():
+            key = (params[0].dtype, *(p.data_ptr() for p in params), *(p._version for p in params))
+            cached = self._stacked
+            if cached is not None and cached[0] == key:
+                return cached[1], cached[2]
+
+        def build():
+            wq, bq, wk, bk = params
+            return (torch.cat([torch.cat([wq, -wq], dim=-1), torch.cat([wk, -wk], dim=-1)], dim=0),
+                    torch.cat([torch.cat([bq, -bq], dim=-1), torch.cat([bk, -bk], dim=-1)], dim=0))
+
+        if key is None:
+            return build()
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: usable in and out of inference mode
+            weight, bias = build()
+        self._stacked = (key, weight, bias)
+        return weight, bias
 
 
 class LinearSlidingWindowAttention(nn.Module):
@@ -65,9 +105,15 @@ class LinearSlidingWindowAttention(nn.Module):
         self.learned.to(device=attn.q_proj.weight.device, dtype=attn.q_proj.weight.dtype)
 
     def attend(self, q, k, v, state: LinearState | None = None, return_state: bool = False):
-        """Core attention on post-RoPE q/k/v (B, H, S, D) -> (B, Hq, S, D). With a state, continues from it."""
-        fq, fk = self.learned.feature_q(q), self.learned.feature_k(k)
-        gate = self.learned.gate()
+        """Core attention on post-RoPE q/k/v (B, H, S, D) -> (B, Hq, S, D). With a state, continues from it
+        (and may update that state's buffers in place: use the returned state, never the one passed in)."""
+        learned = self.learned
+        gate = learned.gate()
+        if state is not None and q.shape[2] == 1:  # one decode step: the lean path
+            fq, fk = learned.one_token_features(q, k)
+            y, state = decode_step(q, k, v, fq, fk, gate, self.window, self.scaling, state, self.sinks)
+            return (y, state) if return_state else y
+        fq, fk = learned.feature_q(q), learned.feature_k(k)
         if state is None:
             return chunked_prefill(q, k, v, fq, fk, gate, self.window, self.scaling, self.sinks, return_state)
         outputs = []

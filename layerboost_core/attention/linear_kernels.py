@@ -9,7 +9,8 @@ gate g mixes the two (m_i: the row max of the softmax scores):
 
 `chunked_prefill` uses chunks of W tokens, so the window of chunk c lies in chunks c-1 and c and everything
 older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built.
-`decode_step` is the recurrent form. `naive.py` holds the quadratic reference both are tested against.
+`decode_step` is the recurrent form, on a fixed-size ring-buffer state (`LinearState`) that it updates in
+place once full. `naive.py` holds the quadratic reference both are tested against.
 GQA is kept grouped: the G query heads that share one kv head are stacked as rows, never repeat_kv'd.
 """
 from __future__ import annotations
@@ -25,20 +26,63 @@ import torch.nn.functional as F
 @dataclass
 class LinearState:
     """Recurrent state of one layer: the sinks' and the last <= W tokens' k, v (and phi(k)), and the linear
-    sums of every other earlier token. Its size does not grow with the sequence."""
+    sums of every other earlier token. Its size does not grow with the sequence.
 
-    k_win: torch.Tensor  # (B, Hkv, w, D), w <= W
-    v_win: torch.Tensor  # (B, Hkv, w, D)
-    fk_win: torch.Tensor  # (B, Hkv, w, F); zero rows for sink tokens, so they never enter the sums
-    k_sink: torch.Tensor  # (B, Hkv, s, D), s <= sinks
-    v_sink: torch.Tensor  # (B, Hkv, s, D)
-    kv: torch.Tensor  # (B, Hkv, F, D): sum of phi(k_j) v_j^T over tokens older than the window
-    k_sum: torch.Tensor  # (B, Hkv, F): sum of phi(k_j) over the same tokens
+    Layout, built for a lean decode step:
+      * `keys_t` / `values` hold [sinks | window] in one buffer each, so one matmul scores the whole softmax
+        set; the keys are stored transposed (D rows), the layout the score matmul reads fastest.
+      * the window part is a ring: token j sits in window slot j % W, so once the window is full a step
+        overwrites one slot in place instead of concatenating.
+      * `sums` fuses the linear numerator and denominator, [sum phi(k_j) v_j^T | sum phi(k_j)] (F x (D + 1)),
+        so one matmul gives both.
+    A sink still inside the window (the first W + sinks tokens) is held twice; the step masks its sink copy.
+    Bytes per kv head: 2*D*(s + w) + F*w + F*(D + 1), the cost model's formula.
+    """
+
+    keys_t: torch.Tensor  # (B, Hkv, D, s + w): s <= sinks sink tokens, then the w <= W window slots
+    values: torch.Tensor  # (B, Hkv, s + w, D)
+    fk_win: torch.Tensor  # (B, Hkv, w, F) window slots; zero rows for sink tokens, so they never enter the sums
+    sums: torch.Tensor  # (B, Hkv, F, D + 1): [sum phi(k_j) v_j^T | sum phi(k_j)] over tokens older than the window
     position: int  # tokens seen so far
 
+    @property
+    def num_sinks(self) -> int:
+        return self.values.shape[2] - self.fk_win.shape[2]
+
+    @property
+    def k_sink(self) -> torch.Tensor:  # (B, Hkv, s, D)
+        return self.keys_t[..., : self.num_sinks].transpose(-1, -2)
+
+    @property
+    def v_sink(self) -> torch.Tensor:
+        return self.values[:, :, : self.num_sinks]
+
+    @property
+    def k_win(self) -> torch.Tensor:  # (B, Hkv, w, D), in ring order (token j in slot j % W)
+        return self.keys_t[..., self.num_sinks:].transpose(-1, -2)
+
+    @property
+    def v_win(self) -> torch.Tensor:
+        return self.values[:, :, self.num_sinks:]
+
+    @property
+    def kv(self) -> torch.Tensor:  # (B, Hkv, F, D): sum of phi(k_j) v_j^T over tokens older than the window
+        return self.sums[..., :-1]
+
+    @property
+    def k_sum(self) -> torch.Tensor:  # (B, Hkv, F): sum of phi(k_j) over the same tokens
+        return self.sums[..., -1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.keys_t, self.values, self.fk_win, self.sums
+
+    def map(self, fn) -> "LinearState":
+        """`fn` applied to every tensor (batch reordering for beam search and friends); `fn` must return new
+        tensors, since decoding updates the buffers in place."""
+        return LinearState(*(fn(t) for t in self.tensors()), self.position)
+
     def nbytes(self) -> int:
-        tensors = (self.k_win, self.v_win, self.fk_win, self.k_sink, self.v_sink, self.kv, self.k_sum)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 def _group_rows(x: torch.Tensor, hkv: int, n: int, c: int, scale: float = 1.0) -> torch.Tensor:
@@ -162,59 +206,116 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
     return y, _state_after(k, v, fk, window, sinks)
 
 
+def _to_ring(x: torch.Tensor, first: int, window: int) -> torch.Tensor:
+    """x (B, H, w, X) holding tokens first .. first + w - 1 -> a new contiguous tensor with token j in slot
+    j % window (w == window whenever first > 0)."""
+    shift = first % window
+    return torch.roll(x, shift, dims=2) if shift else x.clone(memory_format=torch.contiguous_format)
+
+
 def _state_after(k, v, fk, window: int, sinks: int) -> LinearState:
     """State after a prefill (fk already zero at sinks): the sinks and the last W tokens stay exact, the
     other tokens are summed into the linear state."""
     s = k.shape[2]
     split = max(s - window, 0)
-    fk_old, v_old = fk[:, :, :split], v[:, :, :split]
+    v_old = v[:, :, :split]
+    v_one = torch.cat([v_old, v_old.new_ones(*v_old.shape[:-1], 1)], dim=-1)
+    keys = torch.cat([k[:, :, :sinks], _to_ring(k[:, :, split:], split, window)], dim=2)
     return LinearState(
-        k_win=k[:, :, split:].contiguous(),
-        v_win=v[:, :, split:].contiguous(),
-        fk_win=fk[:, :, split:].contiguous(),
-        k_sink=k[:, :, :sinks].contiguous(),
-        v_sink=v[:, :, :sinks].contiguous(),
-        kv=fk_old.transpose(-1, -2) @ v_old,
-        k_sum=fk_old.sum(dim=2),
+        keys_t=keys.transpose(-1, -2).contiguous(),
+        values=torch.cat([v[:, :, :sinks], _to_ring(v[:, :, split:], split, window)], dim=2),
+        fk_win=_to_ring(fk[:, :, split:], split, window),
+        sums=fk[:, :, :split].transpose(-1, -2) @ v_one,
         position=s,
     )
 
 
 def empty_state(b: int, hkv: int, d: int, f: int, like: torch.Tensor) -> LinearState:
     z = like.new_zeros
-    return LinearState(z(b, hkv, 0, d), z(b, hkv, 0, d), z(b, hkv, 0, f), z(b, hkv, 0, d), z(b, hkv, 0, d),
-                       z(b, hkv, f, d), z(b, hkv, f), 0)
+    return LinearState(z(b, hkv, d, 0), z(b, hkv, 0, d), z(b, hkv, 0, f), z(b, hkv, f, d + 1), 0)
+
+
+def _in_place_ok(state: LinearState) -> bool:
+    """The state's buffers may be updated in place: nothing to differentiate, and not inference tensors
+    outside inference mode (which refuse in-place updates)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in state.tensors()):
+        return False
+    return torch.is_inference_mode_enabled() or not state.values.is_inference()
 
 
 def decode_step(q, k, v, fq, fk, gate, window: int, scale: float, state: LinearState, sinks: int = 0):
-    """One new token. q: (B, Hq, 1, D), k/v: (B, Hkv, 1, D), fq/fk likewise with F. Returns (y, new state)."""
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
+    """One new token. q: (B, Hq, 1, D), k/v: (B, Hkv, 1, D), fq/fk likewise with F. Returns (y, new state).
+
+    Once the window and the sinks are full (the steady state) and nothing is differentiated, the state's
+    buffers are updated in place and the same `LinearState` is returned: the caller must not reuse the
+    state it passed in. Before that (the first max(W, sinks) tokens) a new state is built.
+    """
+    t = state.position
+    if t >= sinks and state.fk_win.shape[2] == window and _in_place_ok(state):
+        d = v.shape[-1]
+        slot = t % window  # the new token's window slot, which holds token t - W until now
+        at = state.num_sinks + slot
+        sums, fk_win = state.sums, state.fk_win
+        # The token leaving the window joins the linear sums (a sink's phi(k) row is zero: it adds nothing).
+        fk_out = fk_win[:, :, slot]  # (B, Hkv, F)
+        sums[..., :d].addcmul_(fk_out.unsqueeze(-1), state.values[:, :, at].unsqueeze(-2))
+        sums[..., d].add_(fk_out)
+        state.keys_t[..., at : at + 1].copy_(k.transpose(-1, -2))
+        state.values[:, :, at : at + 1].copy_(v)
+        fk_win[:, :, slot : slot + 1].copy_(fk)
+        state.position = t + 1
+    else:
+        state = _grown_state(k, v, fk, window, state, sinks)
+    outside = max(0, min(state.num_sinks, t - window + 1))  # sinks that have left the window
+    return _attend_state(q, fq, gate, scale, state, outside), state
+
+
+def _grown_state(k, v, fk, window: int, state: LinearState, sinks: int) -> LinearState:
+    """The state after one more token, built out of place (window or sinks not yet full, or autograd)."""
     t = state.position
     k_sink, v_sink = state.k_sink, state.v_sink
+    k_ring, v_ring, fk_ring, sums = state.k_win, state.v_win, state.fk_win, state.sums
     if t < sinks:  # one of the first tokens: a sink forever, never part of the linear sums
         k_sink, v_sink = torch.cat([k_sink, k], dim=2), torch.cat([v_sink, v], dim=2)
         fk = torch.zeros_like(fk)
-    k_win = torch.cat([state.k_win, k], dim=2)
-    v_win = torch.cat([state.v_win, v], dim=2)
-    fk_win = torch.cat([state.fk_win, fk], dim=2)
-    kv, k_sum = state.kv, state.k_sum
-    if k_win.shape[2] > window:  # the oldest token leaves the window and joins the linear sums
-        fk_out, v_out = fk_win[:, :, :1], v_win[:, :, :1]
-        kv = kv + fk_out.transpose(-1, -2) @ v_out
-        k_sum = k_sum + fk_out[:, :, 0]
-        k_win, v_win, fk_win = k_win[:, :, 1:], v_win[:, :, 1:], fk_win[:, :, 1:]
+    if fk_ring.shape[2] < window:  # the window is still filling: slot t (== tokens held) is new
+        k_ring, v_ring = torch.cat([k_ring, k], dim=2), torch.cat([v_ring, v], dim=2)
+        fk_ring = torch.cat([fk_ring, fk], dim=2)
+    else:  # the oldest token (in slot t % W) leaves the window and joins the linear sums
+        slot = t % window
+        fk_out, v_out = fk_ring[:, :, slot : slot + 1], v_ring[:, :, slot : slot + 1]
+        sums = sums + fk_out.transpose(-1, -2) @ torch.cat([v_out, v_out.new_ones(*v_out.shape[:-1], 1)], dim=-1)
 
-    outside = max(0, min(k_sink.shape[2], t - window + 1))  # sinks that have left the window
-    keys = torch.cat([k_sink[:, :, :outside], k_win], dim=2)
-    values = torch.cat([v_sink[:, :, :outside], v_win], dim=2)
-    qg = q.view(b, hkv, g, d)  # the G query heads of one kv head as rows
-    fqg = fq.view(b, hkv, g, -1)
-    scores = qg @ keys.transpose(-1, -2) * scale  # (B, Hkv, G, keys)
-    e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    num_sm, den_sm = e @ values, e.sum(dim=-1, keepdim=True)
-    num_lin, den_lin = fqg @ kv, fqg @ k_sum.unsqueeze(-1)
-    gate_rows = gate.view(1, hkv, g, 1)
-    y = (gate_rows * num_sm + (1 - gate_rows) * num_lin) / (gate_rows * den_sm + (1 - gate_rows) * den_lin)
-    return y.reshape(b, hq, 1, d), LinearState(k_win, v_win, fk_win, k_sink, v_sink, kv, k_sum, t + 1)
+        def put(x, new):
+            return torch.cat([x[:, :, :slot], new, x[:, :, slot + 1 :]], dim=2)
+
+        k_ring, v_ring, fk_ring = put(k_ring, k), put(v_ring, v), put(fk_ring, fk)
+    keys_t = torch.cat([k_sink, k_ring], dim=2).transpose(-1, -2).contiguous()
+    return LinearState(keys_t, torch.cat([v_sink, v_ring], dim=2), fk_ring.contiguous(), sums, t + 1)
+
+
+def _attend_state(q, fq, gate, scale: float, state: LinearState, outside: int) -> torch.Tensor:
+    """Output (B, Hq, 1, D) of the token whose k/v are already in `state`. The softmax set is every slot of
+    the state except the sink copies from `outside` on (those sinks are still in the window part).
+
+    With p = softmax(scores) and m the row max, sum_sm e_ij = 1 / max(p) and sum_sm e_ij v_j = (p @ V) / max(p),
+    so multiplying the numerator and the denominator by max(p):
+        y = (g * p @ V + (1 - g) max(p) * fq @ kv) / (g + (1 - g) max(p) * fq @ k_sum)
+    All products are batched over (B, Hkv), the G query heads of a kv head stacked as rows (no repeat_kv).
+    """
+    b, hq, _, d = q.shape
+    hkv, _, n = state.keys_t.shape[1:]
+    g, bh = hq // hkv, b * hkv
+    scores = torch.bmm(q.reshape(bh, g, d), state.keys_t.reshape(bh, d, n)).mul_(scale)  # (B*Hkv, G, s + w)
+    if outside < state.num_sinks:
+        scores[..., outside : state.num_sinks] = float("-inf")
+    p = torch.softmax(scores, dim=-1)
+    p_max = p.amax(dim=-1, keepdim=True).view(b, hkv, g, 1)
+    pv = torch.bmm(p, state.values.reshape(bh, n, d)).view(b, hkv, g, d)
+    lin = torch.bmm(fq.reshape(bh, g, -1), state.sums.reshape(bh, -1, d + 1))  # numerator | denominator
+    lin = lin.view(b, hkv, g, d + 1)
+    gate_rows = gate.view(hkv, g, 1)
+    lin.mul_(torch.addcmul(p_max, p_max, gate_rows, value=-1))  # (1 - g) max(p)
+    den = lin[..., d:] + gate_rows
+    y = torch.addcmul(lin[..., :d], pv, gate_rows).div_(den)
+    return y.view(b, hq, 1, d)

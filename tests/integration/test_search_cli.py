@@ -345,3 +345,19 @@ def test_front_candidates_get_lm_eval_columns(tmp_path):
     for row in scored:
         for task in ("lb_cloze", "lb_passkey", "lb_mqar"):
             assert 0.0 <= float(row[f"lm_eval:{task}"]) <= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_surrogate_proposals_are_enqueued_and_evaluated(tmp_path):
+    output_dir = tmp_path / "outputs"
+    output_dir.mkdir()
+    budget = 28  # the 4-layer tiny model gets 18 seeds; the surrogate proposes after they drain
+    run_search(output_dir, f"budget={budget}", "runner=serial", "surrogate.enabled=true",
+               "surrogate.start_after=4", "surrogate.every=3", "surrogate.count=2")
+    name, storage = the_study(output_dir)
+    done = complete_trials(name, storage)
+    assert len(done) == budget and len({t.user_attrs["plan"] for t in done}) == budget
+    labels = [t.user_attrs["label"] for t in done]
+    assert labels.count("surrogate") >= 2, labels
+    seeds = [i for i, label in enumerate(labels) if label not in ("sampled", "surrogate")]
+    assert min(i for i, label in enumerate(labels) if label == "surrogate") > max(seeds)  # after the seed queue

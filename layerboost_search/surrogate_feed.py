@@ -1,0 +1,53 @@
+"""Surrogate-proposed plans fed to a running study (config group `surrogate`).
+
+Every `every` completed trials, once `start_after` trials are done and the seed queue has drained, the
+accuracy predictor (single-swap sensitivities corrected by the finished trials) and the exact front solver
+propose `count` unseen plans: most on the predicted front, some where the predictor is unsure. They are
+enqueued like seeds, labelled `surrogate`, and evaluated like every other trial.
+"""
+from __future__ import annotations
+
+import logging
+
+from layerboost_core.plan import LayerPlan
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_METRICS = ("kl", "nll_delta")  # lower is better and 0 for the original model: what the predictor models
+
+
+class SurrogateFeed:
+    def __init__(self, settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer=None):
+        """`kv_per_layer`: option -> KV bytes of one layer (needed only with a memory ceiling)."""
+        self.every, self.count = int(settings.every), int(settings.count)
+        self.next_at = int(settings.start_after)
+        self.space, self.cost, self.rows = space, cost, sensitivity_rows
+        self.metric = objectives[0].name
+        self.latency_ceiling = objective_cfg.latency_ceiling
+        self.memory_ceiling = objective_cfg.memory_ceiling
+        self.kv_per_layer = kv_per_layer
+
+    @classmethod
+    def maybe(cls, settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer=None):
+        """A feed when enabled and the quality objective is one the predictor models, else None."""
+        if settings is None or not bool(settings.enabled):
+            return None
+        if objectives[0].name not in SUPPORTED_METRICS:
+            log.warning("surrogate: quality objective %s is not modelled (only %s); surrogate proposals are off",
+                        objectives[0].name, ", ".join(SUPPORTED_METRICS))
+            return None
+        return cls(settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer)
+
+    def due(self, done: int) -> bool:
+        return done >= self.next_at
+
+    def propose(self, done: int, completed: list[tuple[LayerPlan, float]], exclude: set[str]) -> list[LayerPlan]:
+        from layerboost_surrogates.propose import propose_plans
+
+        self.next_at = done + self.every
+        plans = propose_plans(self.space, self.cost, self.rows, completed, self.count, seed=len(completed),
+                              exclude=exclude, metric=self.metric, latency_ceiling=self.latency_ceiling,
+                              kv_bytes=self.kv_per_layer if self.memory_ceiling is not None else None,
+                              kv_ceiling=self.memory_ceiling)
+        log.debug("surrogate proposed %s after %d trials", [str(p) for p in plans], done)
+        return plans
