@@ -123,6 +123,10 @@ def main() -> None:
     for name, by_budget in results.items():
         cells = [f"{by_budget[b]:.4f} ({by_budget[b] / base[b]:.3f}x)" for b in args.budgets]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    best_plain = {b: max(results[m][b] for m in ("random", "nsga2", "tpe")) for b in args.budgets}
+    for name in ("ours (tpe + seeds)", "ours + surrogate"):
+        print(f"{name}: ratio to the best of random/NSGA-II/TPE: "
+              + ", ".join(f"{results[name][b] / best_plain[b]:.3f}x at {b}" for b in args.budgets))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 OFFLINE_TASKS = ("lb_cloze", "lb_passkey", "lb_mqar")
+WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
 
 
 def _validate(cfg) -> None:
@@ -71,6 +72,8 @@ def run_search(cfg) -> Path:
 
     name = study_name(cfg, info, bench.bank.id)
     study = open_study(cfg, name, objectives, sampler)
+    if WORKLOAD_ATTR not in study.user_attrs:  # what `layerboost report` compares a new workload against
+        study.set_user_attr(WORKLOAD_ATTR, OmegaConf.to_container(cfg.workload))
     run_dir = Path(cfg.output_dir) / "runs" / name
     requeued = requeue_abandoned(study)
     if requeued:
@@ -148,24 +151,61 @@ def search_command(cfg) -> None:
 
 @verb("report")
 def report_command(cfg) -> None:
-    """Re-write the report files of an existing study (same overrides as the search)."""
+    """Re-write the report files of an existing study (same overrides as the search). With `study=<name>` and
+    a `workload` other than the study's, also re-solve its front for that workload (nothing re-evaluated)."""
     import optuna
 
     objectives = declare_objectives(cfg.objective, OFFLINE_TASKS)
     bench = open_workbench(cfg, with_bank=True)
     from layerboost_surrogates.cost_model import Workload, cost_model
 
-    cost = cost_model(bench.switcher, bench.info, option_settings(cfg), Workload(**OmegaConf.to_container(cfg.workload)))
     name = study_name(cfg, bench.info, bench.bank.id)
     try:
         study = optuna.load_study(study_name=name, storage=storage_url(cfg, name))
     except KeyError:
-        raise UserError(f"study: no study {name!r} in {storage_url(cfg, name)}; run the search first") from None
+        raise UserError(f"study: no study {name!r} in {storage_url(cfg, name)}; run the search first"
+                        + _other_studies_hint(cfg, name)) from None
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise UserError(f"study: {name!r} has no completed trials yet")
+    asked = OmegaConf.to_container(cfg.workload)
+    searched = study.user_attrs.get(WORKLOAD_ATTR, asked)
+    settings = option_settings(cfg)
+    cost = cost_model(bench.switcher, bench.info, settings, Workload(**searched))
     run_dir = Path(cfg.output_dir) / "runs" / name
-    context = {"model": bench.info, "settings": option_settings(cfg), "bank_id": bench.bank.id,
-               "workload": OmegaConf.to_container(cfg.workload), "study": name, "storage": storage_url(cfg, name),
+    context = {"model": bench.info, "settings": settings, "bank_id": bench.bank.id,
+               "workload": searched, "study": name, "storage": storage_url(cfg, name),
                "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
     print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS))
     print(f"report: {run_dir}")
+    if asked != searched:
+        _resolve_for_workload(cfg, bench, study, objectives, asked, run_dir)
+
+
+def _other_studies_hint(cfg, name: str) -> str:
+    """A hint naming the studies that do exist (a changed workload changes the derived study name)."""
+    if cfg.storage:
+        return ""
+    others = sorted(p.stem for p in (Path(cfg.output_dir) / "studies").glob("*.db") if p.stem != name)
+    return f" (studies in {cfg.output_dir}/studies: {', '.join(others)}; pick one with study=<name>)" if others else ""
+
+
+def _resolve_for_workload(cfg, bench, study, objectives, workload: dict, run_dir: Path) -> None:
+    from layerboost_core.metrics import ProxyEvaluator
+    from layerboost_core.sensitivity import cached_sensitivity
+    from layerboost_surrogates.cost_model import Workload, cost_model
+
+    from .resolve import resolve_front, workload_tag
+
+    started = time.perf_counter()
+    settings = option_settings(cfg)
+    cost = cost_model(bench.switcher, bench.info, settings, Workload(**workload))
+    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)  # only used if the sensitivity cache is gone
+    rows = cached_sensitivity(bench.switcher, proxy, (bench.bank.id, bench.splits.hashes["heldout"]),
+                              progress=bool(cfg.progress))
+    space = SearchSpace.from_config(cfg.space, bench.switcher.num_layers)
+    out_dir = run_dir / "workloads" / workload_tag(workload)
+    table = resolve_front(study, objectives, space, cost, rows, bench.model.config, settings,
+                          bench.model.dtype.itemsize, workload, out_dir, cfg.objective.latency_ceiling,
+                          cfg.objective.memory_ceiling)
+    print(f"\nfront re-solved for workload {workload} ({time.perf_counter() - started:.1f} s, "
+          f"nothing re-evaluated):\n{table}\nwritten to {out_dir}")

@@ -361,3 +361,33 @@ def test_surrogate_proposals_are_enqueued_and_evaluated(tmp_path):
     assert labels.count("surrogate") >= 2, labels
     seeds = [i for i, label in enumerate(labels) if label not in ("sampled", "surrogate")]
     assert min(i for i, label in enumerate(labels) if label == "surrogate") > max(seeds)  # after the seed queue
+
+
+@pytest.mark.timeout(300)
+def test_report_resolves_the_front_for_another_workload_without_new_evaluations(tmp_path):
+    output_dir = tmp_path / "outputs"
+    output_dir.mkdir()
+    run_search(output_dir, "budget=12", "runner=serial")
+    name, storage = the_study(output_dir)
+    before = len(optuna.load_study(study_name=name, storage=storage).trials)
+
+    command = [sys.executable, "-m", "layerboost_core", "report", *TINY, f"output_dir={output_dir}",
+               "workload.prefill=256", "workload.batch=2"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=240)
+    assert refused.returncode == 2 and f"pick one with study=<name>" in refused.stderr and name in refused.stderr
+
+    result = subprocess.run([*command, f"study={name}"], capture_output=True, text=True, env=env(), cwd=tmp_path,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out_dir = output_dir / "runs" / name / "workloads" / "prefill256-decode0-batch2"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["pareto.csv", "pareto.html", "predicted_front.csv",
+                                                          "trials.csv"]
+    with open(out_dir / "trials.csv") as f:
+        repriced = list(csv.DictReader(f))
+    assert len(repriced) == 12
+    # Same plans, same quality, new latencies: the cost model was measured at the new workload.
+    assert any(abs(float(r["latency_s"]) - float(r["study_latency_s"])) > 1e-9 for r in repriced)
+    with open(out_dir / "predicted_front.csv") as f:
+        predicted = list(csv.DictReader(f))
+    assert predicted and all(len(r["plan"]) == 4 for r in predicted)
+    assert len(optuna.load_study(study_name=name, storage=storage).trials) == before  # nothing evaluated
