@@ -2,8 +2,11 @@
 
 Layers of one model have identical shapes, so a plan's forward time is additive in its options:
     T(plan) = T(all none) + sum_layers (t[option] - t[none]),  t[o] = (T(all o) - T(all none)) / n_layers
-The three uniform plans are timed round-robin (median of `repeats`), cached per device, model, option
-settings and workload, with the settings stored beside the numbers. KV bytes are exact from the plan.
+A request is a prefill of `prefill` tokens followed by `decode` cached single-token steps (the hybrid cache:
+softmax layers keep all keys and values, linear layers a window plus a constant state, none nothing), so the
+uniform plans' times include the decode steps when `decode > 0`. The three uniform plans are timed
+round-robin (median of `repeats`), cached per device, model, option settings and workload, with the
+settings stored beside the numbers. KV bytes are exact from the plan.
 """
 from __future__ import annotations
 
@@ -38,8 +41,6 @@ class Workload:
                 raise UserError(f"workload.{name}: {getattr(self, name)} must be >= 1")
         if self.decode < 0:
             raise UserError(f"workload.decode: {self.decode} must be >= 0")
-        if self.decode:
-            raise UserError("workload.decode: decode latency is not modelled yet; use workload.decode=0")
 
     @property
     def context(self) -> int:
@@ -91,8 +92,23 @@ def device_name(device: torch.device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
+def run_request(model, ids: torch.Tensor, decode: int) -> None:
+    """One request: the prefill, then `decode` cached steps (greedy; the token does not change the cost)."""
+    if not decode:
+        model.model(input_ids=ids, use_cache=False)
+        return
+    from layerboost_core.cache import HybridCache
+
+    cache = HybridCache(model)
+    out = model.model(input_ids=ids, cache=cache, use_cache=True)
+    token = ids[:, -1:]
+    for _ in range(decode):
+        out = model.model(input_ids=token, cache=cache, use_cache=True)
+    del out
+
+
 def measure_uniform(switcher, workload: Workload, options, device) -> dict[str, float]:
-    """Median forward time of each all-`option` plan at the workload, timed round-robin."""
+    """Median time of one request (prefill + decode steps) under each all-`option` plan, timed round-robin."""
     ids = torch.randint(0, switcher.model.config.vocab_size, (workload.batch, workload.prefill), device=device)
     times = {o: [] for o in options}
     with torch.inference_mode():
@@ -102,7 +118,7 @@ def measure_uniform(switcher, workload: Workload, options, device) -> dict[str, 
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                switcher.model.model(input_ids=ids, use_cache=False)
+                run_request(switcher.model, ids, workload.decode)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if round_index:
