@@ -264,16 +264,21 @@ def write_html(rows: list[dict], path: Path, title: str) -> None:
 
 def run_bench(cfg) -> Path:
     """`layerboost bench plan=...`: the plan beside all-softmax; table on stdout, bench.csv + bench.html."""
+    from .hybrid_folder import hybrid_workbench, plan_is_folder
     from .plan import load_plan
     from .workbench import attach_bank, open_workbench
 
     if not cfg.plan:
-        raise UserError("plan: missing; pass plan=<plan.json> or plan=<compact string such as SLSL...>")
+        raise UserError("plan: missing; pass plan=<plan.json>, plan=<compact string such as SLSL...> "
+                        "or plan=<hybrid folder from layerboost heal>")
     settings = BenchSettings.from_config(cfg.bench, int(cfg.seed))
-    bench = open_workbench(cfg, with_bank=False)
-    plan = load_plan(str(cfg.plan), bench.info)
-    if bool(cfg.bench.bank):  # speed does not depend on the bank's weights; only for outputs that look right
-        attach_bank(bench)
+    if plan_is_folder(cfg.plan):  # a healed hybrid: its own weights and plan; all-softmax is its base
+        bench, plan = hybrid_workbench(cfg, cfg.plan, with_splits=False)
+    else:
+        bench = open_workbench(cfg, with_bank=False)
+        plan = load_plan(str(cfg.plan), bench.info)
+        if bool(cfg.bench.bank):  # speed does not depend on the bank's weights; only for outputs that look right
+            attach_bank(bench)
     n = bench.switcher.num_layers
     plans = {BASELINE: LayerPlan.uniform("softmax", n)}
     if plan != plans[BASELINE]:

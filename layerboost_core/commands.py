@@ -61,14 +61,22 @@ def eval_command(cfg) -> None:
     from .cache_dir import write_json
     from .errors import UserError
     from .metrics import PROXY_METRICS, ProxyEvaluator
+    from .hybrid_folder import hybrid_workbench, original_reference, plan_is_folder
     from .plan import load_plan
 
     if not cfg.plan:
-        raise UserError("plan: missing; pass plan=<plan.json> or plan=<compact string such as SSLN...>")
-    bench = open_workbench(cfg, with_bank=False)
-    plan = load_plan(str(cfg.plan), bench.info)  # refuse a foreign plan before any training
-    attach_bank(bench)
-    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
+        raise UserError("plan: missing; pass plan=<plan.json>, plan=<compact string such as SSLN...> "
+                        "or plan=<hybrid folder from layerboost heal>")
+    if plan_is_folder(cfg.plan):  # a healed hybrid: its own weights, scored against the original model
+        bench, plan = hybrid_workbench(cfg, cfg.plan)
+        proxy = original_reference(cfg, bench, bench.splits.heldout)
+        bank_id, label = bench.info["bank_id"], f"{plan.id}-healed"
+    else:
+        bench = open_workbench(cfg, with_bank=False)
+        plan = load_plan(str(cfg.plan), bench.info)  # refuse a foreign plan before any training
+        attach_bank(bench)
+        proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
+        bank_id, label = bench.bank.id, plan.id
     bench.switcher.apply(plan)
     started = time.perf_counter()
     metrics = {name: {"value": value, "fidelity": "proxy", "direction": PROXY_METRICS.get(name).direction}
@@ -87,9 +95,10 @@ def eval_command(cfg) -> None:
         metrics.update({f"lm_eval:{task}": {"value": value, "fidelity": "lm-eval", "direction": "maximize"}
                         for task, value in scores.items()})
     bench.switcher.restore()
-    record = plan.to_json(model=bench.info, settings=dict(cfg.attention), bank_id=bench.bank.id, metrics=metrics,
+    settings = bench.switcher.settings if bench.bank is None else dict(cfg.attention)
+    record = plan.to_json(model=bench.info, settings=settings, bank_id=bank_id, metrics=metrics,
                           origin={"evaluated_by": "layerboost eval", "source": str(cfg.plan)})
-    out = Path(cfg.output_dir) / "eval" / f"{plan.id}.json"
+    out = Path(cfg.output_dir) / "eval" / f"{label}.json"
     write_json(out, json.loads(json.dumps(record, default=str)))
     print(f"plan {plan} (id {plan.id}): " + ", ".join(f"{o} x{plan.count(o)}" for o in sorted(set(plan.layers))))
     for name, m in metrics.items():
@@ -103,3 +112,11 @@ def bench_command(cfg) -> None:
     from .bench import run_bench
 
     run_bench(cfg)
+
+
+@verb("heal")
+def heal_command(cfg) -> None:
+    """Distil `plan=` from the original model and save a hybrid model folder (<output_dir>/healed/<plan id>/)."""
+    from .heal import run_heal
+
+    run_heal(cfg)

@@ -133,9 +133,15 @@ def _score_front_with_lm_eval(cfg, study, runner) -> None:
         front = [front[round(i * step)] for i in range(top_k)]
     scored = lm_eval_scores(study)
     todo = [t for t in front if t.number not in scored]
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    log.info("lm-eval: scoring %d front candidate(s) on %s (%s examples each)", len(todo), ", ".join(tasks),
+             cfg.eval.limit or cfg.eval.n_examples)
     for trial in todo:
         runner.submit(trial.number, "lm_eval", trial.user_attrs[PLAN_ATTR])
-    for _ in todo:
+    for _ in tqdm(todo, desc="lm-eval", unit="plan", disable=not bool(cfg.progress)):
         number, result = runner.next_result()
         if "error" in result:
             log.warning("lm-eval of trial %d failed: %s", number, result["error"])

@@ -131,7 +131,15 @@ def _windows(padded: torch.Tensor, c: int) -> torch.Tensor:
 def _masks(n: int, c: int, g: int, sinks: int, device, dtype):
     """Per (chunk, row, key): the additive bias (0 / -inf) of the softmax set, over [prev chunk | this chunk
     | sinks] columns; the 0/1 multiplier of the linear part inside the previous chunk (keys at least W
-    behind); and the (n, n) 0/1 matrix summing, for chunk c, the per-chunk states of chunks 0 .. c-2."""
+    behind); and the (n, n) 0/1 matrix summing, for chunk c, the per-chunk states of chunks 0 .. c-2.
+
+    Built outside inference mode: the cache is shared by evaluation and training, and an inference tensor
+    cannot be saved for backward."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _build_masks(n, c, g, sinks, device, dtype)
+
+
+def _build_masks(n: int, c: int, g: int, sinks: int, device, dtype):
     i = torch.arange(c, device=device).view(c, 1)
     t = torch.arange(2 * c, device=device).view(1, 2 * c)
     chunk = torch.arange(n, device=device)

@@ -183,3 +183,21 @@ def test_sinks_change_the_output_once_they_leave_the_window():
     with_sinks = chunked_prefill(*inputs, 4, SCALE, 2)
     assert torch.allclose(plain[:, :, :4], with_sinks[:, :, :4], rtol=0, atol=1e-6)  # sinks still in window
     assert (plain[:, :, 4:] - with_sinks[:, :, 4:]).abs().max().item() > 1e-3
+
+
+def test_masks_built_under_inference_mode_still_serve_training():
+    """The kernel's mask cache is shared: an evaluation under inference mode must not poison training."""
+    from layerboost_core.attention import linear_kernels
+
+    linear_kernels._masks.cache_clear()
+    g = torch.Generator().manual_seed(7)
+    b, h, s, d, f = 1, 2, 24, 8, 6
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(3))
+    fq, fk = (torch.rand(b, h, s, f, generator=g) for _ in range(2))
+    gate = torch.full((h,), 0.5)
+    with torch.inference_mode():
+        linear_kernels.chunked_prefill(q, k, v, fq, fk, gate, window=4, scale=d ** -0.5, sinks=2)
+    fq.requires_grad_(True)
+    out = linear_kernels.chunked_prefill(q, k, v, fq, fk, gate, window=4, scale=d ** -0.5, sinks=2)
+    out.sum().backward()
+    assert fq.grad is not None and torch.isfinite(fq.grad).all()
