@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from layerboost_core.cache_dir import cache_root, content_hash
+from layerboost_core.cache_dir import cache_root
 from layerboost_core.cli import compose, quiet_libraries
 from layerboost_core.heal import format_curve, run_heal
 from layerboost_core.plan import LayerPlan, load_plan
+from layerboost_core.sensitivity import sensitivity_key
 from layerboost_core.workbench import open_workbench
 
 TARGET = 0.30
@@ -29,7 +30,7 @@ TARGET = 0.30
 
 def cached_sensitivity(bench) -> list[dict] | None:
     """The sensitivity rows `layerboost sensitivity` cached for this bank and held-out set, if any."""
-    key = content_hash("sensitivity/v1", bench.bank.id, bench.splits.hashes["heldout"], ["linear", "none"])
+    key = sensitivity_key((bench.bank.id, bench.splits.hashes["heldout"]))
     path = cache_root() / "sensitivity" / f"{key}.json"
     return json.loads(path.read_text())["rows"] if path.exists() else None
 

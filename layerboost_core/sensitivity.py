@@ -13,7 +13,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .cache_dir import atomic_path, cache_root, content_hash
-from .metrics import ProxyEvaluator
+from .metrics import METRICS_VERSION, ProxyEvaluator
 from .patch import PlanSwitcher
 from .plan import LayerPlan
 
@@ -63,9 +63,14 @@ def write_sensitivity_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def sensitivity_key(key_parts: tuple, options=("linear", "none")) -> str:
+    """Cache key of a sensitivity table: what it was scored on (bank, held-out set) and how (metrics version)."""
+    return content_hash("sensitivity", METRICS_VERSION, *key_parts, list(options))
+
+
 def cached_sensitivity_rows(key_parts: tuple, num_layers: int, score_plans, options=("linear", "none")) -> list[dict]:
     """Sensitivity rows computed by `score_plans({key: plan}) -> {key: result}` (e.g. a runner pool), cached."""
-    key = content_hash("sensitivity/v1", *key_parts, list(options))
+    key = sensitivity_key(key_parts, options)
     path = cache_root() / "sensitivity" / f"{key}.json"
     if path.exists():
         try:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from layerboost_core.cache_dir import content_hash
 from layerboost_core.errors import UserError
+from layerboost_core.metrics import METRICS_VERSION
 from layerboost_core.plan import LayerPlan
 
 from .objectives import declare_objectives
@@ -54,7 +55,7 @@ def _safe(name: str) -> str:
 def study_name(cfg, info: dict, bank_id: str) -> str:
     if cfg.study:
         return _safe(str(cfg.study))
-    key = content_hash(info["fingerprint"], bank_id, OmegaConf.to_container(cfg.space), OmegaConf.to_container(cfg.objective),
+    key = content_hash(METRICS_VERSION, info["fingerprint"], bank_id, OmegaConf.to_container(cfg.space), OmegaConf.to_container(cfg.objective),
                        OmegaConf.to_container(cfg.workload), OmegaConf.to_container(cfg.data), str(cfg.sampler._target_))
     return _safe(f"{info['name']}-{key[:10]}")
 
