@@ -1,6 +1,6 @@
 """Proxy metrics and offline lm-eval tasks on SmolLM2.
 
-    python benchmarks/bench_proxy.py [--plans 20] [--repeats 3] [overrides...]
+    python benchmarks/bench_proxy.py [--plans 20] [--repeats 3] [--overhead-only] [overrides...]
 
 Prints: proxy evaluation overhead (time to evaluate one plan / a bare forward over the same held-out
 tokens, medians, measured alternately); the offline tasks' accuracy for all-softmax, all-linear, all-none;
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plans", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--overhead-only", action="store_true", help="stop after the overhead measurement")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     quiet_libraries()
@@ -58,6 +59,8 @@ def main() -> None:
     b, e = statistics.median(bare[1:]), statistics.median(evaluated[1:])
     print(f"proxy overhead: evaluate {e:.3f} s / bare forward {b:.3f} s = {e / b:.3f} "
           f"({heldout.shape[0]} x {heldout.shape[1] - 1} tokens, median of {args.repeats})")
+    if args.overhead_only:
+        return
 
     e_cfg = cfg.eval
     tasks = list(e_cfg.tasks)
