@@ -64,7 +64,9 @@ class _Reference:
     nll: torch.Tensor  # (B, S-1)
 
 
-POSITIONS_PER_PASS = 128  # bounds the (B, positions, V) temporaries of the KL sum
+# Positions per elementwise pass: small enough that a chunk's (B, positions, V) temporaries stay in cache.
+# 16 measured 2.4x faster than 128 on SmolLM2's 49k vocabulary (the passes are memory-bound).
+POSITIONS_PER_PASS = 16
 
 
 def _log_softmax_parts(logits: torch.Tensor):
@@ -76,22 +78,24 @@ def _log_softmax_parts(logits: torch.Tensor):
 
 def reference_of(logits: torch.Tensor, targets: torch.Tensor) -> _Reference:
     """The cached view of the original model's `logits` (B, S-1, V) on one batch."""
-    probs, neg_entropy, nll = torch.empty(logits.shape, device=logits.device), [], []
+    probs, neg_entropy, nll, argmax = torch.empty(logits.shape, device=logits.device), [], [], []
     for part, log_p in _log_softmax_parts(logits):
         probs[:, part] = log_p.exp()
-        neg_entropy.append((probs[:, part] * log_p).sum(-1))  # the same reduction token_stats uses
+        neg_entropy.append((probs[:, part] * log_p).sum(-1))  # the same reductions token_stats uses
         nll.append(-log_p.gather(-1, targets[:, part].unsqueeze(-1)).squeeze(-1))
-    return _Reference(probs=probs, neg_entropy=torch.cat(neg_entropy, 1), argmax=logits.argmax(dim=-1),
+        argmax.append(log_p.argmax(dim=-1))
+    return _Reference(probs=probs, neg_entropy=torch.cat(neg_entropy, 1), argmax=torch.cat(argmax, 1),
                       nll=torch.cat(nll, 1))
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, reference: _Reference) -> TokenStats:
     """Per-token stats of student `logits` (B, S-1, V) against the cached original distribution."""
-    kl, nll = [], []
+    kl, nll, argmax = [], [], []
     for part, log_q in _log_softmax_parts(logits):
         kl.append(reference.neg_entropy[:, part] - (reference.probs[:, part] * log_q).sum(-1))
         nll.append(-log_q.gather(-1, targets[:, part].unsqueeze(-1)).squeeze(-1))
-    agree = (logits.argmax(dim=-1) == reference.argmax).float()
+        argmax.append(log_q.argmax(dim=-1))  # same argmax as the logits; the chunk is still in cache
+    agree = (torch.cat(argmax, 1) == reference.argmax).float()
     return TokenStats(kl=torch.cat(kl, 1), nll=torch.cat(nll, 1), nll_original=reference.nll, agree=agree)
 
 
