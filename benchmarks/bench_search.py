@@ -12,7 +12,9 @@ plan. Prints the hypervolume table and ratios to the heuristic.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import optuna
 from omegaconf import OmegaConf
@@ -32,18 +34,32 @@ from layerboost_surrogates.cost_model import Workload, cost_model
 
 
 class CachedEvaluator:
-    """A runner (capacity 1) that evaluates in this process and remembers every plan's metrics."""
+    """A runner (capacity 1) that evaluates in this process and remembers every plan's metrics, optionally
+    in a JSON file keyed by what the numbers depend on (bank, held-out data, metrics version), so a rerun
+    with other budgets or methods only evaluates plans it has not seen."""
 
     capacity = 1
 
-    def __init__(self, bench, proxy):
+    def __init__(self, bench, proxy, cache_file: Path | None = None, key: str = ""):
         self.bench, self.proxy, self.cache, self.queue = bench, proxy, {}, []
+        self.cache_file, self.key = cache_file, key
+        if cache_file is not None and cache_file.exists():
+            stored = json.loads(cache_file.read_text())
+            if stored.get("key") == key:
+                self.cache = stored["metrics"]
+        self.loaded = len(self.cache)
 
     def metrics(self, plan_text: str) -> dict:
         if plan_text not in self.cache:
             self.bench.switcher.apply(LayerPlan.from_string(plan_text))
             self.cache[plan_text] = self.proxy.evaluate()
         return self.cache[plan_text]
+
+    def save(self) -> None:
+        if self.cache_file is not None:
+            tmp = self.cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": self.key, "metrics": self.cache}))
+            tmp.replace(self.cache_file)
 
     def submit(self, key, method, plan_text):
         self.queue.append((key, plan_text))
@@ -62,6 +78,8 @@ def main() -> None:
                         help="comma-separated, e.g. 30,60,120")
     parser.add_argument("--max-kl", type=float, default=1.0,
                         help="KL of the reference point: plans worse than this count for nothing (all-none: ~8)")
+    parser.add_argument("--cache-file", type=Path, default=None,
+                        help="JSON file of evaluated plans' metrics, reused by later runs with the same bank and data")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     quiet_libraries()
@@ -74,7 +92,12 @@ def main() -> None:
     cost = cost_model(bench.switcher, bench.info, option_settings(cfg), Workload(**OmegaConf.to_container(cfg.workload)))
     space = SearchSpace.from_config(cfg.space, n)
     objectives = declare_objectives(cfg.objective)
-    runner = CachedEvaluator(bench, proxy)
+    from layerboost_core.metrics import METRICS_VERSION
+
+    runner = CachedEvaluator(bench, proxy, args.cache_file,
+                             f"{bench.bank.id}/{bench.splits.hashes['heldout']}/metrics-v{METRICS_VERSION}")
+    if runner.loaded:
+        print(f"{runner.loaded} plans' metrics reused from {args.cache_file}")
     context = {"model_config": bench.model.config, "option_settings": option_settings(cfg),
                "bytes_per_value": bench.model.dtype.itemsize}
     top = max(args.budgets)
@@ -93,6 +116,7 @@ def main() -> None:
         plans = [p for _, p in heuristic_sweep(rows, n, budget)]
         results.setdefault("paper heuristic", {})[budget] = hypervolume_2d(points_of(plans), reference)
     print(f"heuristic done ({time.perf_counter() - started:.0f} s, {len(runner.cache)} plans evaluated so far)")
+    runner.save()
 
     methods = {
         "random": (optuna.samplers.RandomSampler(seed=0), False),
@@ -105,7 +129,7 @@ def main() -> None:
     for name, (sampler, seeded) in methods.items():
         study = optuna.create_study(directions=[o.direction for o in objectives], sampler=sampler)
         if seeded:
-            enqueue_seeds(study, space, seed_plans(rows, n))
+            enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
         feed = (make_surrogate_feed(surrogate_cfg, space, cost, rows, objectives, context)
                 if name == "ours + surrogate" else None)
         run = SearchRun(cfg, space, objectives, study, cost, runner, context, feed)
@@ -115,6 +139,7 @@ def main() -> None:
             first = done[:budget]
             results.setdefault(name, {})[budget] = hypervolume_2d([(t.values[1], t.values[0]) for t in first], reference)
         print(f"{name} done ({time.perf_counter() - started:.0f} s, {len(runner.cache)} distinct plans evaluated)")
+        runner.save()
 
     base = results["paper heuristic"]
     print("\nhypervolume (KL vs predicted latency) and ratio to the paper heuristic")

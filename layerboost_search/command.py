@@ -88,7 +88,7 @@ def run_search(cfg) -> Path:
             lambda jobs: _scores_by_runner(runner, jobs, bool(cfg.progress)))
         write_sensitivity_csv(rows, run_dir / "sensitivity.csv")
         log.info("sensitivity table ready (%.0f s)", time.perf_counter() - started)
-        seeded = enqueue_seeds(study, space, seed_plans(rows, n))
+        seeded = enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
         if seeded:
             log.info("enqueued %d seed plans", seeded)
         context_for_plan = {"model_config": bench.model.config, "option_settings": option_settings(cfg),

@@ -9,6 +9,9 @@ counts are constraints; latency and KV bytes are additive per layer, as in the c
 from __future__ import annotations
 
 import math
+import os
+import sys
+from contextlib import contextmanager
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -23,6 +26,22 @@ def kv_per_layer(options, model_config, settings: dict, context: int, bytes_per_
     """KV bytes one layer of each option keeps for one sequence (the cost model's KV bytes are per layer)."""
     return {o: float(kv_bytes_per_sequence(LayerPlan((o,)), model_config, settings, context, bytes_per_value))
             for o in options}
+
+
+@contextmanager
+def _native_stdout_silenced():
+    """HiGHS (inside scipy 1.17) prints debugging lines from C++ straight to file descriptor 1 on some
+    30-layer problems; they would break the search's progress display. Python-level output is unaffected
+    outside this block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class FrontSolver:
@@ -125,7 +144,8 @@ class FrontSolver:
             if self.kv is None:
                 raise ValueError("solver: a KV budget needs kv_bytes")
             constraints.append(self._budget_row(self.kv, kv_budget))
-        result = milp(objective, constraints=constraints, integrality=self.integrality, bounds=self.bounds)
+        with _native_stdout_silenced():
+            result = milp(objective, constraints=constraints, integrality=self.integrality, bounds=self.bounds)
         if result.x is None:  # infeasible (status 2) or no solution found
             return None
         width = len(self.options)

@@ -253,3 +253,35 @@ def test_enqueue_seeds_drops_seeds_outside_the_space_and_projects_the_rest():
         assert space.violation(plan) is None, plan
         plans.append(str(plan))
     assert len(plans) == count == len(set(plans))
+
+
+def test_additive_front_seeds_are_the_exact_additive_optimum_at_their_latency():
+    from itertools import product
+
+    from layerboost_search.seeds import additive_front_plans
+    from layerboost_surrogates.cost_model import AdditiveCostModel
+
+    cost = AdditiveCostModel(base_seconds=1.0, per_layer_seconds={"softmax": 0.3, "linear": 0.1, "none": 0.0},
+                             uniform_seconds={}, workload={}, device="cpu", settings={"num_layers": 6})
+    space = space_of(num_layers=6)
+    score = {(r["layer"], r["option"]): r["kl"] for r in rows()}
+    seeds = additive_front_plans(rows(), space, cost, count=5)
+    assert 2 <= len(seeds) <= 5 and all(label.startswith("additive-front(") for label, _ in seeds)
+    everything = [LayerPlan(names) for names in product(ALL, repeat=6)]
+    summed = {str(p): sum(score[(i, o)] for i, o in enumerate(p.layers) if o != "softmax") for p in everything}
+    for _, plan in seeds:
+        latency = cost.latency(plan)
+        best = min(summed[str(p)] for p in everything if cost.latency(p) <= latency + 1e-9)
+        assert summed[str(plan)] == pytest.approx(best), plan
+    assert "SSSSSS" not in [str(p) for _, p in seeds]  # all-softmax is its own seed
+
+
+def test_seed_plans_put_the_additive_front_before_the_heuristic():
+    from layerboost_surrogates.cost_model import AdditiveCostModel
+
+    cost = AdditiveCostModel(base_seconds=1.0, per_layer_seconds={"softmax": 0.3, "linear": 0.1, "none": 0.0},
+                             uniform_seconds={}, workload={}, device="cpu", settings={"num_layers": 6})
+    labels = [label for label, _ in seed_plans(rows(), 6, space=space_of(num_layers=6), cost=cost, front_count=3)]
+    first_front = next(i for i, l in enumerate(labels) if l.startswith("additive-front"))
+    first_heuristic = next(i for i, l in enumerate(labels) if l.startswith("heuristic"))
+    assert labels[0] == "all-softmax" and first_front < first_heuristic
