@@ -26,6 +26,7 @@ class SurrogateFeed:
         self.latency_ceiling = objective_cfg.latency_ceiling
         self.memory_ceiling = objective_cfg.memory_ceiling
         self.kv_per_layer = kv_per_layer
+        self.max_loss = settings.get("max_loss")
 
     @classmethod
     def maybe(cls, settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer=None):
@@ -48,6 +49,7 @@ class SurrogateFeed:
         plans = propose_plans(self.space, self.cost, self.rows, completed, self.count, seed=len(completed),
                               exclude=exclude, metric=self.metric, latency_ceiling=self.latency_ceiling,
                               kv_bytes=self.kv_per_layer if self.memory_ceiling is not None else None,
-                              kv_ceiling=self.memory_ceiling)
+                              kv_ceiling=self.memory_ceiling,
+                              max_loss=None if self.max_loss is None else float(self.max_loss))
         log.debug("surrogate proposed %s after %d trials", [str(p) for p in plans], done)
         return plans

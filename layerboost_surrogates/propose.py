@@ -27,7 +27,7 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
                   *, exclude: Iterable[str] = (), metric: str = "kl", pairs: str = "adjacent",
                   latency_ceiling: float | None = None, kv_bytes: dict[str, float] | None = None,
                   kv_ceiling: float | None = None, explore_fraction: float = 0.25, min_trials: int = 8,
-                  max_draws: int | None = None) -> list[LayerPlan]:
+                  max_draws: int | None = None, max_loss: float | None = None) -> list[LayerPlan]:
     """Up to `n` distinct plans of `space`, none in `completed` or `exclude` (plan strings).
 
     `sensitivity`: rows of sensitivity.csv, {(layer, option): score} or a SensitivityTable, of `metric` --
@@ -37,6 +37,9 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     Fewer than `n` plans come back when the space has run out of unseen plans the surrogate would pick.
     `pairs` is 'adjacent' or 'none': with 'all', a 30-layer model gives the solver thousands of pair variables
     and a single solve takes minutes (use 'all' for offline accuracy studies only).
+    `max_loss`: only propose where the predicted loss is at most this. The fast end of the front (most
+    attention removed, KL of several nats on SmolLM2) is otherwise where a spread over latency puts most
+    proposals, and no one ships those plans.
     """
     if pairs not in ("adjacent", "none"):
         raise ValueError(f"pairs: {pairs!r}; propose_plans allows adjacent or none (all pairs are too slow to solve)")
@@ -53,7 +56,8 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
             out.append(plan)
 
     solver = FrontSolver(space, cost_model, predictor.terms(), kv_bytes)
-    front = [p for p, _, _ in solver.predicted_front(max(8, 2 * n), kv_ceiling, latency_ceiling, known)]
+    front = [p for p, quality, _ in solver.predicted_front(max(16, 4 * n), kv_ceiling, latency_ceiling, known)
+             if max_loss is None or quality <= max_loss]
     exploit = n - int(round(explore_fraction * n)) if completed else n
     if front and exploit > 0:  # spread over the front of unseen plans, both ends included
         step = (len(front) - 1) / max(1, exploit - 1)
@@ -63,6 +67,8 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     if fastest is None or best is None:
         return out
     low, high = cost_model.latency(fastest), cost_model.latency(best)
+    if max_loss is not None and front:  # draws only where the mean front is within the loss bound
+        low = cost_model.latency(front[0])
     for _ in range(max_draws if max_draws is not None else 2 * n):
         if len(out) >= n:
             break

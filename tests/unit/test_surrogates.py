@@ -217,6 +217,18 @@ def test_propose_plans_keeps_proposing_once_the_predicted_front_is_evaluated():
     assert len(plans) == 4 and not {str(p) for p in plans} & {str(p) for p, _ in completed}
 
 
+def test_propose_plans_with_max_loss_stays_on_the_bounded_part_of_the_front():
+    space, table = SPACES["free"], random_table(19)
+    predictor = AdditivePredictor(table)  # before any trial, proposals are the additive front
+    cap = 0.5  # all-none is predicted far above it (8 layers x 0.04-0.8)
+    assert float(table.prior([LayerPlan.uniform("none", L)])[0]) > 2 * cap
+    plans = propose_plans(space, COST, table, [], 5, seed=0, max_loss=cap)
+    assert len(plans) == 5
+    assert all(predictor.terms().value(p) <= cap + 1e-9 for p in plans), [str(p) for p in plans]
+    unbounded = propose_plans(space, COST, table, [], 5, seed=0)
+    assert any(predictor.terms().value(p) > cap for p in unbounded)  # the bound is what kept them out
+
+
 def test_plan_of_params_restores_pinned_layers():
     space = SPACES["constrained"]
     plan = LayerPlan(("softmax", "linear", "linear", "none", "softmax", "none", "softmax", "linear"))
