@@ -20,7 +20,7 @@ import optuna
 from omegaconf import OmegaConf
 
 from layerboost_core.cli import compose, quiet_libraries
-from layerboost_core.metrics import ProxyEvaluator
+from layerboost_core.metrics import METRICS_VERSION, ProxyEvaluator
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity
 from layerboost_core.workbench import open_workbench, option_settings
@@ -92,8 +92,6 @@ def main() -> None:
     cost = cost_model(bench.switcher, bench.info, option_settings(cfg), Workload(**OmegaConf.to_container(cfg.workload)))
     space = SearchSpace.from_config(cfg.space, n)
     objectives = declare_objectives(cfg.objective)
-    from layerboost_core.metrics import METRICS_VERSION
-
     runner = CachedEvaluator(bench, proxy, args.cache_file,
                              f"{bench.bank.id}/{bench.splits.hashes['heldout']}/metrics-v{METRICS_VERSION}")
     if runner.loaded:

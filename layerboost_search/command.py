@@ -34,6 +34,20 @@ def _validate(cfg) -> None:
         raise UserError(f"budget: {cfg.budget} must be a positive number of evaluations")
     if int(cfg.runner.num_workers) < 1:
         raise UserError(f"runner.num_workers: {cfg.runner.num_workers} must be >= 1")
+    _validate_surrogate(cfg.get("surrogate"))
+
+
+def _validate_surrogate(settings) -> None:
+    """Checked before anything is written: the feed first reads these settings after the sensitivity table."""
+    if settings is None or not bool(settings.enabled):
+        return
+    for field, least in (("start_after", 0), ("every", 1), ("count", 1)):
+        value = settings.get(field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"surrogate.{field}: {value!r} must be an integer >= {least}")
+    max_loss = settings.get("max_loss")
+    if max_loss is not None and (isinstance(max_loss, bool) or not isinstance(max_loss, (int, float)) or not max_loss > 0):
+        raise UserError(f"surrogate.max_loss: {max_loss!r} must be a positive number (nats/token of the proxy) or null")
 
 
 def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:

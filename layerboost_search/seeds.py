@@ -11,6 +11,8 @@ what each option saves in time; the solver does not, so these plans come first.
 """
 from __future__ import annotations
 
+import math
+
 from layerboost_core.plan import LayerPlan
 
 
@@ -30,8 +32,6 @@ def heuristic_plan(rows: list[dict], num_layers: int, n_none: int, n_linear: int
 
 def heuristic_sweep(rows: list[dict], num_layers: int, count: int, metric: str = "kl") -> list[tuple[str, LayerPlan]]:
     """About `count` distinct heuristic plans from a grid of (n_none, n_linear) thresholds."""
-    import math
-
     side = max(2, math.ceil(math.sqrt(2 * count)))
     plans: dict[str, tuple[str, LayerPlan]] = {}
     grid = sorted({round(k * num_layers / (side - 1)) for k in range(side)})
@@ -59,8 +59,6 @@ def additive_front_plans(rows: list[dict], space, cost, count: int, metric: str 
     loss at most `max_loss`, spread evenly in log(predicted loss): loss matters on a log scale (0.01 vs 0.1
     nats is as different as 0.1 vs 1), and an even spread in latency would spend most seeds on plans too
     damaged to ship. (On SmolLM2 the prediction is close where it matters: 0.087 -> 0.109, 0.037 -> 0.041.)"""
-    import math
-
     from layerboost_surrogates.accuracy import AdditivePredictor, SensitivityTable
     from layerboost_surrogates.solver import FrontSolver
 

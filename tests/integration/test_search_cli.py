@@ -294,6 +294,8 @@ BAD_INPUT = {
     "+space.min_count={softmax:3,linear:3}": ["space.min_count:", "needs 6 layers", "the model has 4"],
     "storage=sqlite:////nonexistent/dir/x.db": ["storage:", "sqlite:////nonexistent/dir/x.db"],
     "objective.latency_ceiling=1e-9": ["objective.latency_ceiling:", "cannot be met"],
+    "surrogate.max_loss=-1": ["surrogate.max_loss: -1", "positive number"],
+    "surrogate.every=0": ["surrogate.every: 0", "integer >= 1"],
 }
 
 

@@ -255,14 +255,20 @@ def test_enqueue_seeds_drops_seeds_outside_the_space_and_projects_the_rest():
     assert len(plans) == count == len(set(plans))
 
 
+def toy_cost():
+    """Latency of a 6-layer plan: 1 s fixed, 0.3 s per softmax layer, 0.1 s per linear layer."""
+    from layerboost_surrogates.cost_model import AdditiveCostModel
+
+    return AdditiveCostModel(base_seconds=1.0, per_layer_seconds={"softmax": 0.3, "linear": 0.1, "none": 0.0},
+                             uniform_seconds={}, workload={}, device="cpu", settings={"num_layers": 6})
+
+
 def test_additive_front_seeds_are_the_exact_additive_optimum_at_their_latency():
     from itertools import product
 
     from layerboost_search.seeds import additive_front_plans
-    from layerboost_surrogates.cost_model import AdditiveCostModel
 
-    cost = AdditiveCostModel(base_seconds=1.0, per_layer_seconds={"softmax": 0.3, "linear": 0.1, "none": 0.0},
-                             uniform_seconds={}, workload={}, device="cpu", settings={"num_layers": 6})
+    cost = toy_cost()
     space = space_of(num_layers=6)
     score = {(r["layer"], r["option"]): r["kl"] for r in rows()}
     seeds = additive_front_plans(rows(), space, cost, count=5)
@@ -277,11 +283,26 @@ def test_additive_front_seeds_are_the_exact_additive_optimum_at_their_latency():
 
 
 def test_seed_plans_put_the_additive_front_before_the_heuristic():
-    from layerboost_surrogates.cost_model import AdditiveCostModel
-
-    cost = AdditiveCostModel(base_seconds=1.0, per_layer_seconds={"softmax": 0.3, "linear": 0.1, "none": 0.0},
-                             uniform_seconds={}, workload={}, device="cpu", settings={"num_layers": 6})
+    cost = toy_cost()
     labels = [label for label, _ in seed_plans(rows(), 6, space=space_of(num_layers=6), cost=cost, front_count=3)]
     first_front = next(i for i, l in enumerate(labels) if l.startswith("additive-front"))
     first_heuristic = next(i for i, l in enumerate(labels) if l.startswith("heuristic"))
     assert labels[0] == "all-softmax" and first_front < first_heuristic
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("max_loss", "abc", "surrogate.max_loss: 'abc' must be a positive number"),
+    ("max_loss", 0.0, "surrogate.max_loss: 0.0 must be a positive number"),
+    ("count", 0, "surrogate.count: 0 must be an integer >= 1"),
+    ("start_after", -1, "surrogate.start_after: -1 must be an integer >= 0"),
+])
+def test_surrogate_settings_are_refused_with_the_field_named(field, value, message):
+    from layerboost_search.command import _validate_surrogate
+
+    settings = OmegaConf.create({"enabled": True, "start_after": 0, "every": 8, "count": 6, "max_loss": 1.0})
+    _validate_surrogate(settings)  # the defaults pass
+    settings[field] = value
+    with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
+        _validate_surrogate(settings)
+    settings.enabled = False
+    _validate_surrogate(settings)  # ignored when the surrogate is off
