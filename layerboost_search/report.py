@@ -15,18 +15,6 @@ from layerboost_core.plan import LayerPlan
 from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
 
 
-def hypervolume_2d(points, reference) -> float:
-    """Area dominated by `points` (both objectives minimised) inside the box up to `reference`."""
-    inside = sorted((x, y) for x, y in points if x < reference[0] and y < reference[1])
-    # sweep over latency: for each x, the best (lowest) KL achieved by points with latency <= x
-    xs = [x for x, _ in inside] + [reference[0]]
-    area, best = 0.0, reference[1]
-    for (x, y), x_next in zip(inside, xs[1:]):
-        best = min(best, y)
-        area += (x_next - x) * (reference[1] - best)
-    return area
-
-
 def trial_rows(study: optuna.Study, objectives) -> list[dict]:
     rows, scored = [], lm_eval_scores(study)
     for t in study.get_trials(deepcopy=False):

@@ -1,7 +1,9 @@
 """Surrogate proposals for the search: plans the accuracy predictor and the exact solver expect on the front.
 
-Most proposals are the predicted front (posterior mean) at a sweep of latency budgets; the rest explore:
-each solves the front problem for one posterior draw of the predictor at a random budget (Thompson
+Most proposals exploit. Before any trial has finished they spread over the predicted front (posterior mean)
+at a sweep of latency budgets; after, they fill the largest gaps of the measured front (gap_fill.py: the
+predicted front and the neighbours of measured front plans, picked by predicted hypervolume gain). The rest
+explore: each solves the front problem for one posterior draw of the predictor at a random budget (Thompson
 sampling), so plans whose quality is uncertain enough to be plausibly on the front get evaluated.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from layerboost_core.plan import LayerPlan
 
 from .accuracy import SensitivityTable, make_predictor
+from .gap_fill import gap_filling_plans
 from .solver import FrontSolver
 
 
@@ -50,8 +53,13 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     known = [LayerPlan.from_string(text) for text in taken]  # no-good cuts: the solver returns unseen plans only
     out: list[LayerPlan] = []
 
+    def allowed(plan: LayerPlan) -> bool:
+        return (str(plan) not in taken and space.violation(plan) is None
+                and (latency_ceiling is None or cost_model.latency(plan) <= latency_ceiling)
+                and (kv_ceiling is None or kv_bytes is None or sum(kv_bytes[o] for o in plan.layers) <= kv_ceiling))
+
     def take(plan: LayerPlan | None) -> None:
-        if plan is not None and len(out) < n and str(plan) not in taken and space.violation(plan) is None:
+        if plan is not None and len(out) < n and allowed(plan):
             taken.add(str(plan))
             out.append(plan)
 
@@ -59,7 +67,13 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     front = [p for p, quality, _ in solver.predicted_front(max(16, 4 * n), kv_ceiling, latency_ceiling, known)
              if max_loss is None or quality <= max_loss]
     exploit = n - int(round(explore_fraction * n)) if completed else n
-    if front and exploit > 0:  # spread over the front of unseen plans, both ends included
+    finite = [v for _, v in completed if np.isfinite(v)]
+    if finite and exploit > 0:
+        for plan in gap_filling_plans(front, completed, predictor.predict, space, cost_model,
+                                      _reference(cost_model, completed, front, latency_ceiling, max_loss, finite),
+                                      exploit, allowed):
+            take(plan)
+    elif front and exploit > 0:  # nothing measured yet: spread over the front of unseen plans, both ends included
         step = (len(front) - 1) / max(1, exploit - 1)
         for i in sorted({round(i * step) for i in range(min(exploit, len(front)))}):
             take(front[i])
@@ -77,3 +91,11 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     for plan in front:  # draws that failed to find anything new: fill from the mean front
         take(plan)
     return out
+
+
+def _reference(cost_model, completed, front, latency_ceiling, max_loss, finite) -> tuple[float, float]:
+    """Reference point of the gap-filling hypervolume: the latency ceiling (else 5% beyond the slowest plan
+    seen or predicted) and `max_loss` (else the worst measured loss): gaps beyond either do not count."""
+    slowest = max(cost_model.latency(p) for p in [*(p for p, _ in completed), *front])
+    return (latency_ceiling if latency_ceiling is not None else 1.05 * slowest,
+            max_loss if max_loss is not None else max(finite))

@@ -9,9 +9,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
+from layerboost_core.pareto import hypervolume_2d
 from layerboost_core.plan import PLAN_SCHEMA, LayerPlan
 from layerboost_search.objectives import Objective
-from layerboost_search.report import hypervolume_2d, knee, write_report
+from layerboost_search.report import knee, write_report
 from layerboost_search.space import layer_param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
