@@ -18,6 +18,7 @@ from layerboost_core.pareto import front_indices, hypervolume_2d
 from layerboost_core.plan import LayerPlan
 
 MAX_SCORED = 600  # candidates whose exact gain is computed (the rest: smaller margin below the staircase)
+MAX_POOL = 60_000  # neighbours per call (30 layers stay below it: a whole proposal takes 1-4 s); deeper models stop at the largest gaps
 
 
 def local_moves(plan: LayerPlan, options: Sequence[str], pinned: dict[int, str],
@@ -38,6 +39,18 @@ def local_moves(plan: LayerPlan, options: Sequence[str], pinned: dict[int, str],
                 changed[i], changed[j] = o, p
                 out.append(LayerPlan(tuple(changed)))
     return out
+
+
+def by_adjacent_gap(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of front `points` (sorted by latency) by the area of the larger gap next to them: the
+    rectangle between a point and its neighbour on the staircase. The two ends come first (the front can
+    grow past them)."""
+    def gap(i: int, j: int) -> float:
+        return (points[j][0] - points[i][0]) * (points[i][1] - points[j][1])
+
+    last = len(points) - 1
+    size = [float("inf") if i in (0, last) else max(gap(i - 1, i), gap(i, i + 1)) for i in range(len(points))]
+    return sorted(range(len(points)), key=lambda i: -size[i])
 
 
 def staircase_value(front: list[tuple[float, float]], x: float, ceiling: float) -> float:
@@ -86,10 +99,12 @@ def gap_filling_plans(front_candidates: Sequence[LayerPlan], completed: Sequence
     but that could fill a gap gets its chance."""
     finished = [(p, float(v)) for p, v in completed if np.isfinite(v)]
     measured = [(cost_model.latency(p), v) for p, v in finished]
-    front = [finished[i][0] for i in front_indices(measured) if measured[i][1] < reference[1]]
+    front = [i for i in front_indices(measured) if measured[i][1] < reference[1]]
     pool: dict[str, LayerPlan] = {str(p): p for p in front_candidates}
-    for plan in front:
-        for moved in local_moves(plan, space.options, space.pinned, cost_model.per_layer_seconds):
+    for k in by_adjacent_gap([measured[i] for i in front]):
+        if len(pool) >= MAX_POOL:
+            break
+        for moved in local_moves(finished[front[k]][0], space.options, space.pinned, cost_model.per_layer_seconds):
             pool.setdefault(str(moved), moved)
     candidates = [p for p in pool.values() if allowed(p)]
     if not candidates:

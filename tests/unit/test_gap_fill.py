@@ -98,3 +98,11 @@ def test_gap_filling_respects_the_allowed_check():
     no_none = gap_filling_plans([], completed, exact, space, COST, reference, 5, lambda p: "none" not in p.layers)
     assert no_none and all("none" not in p.layers for p in no_none)
     assert gap_filling_plans([], completed, exact, space, COST, reference, 5, lambda p: False) == []
+
+
+def test_front_points_next_to_the_largest_gaps_come_first():
+    from layerboost_surrogates.gap_fill import by_adjacent_gap
+
+    points = [(1.0, 5.0), (2.0, 4.9), (3.0, 2.0), (3.1, 1.9), (4.0, 1.8), (5.0, 0.0)]
+    # the ends first, then 1 and 2 (the 1 x 2.9 gap between them), then 4 (the 1 x 1.8 gap before the end)
+    assert by_adjacent_gap(points)[:4] == [0, 5, 1, 2]
