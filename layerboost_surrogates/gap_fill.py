@@ -53,14 +53,15 @@ def by_adjacent_gap(points: list[tuple[float, float]]) -> list[int]:
     return sorted(range(len(points)), key=lambda i: -size[i])
 
 
-def staircase_value(front: list[tuple[float, float]], x: float, ceiling: float) -> float:
-    """The best measured quality at latency <= x (`front` sorted by latency), or `ceiling` if none."""
-    best = ceiling
-    for fx, fy in front:
-        if fx > x:
-            break
-        best = min(best, fy)
-    return best
+def staircase_values(front: list[tuple[float, float]], xs: np.ndarray, ceiling: float) -> np.ndarray:
+    """The best measured quality at latency <= x for each x, or `ceiling` where no front point is that fast.
+    `front`: non-dominated points sorted by latency, so quality falls along it and the last point at or
+    before x is the best."""
+    if not front:
+        return np.full(len(xs), ceiling)
+    fx, fy = np.array([x for x, _ in front]), np.minimum(np.array([y for _, y in front]), ceiling)
+    at = np.searchsorted(fx, xs, side="right") - 1
+    return np.where(at >= 0, fy[np.maximum(at, 0)], ceiling)
 
 
 def pick_by_front_gain(latencies: np.ndarray, predicted: np.ndarray, measured: list[tuple[float, float]],
@@ -68,8 +69,7 @@ def pick_by_front_gain(latencies: np.ndarray, predicted: np.ndarray, measured: l
     """Indices of up to `n` candidates, greedily by hypervolume gain of their predicted point over the
     measured points plus the picks so far. Candidates predicted to add nothing are never picked."""
     points = [measured[i] for i in front_indices(measured)]
-    margin = np.array([staircase_value(points, x, reference[1]) - y if x < reference[0] else -np.inf
-                       for x, y in zip(latencies, predicted)])
+    margin = np.where(latencies < reference[0], staircase_values(points, latencies, reference[1]) - predicted, -np.inf)
     scored = [int(i) for i in np.argsort(-margin)[:MAX_SCORED] if margin[i] > 0]
     picks: list[int] = []
     current = hypervolume_2d(points, reference)
