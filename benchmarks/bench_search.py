@@ -22,13 +22,13 @@ from omegaconf import OmegaConf
 
 from layerboost_core.cli import compose, quiet_libraries
 from layerboost_core.metrics import METRICS_VERSION, ProxyEvaluator
+from layerboost_core.pareto import hypervolume_2d
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity
 from layerboost_core.workbench import open_workbench, option_settings
 from layerboost_search.command import make_surrogate_feed
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.objectives import declare_objectives
-from layerboost_core.pareto import hypervolume_2d
 from layerboost_search.seeds import heuristic_sweep, seed_plans
 from layerboost_search.space import SearchSpace
 from layerboost_surrogates.cost_model import Workload, cost_model

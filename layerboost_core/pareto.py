@@ -16,12 +16,13 @@ def hypervolume_2d(points, reference) -> float:
     return area
 
 
-def front_indices(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the non-dominated points, sorted by the first objective (ties: the better second one)."""
+def front_indices(points: Sequence[tuple[float, float]], tolerance: float = 1e-12) -> list[int]:
+    """Indices of the non-dominated points, sorted by the first objective (ties: the better second one).
+    A point must improve the second objective by more than `tolerance` to count (rounding is not a gain)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
     out, best = [], float("inf")
     for i in order:
-        if points[i][1] < best:
+        if points[i][1] < best - tolerance:
             out.append(i)
             best = points[i][1]
     return out

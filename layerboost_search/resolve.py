@@ -15,6 +15,7 @@ import numpy as np
 from optuna.trial import TrialState
 
 from layerboost_core.cache_dir import atomic_path
+from layerboost_core.pareto import front_indices
 from layerboost_core.plan import LayerPlan
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence
 
@@ -31,12 +32,7 @@ def workload_tag(workload: dict) -> str:
 
 def _non_dominated(points: list[dict], quality: str, sign: float) -> list[dict]:
     """Points no other point beats on both (sign * quality, latency), by latency."""
-    front, best = [], np.inf
-    for p in sorted(points, key=lambda p: (p["latency_s"], sign * p[quality])):
-        if sign * p[quality] < best - 1e-12:
-            front.append(p)
-            best = sign * p[quality]
-    return front
+    return [points[i] for i in front_indices([(p["latency_s"], sign * p[quality]) for p in points])]
 
 
 def resolve_front(study, objectives, space, cost, sensitivity_rows, model_config, option_settings: dict,

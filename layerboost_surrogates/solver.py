@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from layerboost_core.pareto import front_indices
 from layerboost_core.plan import LayerPlan
 
 from .accuracy import BASELINE, QualityTerms
@@ -181,10 +182,5 @@ class FrontSolver:
         for plan in [best, *(self.solve(b, kv_budget, exclude) for b in budgets)]:
             if plan is not None:
                 found.setdefault(str(plan), (plan, self.predicted_quality(plan), self.cost.latency(plan)))
-        points = sorted(found.values(), key=lambda p: (p[2], p[1]))
-        front, best_quality = [], math.inf
-        for point in points:  # by latency: keep each point that improves quality
-            if point[1] < best_quality - 1e-12:
-                front.append(point)
-                best_quality = point[1]
-        return front
+        points = list(found.values())
+        return [points[i] for i in front_indices([(latency, quality) for _, quality, latency in points])]

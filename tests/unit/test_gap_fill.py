@@ -9,7 +9,8 @@ from layerboost_core.pareto import front_indices, hypervolume_2d
 from layerboost_core.plan import LayerPlan
 from layerboost_search.space import SearchSpace
 from layerboost_surrogates.cost_model import AdditiveCostModel
-from layerboost_surrogates.gap_fill import gap_filling_plans, local_moves, pick_by_front_gain
+from layerboost_surrogates.gap_fill import (by_adjacent_gap, gap_filling_plans, local_moves, pick_by_front_gain,
+                                            staircase_values)
 
 OPTIONS = ("softmax", "linear", "none")
 L = 8
@@ -101,16 +102,12 @@ def test_gap_filling_respects_the_allowed_check():
 
 
 def test_front_points_next_to_the_largest_gaps_come_first():
-    from layerboost_surrogates.gap_fill import by_adjacent_gap
-
     points = [(1.0, 5.0), (2.0, 4.9), (3.0, 2.0), (3.1, 1.9), (4.0, 1.8), (5.0, 0.0)]
     # the ends first, then 1 and 2 (the 1 x 2.9 gap between them), then 4 (the 1 x 1.8 gap before the end)
     assert by_adjacent_gap(points)[:4] == [0, 5, 1, 2]
 
 
 def test_staircase_values_read_the_best_quality_at_or_below_each_latency():
-    from layerboost_surrogates.gap_fill import staircase_values
-
     front = [(1.0, 3.0), (2.0, 2.0), (4.0, 0.5)]
     values = staircase_values(front, np.array([0.5, 1.0, 1.5, 2.0, 3.9, 4.0, 9.0]), 2.5)
     assert values.tolist() == [2.5, 2.5, 2.5, 2.0, 2.0, 0.5, 0.5]  # 3.0 is above the ceiling 2.5
