@@ -1,10 +1,11 @@
-"""A healed hybrid model as one plain folder, and `load_hybrid` to get it back ready for generation or eval.
+"""A hybrid model as one plain folder, and `load_hybrid` to get it back ready for generation or eval.
 
-The folder holds the base model's Hugging Face weights and config (saved with the original attention in
-place, so they load anywhere as a normal checkpoint), the tokenizer, the plan JSON (with its option
-settings), the healed `linear` parts, `heal_metrics.json`, and a manifest: the sha256 of every file and a
-content hash over plan, settings and those hashes. `load_hybrid` recomputes them and refuses a folder
-changed since it was saved. The folder is written under a temporary name and renamed when complete.
+The folder (written by `export.export_hybrid`; `save_hybrid` is healing's call of it) is a model that plain
+transformers loads with `trust_remote_code=True`: the weights under the hybrid model's own parameter names,
+`config.json` with the plan, its settings and `auto_map`, the remote modeling code, the tokenizer, the plan
+JSON, the `linear` parts alone, a model card, `heal_metrics.json` after healing, and a manifest: the sha256 of
+every file and a content hash over plan, settings and those hashes. `load_hybrid` recomputes them and refuses
+a folder changed since it was saved.
 """
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .cache_dir import atomic_dir, content_hash
+from .cache_dir import content_hash
 from .errors import UserError
 from .patch import PlanSwitcher
 from .plan import LayerPlan
 
-HYBRID_FORMAT = "layerboost.hybrid/v1"
+HYBRID_FORMAT = "layerboost.hybrid/v2"  # v2: loadable by plain transformers
+OLD_FORMATS = ("layerboost.hybrid/v1",)
 MANIFEST = "layerboost_manifest.json"
 PLAN_FILE = "plan.json"
 PARTS_FILE = "linear_parts.safetensors"
@@ -31,8 +33,8 @@ METRICS_FILE = "heal_metrics.json"
 class HybridModel:
     """A loaded hybrid: the model runs `plan` with the healed weights; `loaded` plugs into a Workbench.
 
-    Generate with `generate` (or `model.generate(..., cache=HybridCache(model))`): `linear` layers keep their
-    own state in the hybrid cache, a plain `DynamicCache` would be wrong for them.
+    `model.generate(ids)` uses a `HybridCache` for the plan in place by default and refuses any other cache
+    (`linear` layers keep their own state in it; a plain `DynamicCache` would be silently wrong).
     """
 
     model: torch.nn.Module
@@ -80,37 +82,12 @@ def save_hybrid(path: Path, switcher: PlanSwitcher, plan: LayerPlan, tokenizer, 
                 heal_key: str = "") -> Path:
     """Write the folder for the model `switcher` holds, running `plan` (its `linear` parts as they are now).
 
-    `plan_context` goes into the plan JSON (model, settings, bank_id, metrics, origin); `settings` (the
-    option settings) is required: `load_hybrid` rebuilds the plan's modules from it.
+    Healing's writer: the same deployable folder as `export.export_hybrid`, plus `heal_metrics.json`.
+    `plan_context` goes into the plan JSON (model, settings, bank_id, metrics, origin); `settings` is required.
     """
-    from safetensors.torch import save_file
+    from .export import export_hybrid
 
-    if "settings" not in plan_context:
-        raise ValueError("plan_context needs the option settings ('settings')")
-    model = switcher.model
-    path = Path(path)
-    with atomic_dir(path) as tmp:
-        switcher.restore()  # original attention in place: standard keys, no `learned` tensors
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            switcher.apply(plan)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        parts = {f"layers.{i}.{name}": t.detach().cpu().contiguous()
-                 for i, option in enumerate(plan.layers) if option == "linear"
-                 for name, t in switcher.module(i, "linear").learned.state_dict().items()}
-        save_file(parts, str(tmp / PARTS_FILE))  # no metadata: its key order is not stable, the bytes would vary
-        plan_json = json.loads(json.dumps(plan.to_json(**plan_context), default=str))
-        (tmp / PLAN_FILE).write_text(json.dumps(plan_json, indent=2) + "\n")
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        settings = plan_json["settings"]
-        manifest = {"format": HYBRID_FORMAT, "plan": str(plan), "plan_id": plan.id, "settings": settings,
-                    "files": files, "content_hash": _content(str(plan), settings, files), "heal_key": heal_key,
-                    "torch": str(torch.__version__)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return export_hybrid(switcher, plan, tokenizer, path, plan_context, metrics=metrics, heal_key=heal_key)
 
 
 def verify_folder(path: Path) -> tuple[dict, dict]:
@@ -120,11 +97,14 @@ def verify_folder(path: Path) -> tuple[dict, dict]:
     """
     path = Path(path).expanduser()
     manifest = read_manifest(path)
+    if manifest is not None and manifest.get("format") in OLD_FORMATS:
+        raise UserError(f"plan: hybrid folder {str(path)!r} has the old format {manifest['format']} (plain "
+                        f"transformers cannot load it); heal or export the plan again")
     if manifest is None or manifest.get("format") != HYBRID_FORMAT:
         raise UserError(f"plan: {str(path)!r} is not a hybrid model folder (no readable {MANIFEST} of format "
                         f"{HYBRID_FORMAT})")
     files = manifest.get("files") or {}
-    for name in (PLAN_FILE, PARTS_FILE):
+    for name in (PLAN_FILE, PARTS_FILE, "config.json"):
         if name not in files:
             raise UserError(f"plan: hybrid folder {str(path)!r} is refused: its manifest does not list {name}")
     for name, expected in files.items():
@@ -143,15 +123,15 @@ def verify_folder(path: Path) -> tuple[dict, dict]:
 
 
 def load_hybrid(path, device: str = "auto", dtype: str = "auto") -> HybridModel:
-    """The healed hybrid saved at `path`: model running its plan with the healed weights, and its tokenizer.
+    """The hybrid saved at `path`: the family model patched with its plan and weights, and its tokenizer.
 
     The folder is verified first (see `verify_folder`); a folder whose plan, settings or weights changed
-    since it was saved is refused with a UserError.
+    since it was saved is refused with a UserError. The model is the project's own (a `PlanSwitcher` runs the
+    plan, so eval and bench can switch plans on it); `model.generate(ids)` uses the hybrid cache by default.
+    `none` layers' original attention is not in the folder: switched back to softmax, those layers are random.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .families import family_of
     from .models import LoadedModel, fingerprint, resolve_device, resolve_dtype
 
     path = Path(path).expanduser()
@@ -159,22 +139,17 @@ def load_hybrid(path, device: str = "auto", dtype: str = "auto") -> HybridModel:
     plan = LayerPlan.from_json(plan_json)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    family_of(AutoConfig.from_pretrained(path))  # refuse an unsupported family before reading weights
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_config(_family_config(path), dtype=torch_dtype)
     model.to(device=torch_device, dtype=torch_dtype).eval()
     model.requires_grad_(False)
+    switcher = PlanSwitcher(model, plan_json["settings"])
+    plan.check_layers(switcher.num_layers)
+    switcher.apply(plan)  # the plan in place: the model's keys are now those of the saved weights
+    _load_weights(path, model)
+    use_hybrid_cache_by_default(model)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    switcher = PlanSwitcher(model, plan_json["settings"])
-    plan.check_layers(switcher.num_layers)
-    switcher.apply(plan)
-    parts = load_file(str(path / PARTS_FILE))
-    for index, option in enumerate(plan.layers):
-        if option == "linear":
-            prefix = f"layers.{index}."
-            state = {k[len(prefix):]: v for k, v in parts.items() if k.startswith(prefix)}
-            switcher.module(index, "linear").learned.load_state_dict(state)
     original = plan_json.get("model") or {}
     name = f"{original.get('name', path.name)}+healed"
     info = {"name": name, "source": str(path), "model_type": switcher.family.model_type,
@@ -182,6 +157,60 @@ def load_hybrid(path, device: str = "auto", dtype: str = "auto") -> HybridModel:
             "bank_id": plan_json.get("bank_id")}
     loaded = LoadedModel(model, tokenizer, name, str(path), torch_device, torch_dtype, info)
     return HybridModel(model, tokenizer, plan, switcher, loaded, plan_json, manifest)
+
+
+def _family_config(path: Path):
+    """The folder's config.json as the family's own config (model_type without `layerboost_`, no plan)."""
+    from transformers import AutoConfig
+
+    from .families import family_of
+
+    fields = json.loads((path / "config.json").read_text())
+    model_type = str(fields.pop("model_type", "")).removeprefix("layerboost_")
+    for key in ("auto_map", "architectures", "layerboost_plan", "layerboost_settings", "transformers_version"):
+        fields.pop(key, None)
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except ValueError:
+        raise UserError(f"plan: hybrid folder {str(path)!r} has config model_type {model_type!r}, not a "
+                        "supported family") from None
+    family_of(config)  # refuse an unsupported family before building the model
+    return config
+
+
+def _load_weights(path: Path, model) -> None:
+    """Load the folder's weights (single file or shards) into `model`, whose plan is in place; every key must
+    match, except the output embedding when it is tied to the input one."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for shard in sorted(path.glob("model*.safetensors")):
+        state.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.lm_head.weight is model.get_input_embeddings().weight else set()
+    if unexpected or set(missing) - tied:
+        raise UserError(f"plan: hybrid folder {str(path)!r} does not match its plan: missing weights "
+                        f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
+def use_hybrid_cache_by_default(model) -> None:
+    """Make `model.generate` build a `HybridCache` for the plan in place when given no cache, and refuse a
+    cache of another kind or for another plan (the transformers hook `_prepare_cache_for_generation`)."""
+    from .cache import HybridCache, applied_plan
+
+    def prepare(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        cache = model_kwargs.get("cache")
+        if cache is None:
+            if generation_config.use_cache is not False:
+                model_kwargs["cache"] = HybridCache(model)
+            return
+        if not isinstance(cache, HybridCache) or cache.plan != applied_plan(model):
+            raise UserError(f"cache: the model runs plan {applied_plan(model)} and needs HybridCache(model), "
+                            f"not {type(cache).__name__}" + (f" for {cache.plan}" if isinstance(cache, HybridCache)
+                                                             else ""))
+        cache._is_user_defined = True  # as generate marks a user's cache: it is returned
+
+    model._prepare_cache_for_generation = prepare
 
 
 def hybrid_workbench(cfg, path, with_splits: bool = True):
