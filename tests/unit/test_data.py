@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from layerboost_core.data import SPLITS, make_splits, split_of, token_blocks
+from layerboost_core import data
+from layerboost_core.data import (BUILTIN_SOURCES, SPLITS, load_documents, load_sources, make_splits,
+                                  mixed_token_blocks, split_of, token_blocks)
 from layerboost_core.errors import UserError
 
 EOS = 0
@@ -181,3 +183,90 @@ def test_edited_text_file_is_read_again(tmp_path):
     second = make_splits(FakeTokenizer(), f"text:{path}", seq_len=8, fractions=FRACTIONS)
     assert sum(len(d) for d in second.documents.values()) == 60
     assert second.hash != first.hash
+
+
+# --- long held-out blocks, mixed sources, builtin sub-sources -------------------------------------------------
+
+
+def test_default_heldout_settings_keep_earlier_hashes(text_source):
+    """Caches (banks, sensitivity tables) are keyed on these: the new settings' defaults must not move them."""
+    source, _ = text_source
+    plain = make_splits(FakeTokenizer(), source, seq_len=16, fractions=FRACTIONS)
+    same = make_splits(FakeTokenizer(), source, seq_len=16, fractions=FRACTIONS, heldout_seq_len=16, mix_sources=False)
+    assert same.hashes == plain.hashes
+    longer = make_splits(FakeTokenizer(), source, seq_len=16, fractions=FRACTIONS, heldout_seq_len=32)
+    assert longer.heldout.shape[1] == 32 and longer.train.shape[1] == 16
+    assert {n: longer.hashes[n] == plain.hashes[n] for n in SPLITS} == {"calibration": True, "train": True, "heldout": False}
+    assert torch.equal(longer.heldout, token_blocks(FakeTokenizer(), plain.documents["heldout"], 32, None))
+
+
+def test_mixed_blocks_balance_sources_by_tokens_and_sample_the_whole_split():
+    sources = {"a": [f"alpha {i} " + "x " * 30 for i in range(40)],  # 33 tokens with EOS
+               "b": [f"beta {i} y y" for i in range(200)],  # 5 tokens with EOS
+               "c": []}  # an empty source is skipped
+    blocks = mixed_token_blocks(FakeTokenizer(), sources, seq_len=50, max_blocks=8)
+    assert blocks.shape == (8, 50)
+    stream = blocks.flatten().tolist()
+    pieces = _split_on_eos(stream)[:-1]  # complete documents; first token: 6 for "alpha", 5 for "beta"
+    tokens = {first: sum(len(p) + 1 for p in pieces if p[0] == first) for first in (6, 5)}
+    assert tokens[6] > 0 and tokens[5] > 0
+    assert abs(tokens[6] - tokens[5]) <= 33  # the source with fewer tokens always goes next
+    reversed_docs = {name: docs[::-1] for name, docs in sources.items()}
+    assert torch.equal(mixed_token_blocks(FakeTokenizer(), reversed_docs, 50, 8), blocks)  # hash order, not file order
+    file_order = token_blocks(FakeTokenizer(), [d for pair in zip(sources["a"], sources["b"]) for d in pair], 50, 8)
+    assert not torch.equal(file_order, blocks)
+    assert torch.equal(mixed_token_blocks(FakeTokenizer(), sources, 50, 8), blocks)  # deterministic
+
+
+def test_mixed_heldout_uses_only_heldout_documents(text_source):
+    source, docs = text_source
+    splits = make_splits(FakeTokenizer(), source, seq_len=16, fractions=FRACTIONS, heldout_seq_len=24,
+                         mix_sources=True, blocks={"heldout": 5})
+    assert splits.heldout.shape == (5, 24)
+    heldout_streams = {tuple(FakeTokenizer()(d).input_ids) for d in splits.documents["heldout"]}
+    pieces = [tuple(p) for p in _split_on_eos(splits.heldout.flatten().tolist())[1:-1]]  # whole documents only
+    assert pieces and all(p in heldout_streams for p in pieces)
+    plain = make_splits(FakeTokenizer(), source, seq_len=16, fractions=FRACTIONS, heldout_seq_len=24, blocks={"heldout": 5})
+    assert splits.hashes["heldout"] != plain.hashes["heldout"] and splits.hashes["train"] == plain.hashes["train"]
+
+
+def _split_on_eos(stream: list[int]) -> list[list[int]]:
+    pieces, current = [], []
+    for token in stream:
+        if token == EOS:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(token)
+    return pieces + [current]
+
+
+def test_builtin_sub_sources(monkeypatch):
+    fake = {"news": tuple(documents(10)), "wiki": tuple(d + " wiki" for d in documents(5)),
+            "pydoc": tuple(d + " pydoc" for d in documents(3))}
+    monkeypatch.setattr(data, "_builtin_sources_cached", lambda: fake)
+    assert list(load_sources("builtin")) == list(BUILTIN_SOURCES) == ["news", "wiki", "pydoc"]
+    assert load_documents("builtin") == fake["news"] + fake["wiki"] + fake["pydoc"]
+    assert load_sources("builtin:news") == {"news": fake["news"]}
+    assert load_sources("builtin:pydoc,news") == {"news": fake["news"], "pydoc": fake["pydoc"]}
+    assert load_sources("builtin:-news") == {"wiki": fake["wiki"], "pydoc": fake["pydoc"]}
+    assert load_documents("builtin:-wiki,-pydoc") == fake["news"]
+    splits = make_splits(FakeTokenizer(), "builtin:-news", seq_len=4, fractions=FRACTIONS)
+    assert not set(sum(splits.documents.values(), [])) & set(fake["news"])
+
+
+@pytest.mark.parametrize("source, message", [
+    ("builtin:newz", r"^data\.source: unknown builtin source 'newz'; allowed: news, pydoc, wiki \(did you mean 'news'\?\)$"),
+    ("builtin:news,-wiki", r"^data\.source: 'builtin:news,-wiki' mixes chosen and excluded sources; "),
+    ("builtin:-news,-wiki,-pydoc", r"^data\.source: 'builtin:-news,-wiki,-pydoc' excludes every builtin source$"),
+])
+def test_builtin_sub_sources_refuse_bad_names(monkeypatch, source, message):
+    monkeypatch.setattr(data, "_builtin_sources_cached", lambda: {n: ("x " * 30,) for n in BUILTIN_SOURCES})
+    with pytest.raises(UserError, match=message):
+        load_sources(source)
+
+
+def test_make_splits_refuses_short_heldout_sequences(text_source):
+    source, _ = text_source
+    with pytest.raises(UserError, match=r"^data\.heldout_seq_len: 1 is too short; allowed: >= 2 \(or None: data\.seq_len\)$"):
+        make_splits(FakeTokenizer(), source, seq_len=16, heldout_seq_len=1)
