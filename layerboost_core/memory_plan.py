@@ -325,12 +325,12 @@ def memory_plan(source, *, name: str | None = None, device: str = "cpu", dtype: 
     `device` is what the actors run on (it need not be this machine's: plan a GPU box from a laptop);
     `dtype` as in the config ("auto": bfloat16 on cuda, float32 on cpu). `heldout_blocks` x `seq_len` are the
     held-out proxy blocks, evaluated `batch_size` at a time (ProxyEvaluator's default 4); `reference_top_k`
-    None caches exact distributions. `linear` is the option's settings (default the project's). Memory defaults
-    to this machine's device (`detect_device_memory`), speed to `measure_cpu_speed()` on cpu and `A100_80GB`
-    on cuda.
+    is proxy.reference_top_k (None: exact distributions, the conservative default; pass the run's setting).
+    `linear` is the option's settings (default the project's). Memory defaults to this machine's device
+    (`detect_device_memory`), speed to `measure_cpu_speed()` on cpu and `A100_80GB` on cuda.
     """
     if reference_top_k is not None and reference_top_k < 1:
-        raise UserError(f"reference_top_k: {reference_top_k!r} must be a positive integer or null")
+        raise UserError(f"proxy.reference_top_k: {reference_top_k!r} must be a positive integer or null")
     where = resolve_device(device) if device == "auto" else torch.device(device)
     kind = "cuda" if where.type == "cuda" else "cpu"
     torch_dtype = resolve_dtype(dtype, where)
@@ -380,9 +380,9 @@ def _refuse_one_actor(plan: MemoryPlan, fixed: int) -> None:
         raise UserError(f"data.seq_len: {blocks} need {_gb(forward)} of activations per forward, {room}; "
                         f"use a shorter data.seq_len")
     if plan.reference_top_k is None:
-        kind, advice = "exact", "set reference_top_k or fewer blocks"
+        kind, advice = "exact", "set proxy.reference_top_k or fewer blocks"
     else:
-        kind, advice = f"top-{plan.reference_top_k}", "use a smaller reference_top_k or fewer blocks"
+        kind, advice = f"top-{plan.reference_top_k}", "use a smaller proxy.reference_top_k or fewer blocks"
     raise UserError(f"data.blocks.heldout: {blocks} need a {_gb(reference)} reference per actor ({kind}), "
                     f"{room}; {advice}")
 

@@ -69,7 +69,7 @@ def test_check_fits_names_the_heldout_blocks_when_the_exact_reference_cannot_fit
     message = refused("data.blocks.heldout", llama_on_gpu(heldout_blocks=64))
     assert message.startswith("data.blocks.heldout: 64 blocks x 2048 tokens need a 67.2 GB reference per actor "
                               "(exact), only ")
-    assert message.endswith("; set reference_top_k or fewer blocks")
+    assert message.endswith("; set proxy.reference_top_k or fewer blocks")
     check_fits(llama_on_gpu(heldout_blocks=64, reference_top_k=64))  # the same blocks fit with a top-k cache
 
 
@@ -118,5 +118,5 @@ def test_config_sources_and_bad_input(tmp_path, monkeypatch):
         load_config("no/such-model")  # offline (HF_HUB_OFFLINE above): refused at once, not retried
     with pytest.raises(UserError, match=r"^model\.source: unknown model_type 'nope' in the config$"):
         load_config({"model_type": "nope"})
-    with pytest.raises(UserError, match=r"^reference_top_k: 0 must be a positive integer or null$"):
+    with pytest.raises(UserError, match=r"^proxy\.reference_top_k: 0 must be a positive integer or null$"):
         llama_on_gpu(reference_top_k=0)
