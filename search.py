@@ -1,7 +1,7 @@
-"""`python search.py [overrides]` is `layerboost search [overrides]` (see conf/config.yaml)."""
+"""`python search.py [overrides]` is `layerboost search [overrides]` (see conf/config.yaml; --help lists them)."""
 import sys
 
-from layerboost_core.cli import main
+from layerboost.cli import main
 
 if __name__ == "__main__":
     main(["search", *sys.argv[1:]])

@@ -15,24 +15,25 @@ import time
 
 import torch
 
-from layerboost_core.cli import compose
+from layerboost.config import compose
+from layerboost.settings import workbench_settings
 from layerboost_core.metrics import ProxyEvaluator
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import sensitivity_table
 from layerboost_core.transfer import transfer_errors
-from layerboost_core.workbench import open_workbench, option_settings
+from layerboost_core.workbench import open_workbench
 
 
 def main(overrides: list[str]) -> None:
     cfg = compose(overrides)
-    bench = open_workbench(cfg, with_bank=True)
+    bench = open_workbench(workbench_settings(cfg), with_bank=True)
     switcher, heldout = bench.switcher, bench.splits.heldout
     print(f"model {bench.info['name']}, bank {bench.bank.id}, held-out {tuple(heldout.shape)} tokens, "
-          f"settings {option_settings(cfg)['linear']}")
+          f"settings {bench.settings.options['linear']}")
 
     torch.manual_seed(0)
-    untrained = PlanSwitcher(bench.model, option_settings(cfg))  # fresh modules: the init before training
+    untrained = PlanSwitcher(bench.model, bench.settings.options)  # fresh modules: the init before training
     before = transfer_errors(untrained, heldout)
     after = transfer_errors(switcher, heldout)
     ratio = statistics.median(before) / statistics.median(after)

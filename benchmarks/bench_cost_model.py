@@ -18,9 +18,11 @@ import time
 import torch
 
 from layerboost_core.cache import HybridCache
-from layerboost_core.cli import compose, quiet_libraries
+from layerboost.config import compose
+from layerboost.settings import workbench_settings
+from layerboost_core.logs import quiet_libraries
 from layerboost_core.plan import LayerPlan
-from layerboost_core.workbench import open_workbench, option_settings
+from layerboost_core.workbench import open_workbench
 from layerboost_surrogates.cost_model import Workload, run_request, kv_bytes_per_sequence, measure_uniform
 
 OPTIONS = ("softmax", "linear", "none")
@@ -70,10 +72,10 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     cfg = compose(args.overrides)
-    bench = open_workbench(cfg, with_bank=False)  # timing and cache sizes do not depend on trained weights
+    bench = open_workbench(workbench_settings(cfg), with_bank=False)  # timing and cache sizes do not depend on trained weights
     switcher, model = bench.switcher, bench.model
     plans = random_plans(random.Random(args.seed), switcher.num_layers, args.plans)
-    settings = option_settings(cfg)
+    settings = bench.settings.options
     print(f"{model.config.model_type}, {switcher.num_layers} layers, {args.plans} random plans, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
     summary = []

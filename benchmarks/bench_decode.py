@@ -19,10 +19,12 @@ import argparse
 import torch
 
 from layerboost_core.bench import BASELINE, BenchSettings, format_table, measure_plans, ratio_rows
-from layerboost_core.cli import compose, quiet_libraries
+from layerboost.config import compose
+from layerboost.settings import workbench_settings
+from layerboost_core.logs import quiet_libraries
 from layerboost_core.plan import LayerPlan
 from layerboost_core.transfer import bank_id, bank_path, read_bank
-from layerboost_core.workbench import open_workbench, option_settings, transfer_settings
+from layerboost_core.workbench import open_workbench
 
 
 def ints(text: str) -> tuple[int, ...]:
@@ -31,7 +33,7 @@ def ints(text: str) -> tuple[int, ...]:
 
 def load_cached_bank(bench) -> str:
     """Load the cached bank into the switcher if there is one; says what was used."""
-    key = bank_id(bench.info, bench.splits.hashes["train"], option_settings(bench.cfg), transfer_settings(bench.cfg))
+    key = bank_id(bench.info, bench.splits.hashes["train"], bench.settings.options, bench.settings.transfer)
     bank = read_bank(bank_path(bench.info["name"], key), key)
     if bank is None:
         return "no cached bank: linear layers keep their initial weights (speed does not depend on them)"
@@ -51,7 +53,7 @@ def main() -> None:
     quiet_libraries()
 
     cfg = compose(args.overrides)
-    bench = open_workbench(cfg, with_bank=False)
+    bench = open_workbench(workbench_settings(cfg), with_bank=False)
     bank = "bank not used (--no-bank)" if args.no_bank else load_cached_bank(bench)
     n = bench.switcher.num_layers
     plans = {BASELINE: LayerPlan.uniform("softmax", n), "all-linear": LayerPlan.uniform("linear", n),

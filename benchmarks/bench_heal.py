@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 
 from layerboost_core.cache_dir import cache_root
-from layerboost_core.cli import compose, quiet_libraries
-from layerboost_core.heal import format_curve, run_heal
+from layerboost.config import compose
+from layerboost.settings import heal_settings, workbench_settings
+from layerboost_core.logs import quiet_libraries
+from layerboost_core.heal import format_curve, heal_to_folder
 from layerboost_core.plan import LayerPlan, load_plan
 from layerboost_core.sensitivity import sensitivity_key
 from layerboost_core.workbench import open_workbench
@@ -56,7 +58,7 @@ def main(argv: list[str]) -> None:
     quiet_libraries()
     started = time.perf_counter()
     cfg = compose(argv)
-    bench = open_workbench(cfg, with_bank=True)
+    bench = open_workbench(workbench_settings(cfg), with_bank=True)
     if cfg.plan:
         plan, why = load_plan(str(cfg.plan), bench.info), f"given: {cfg.plan}"
     else:
@@ -68,7 +70,7 @@ def main(argv: list[str]) -> None:
     print(f"heal: {int(cfg.heal.tokens)} tokens, batch {cfg.heal.batch_size} x seq {cfg.heal.seq_len or cfg.data.seq_len}, "
           f"lr {cfg.heal.lr}, lora {'on' if cfg.heal.lora.enabled else 'off'}; held-out "
           f"{tuple(bench.splits.heldout.shape)} blocks")
-    out, result = run_heal(cfg, bench=bench, plan=plan)
+    out, result = heal_to_folder(bench, plan, heal_settings(cfg), Path(cfg.heal.out), source=str(plan))
     metrics = json.loads((Path(out) / "heal_metrics.json").read_text())
     before, after = metrics["before"]["kl"], metrics["after"]["kl"]
     closed = 1 - after / before if before > 0 else float("nan")

@@ -17,7 +17,9 @@ import torch
 from scipy.stats import spearmanr
 
 from layerboost_core import lm_eval_tasks
-from layerboost_core.cli import compose, quiet_libraries
+from layerboost.config import compose
+from layerboost.settings import workbench_settings
+from layerboost_core.logs import quiet_libraries
 from layerboost_core.metrics import ProxyEvaluator
 from layerboost_core.plan import LayerPlan
 from layerboost_core.workbench import open_workbench
@@ -41,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     quiet_libraries()
     cfg = compose(args.overrides)
-    bench = open_workbench(cfg, with_bank=True)
+    bench = open_workbench(workbench_settings(cfg), with_bank=True)
     n, heldout = bench.switcher.num_layers, bench.splits.heldout
     proxy = ProxyEvaluator(bench.model, heldout)
 

@@ -13,24 +13,26 @@ plan. Prints the hypervolume table and ratios to the heuristic.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import optuna
-from omegaconf import OmegaConf
 
-from layerboost_core.cli import compose, quiet_libraries
+from layerboost.config import compose
+from layerboost_core.logs import quiet_libraries
 from layerboost_core.metrics import METRICS_VERSION, ProxyEvaluator
 from layerboost_core.pareto import hypervolume_2d
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity
-from layerboost_core.workbench import open_workbench, option_settings
-from layerboost_search.command import make_surrogate_feed
+from layerboost_core.workbench import open_workbench
+from layerboost.settings import search_settings
+from layerboost_search.pipeline import make_surrogate_feed
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.objectives import declare_objectives
 from layerboost_search.seeds import heuristic_sweep, seed_plans
-from layerboost_search.space import SearchSpace
+from layerboost_core.space import SearchSpace
 from layerboost_surrogates.cost_model import Workload, cost_model
 
 
@@ -86,18 +88,19 @@ def main() -> None:
     quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cfg = compose(args.overrides)
-    bench = open_workbench(cfg, with_bank=True)
+    settings = search_settings(cfg)
+    bench = open_workbench(settings.workbench, with_bank=True)
     n = bench.switcher.num_layers
     proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
     rows = cached_sensitivity(bench.switcher, proxy, (bench.bank.id, bench.splits.hashes["heldout"]), progress=False)
-    cost = cost_model(bench.switcher, bench.info, option_settings(cfg), Workload(**OmegaConf.to_container(cfg.workload)))
-    space = SearchSpace.from_config(cfg.space, n)
-    objectives = declare_objectives(cfg.objective)
+    cost = cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload)
+    space = SearchSpace.from_mapping(settings.space, n)
+    objectives = declare_objectives(settings.objective)
     runner = CachedEvaluator(bench, proxy, args.cache_file,
                              f"{bench.bank.id}/{bench.splits.hashes['heldout']}/metrics-v{METRICS_VERSION}")
     if runner.loaded:
         print(f"{runner.loaded} plans' metrics reused from {args.cache_file}")
-    context = {"model_config": bench.model.config, "option_settings": option_settings(cfg),
+    context = {"model_config": bench.model.config, "option_settings": bench.settings.options,
                "bytes_per_value": bench.model.dtype.itemsize}
     top = max(args.budgets)
 
@@ -124,14 +127,15 @@ def main() -> None:
         "ours, surrogate off": (optuna.samplers.TPESampler(multivariate=True, n_startup_trials=10, seed=0), True),
         "ours (default)": (optuna.samplers.TPESampler(multivariate=True, n_startup_trials=10, seed=0), True),
     }
-    surrogate_cfg = OmegaConf.merge(cfg, {"surrogate": {"enabled": True}})
+    surrogate_on = dataclasses.replace(settings, surrogate=dataclasses.replace(settings.surrogate, enabled=True))
     for name, (sampler, seeded) in methods.items():
         study = optuna.create_study(directions=[o.direction for o in objectives], sampler=sampler)
         if seeded:
             enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
-        feed = (make_surrogate_feed(surrogate_cfg, space, cost, rows, objectives, context)
+        feed = (make_surrogate_feed(surrogate_on, space, cost, rows, objectives, context)
                 if name == "ours (default)" else None)
-        run = SearchRun(cfg, space, objectives, study, cost, runner, context, feed)
+        run = SearchRun(settings.objective, settings.workload.context, space, objectives, study, cost, runner, context,
+                        feed)
         run.run(top, progress=False)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for budget in args.budgets:

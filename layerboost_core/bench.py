@@ -15,7 +15,6 @@ hit them alike. Memory:
 """
 from __future__ import annotations
 
-import csv
 import gc
 import logging
 import math
@@ -53,14 +52,6 @@ class BenchSettings:
             raise UserError(f"bench.decode_tokens: {self.decode_tokens} must be >= 1")
         if not self.memory_budget_gb > 0:
             raise UserError(f"bench.memory_budget_gb: {self.memory_budget_gb} must be > 0")
-
-    @classmethod
-    def from_config(cls, section, seed: int = 0) -> "BenchSettings":
-        try:
-            return cls(tuple(int(c) for c in section.contexts), tuple(int(b) for b in section.batches),
-                       int(section.decode_tokens), float(section.memory_budget_gb), seed)
-        except (TypeError, ValueError) as error:
-            raise UserError(f"bench: {error}") from None
 
 
 def _sync(device: torch.device) -> None:
@@ -234,13 +225,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_html(rows: list[dict], path: Path, title: str) -> None:
     """Four panels (prefill time, decode speed, KV per sequence, throughput at max batch), one bar per plan."""
     import plotly.graph_objects as go
@@ -261,36 +245,3 @@ def write_html(rows: list[dict], path: Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True)
 
-
-def run_bench(cfg) -> Path:
-    """`layerboost bench plan=...`: the plan beside all-softmax; table on stdout, bench.csv + bench.html."""
-    from .hybrid_folder import hybrid_workbench, plan_is_folder
-    from .plan import load_plan
-    from .workbench import attach_bank, open_workbench
-
-    if not cfg.plan:
-        raise UserError("plan: missing; pass plan=<plan.json>, plan=<compact string such as SLSL...> "
-                        "or plan=<hybrid folder from layerboost heal>")
-    settings = BenchSettings.from_config(cfg.bench, int(cfg.seed))
-    if plan_is_folder(cfg.plan):  # a healed hybrid: its own weights and plan; all-softmax is its base
-        bench, plan = hybrid_workbench(cfg, cfg.plan, with_splits=False)
-    else:
-        bench = open_workbench(cfg, with_bank=False)
-        plan = load_plan(str(cfg.plan), bench.info)
-        if bool(cfg.bench.bank):  # speed does not depend on the bank's weights; only for outputs that look right
-            attach_bank(bench)
-    n = bench.switcher.num_layers
-    plans = {BASELINE: LayerPlan.uniform("softmax", n)}
-    if plan != plans[BASELINE]:
-        plans["plan"] = plan
-    rows = measure_plans(bench.switcher, plans, settings, progress=bool(cfg.progress))
-    out = Path(cfg.output_dir) / "bench" / f"{bench.info['name'].replace('/', '--')}-{plan.id}"
-    write_csv(rows, out / "bench.csv")
-    dtype = str(bench.loaded.dtype).replace("torch.", "")
-    write_html(rows, out / "bench.html",
-               f"{bench.info['name']}: plan {plan} vs all-softmax ({bench.loaded.device.type}, {dtype})")
-    print(f"model {bench.info['name']} on {bench.loaded.device} ({dtype}), plan {plan}, "
-          f"{settings.decode_tokens} decode steps, budget {settings.memory_budget_gb:g} GiB")
-    print(format_table(rows))
-    print(f"written to {out}")
-    return out

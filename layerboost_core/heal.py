@@ -81,24 +81,6 @@ class HealSettings:
     def steps(self) -> int:
         return math.ceil(self.tokens / self.tokens_per_step)
 
-    @classmethod
-    def from_config(cls, section, data_seq_len: int) -> "HealSettings":
-        """Settings from the `heal:` config block; `seq_len: null` means the data's block length."""
-        seq_len = data_seq_len if section.seq_len is None else section.seq_len
-        if seq_len is not None and int(seq_len) > data_seq_len:
-            raise UserError(f"heal.seq_len: {seq_len} is longer than the data blocks; allowed: <= data.seq_len "
-                            f"({data_seq_len})")
-        try:
-            lora = section.lora
-            return cls(tokens=int(section.tokens), lr=float(section.lr), batch_size=int(section.batch_size),
-                       seq_len=int(seq_len), eval_every=int(section.eval_every),
-                       checkpoint_every=int(section.checkpoint_every), seed=int(section.seed),
-                       grad_clip=float(section.grad_clip),
-                       lora=LoraSettings(bool(lora.enabled), int(lora.r), int(lora.alpha),
-                                         tuple(str(m) for m in lora.modules), float(lora.lr)))
-        except (TypeError, ValueError) as error:
-            raise UserError(f"heal: {error}") from None
-
 
 @dataclass
 class HealResult:
@@ -353,27 +335,21 @@ def format_curve(curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_heal(cfg, bench=None, plan: LayerPlan | None = None, on_step=None) -> tuple[Path, HealResult | None]:
-    """`layerboost heal plan=...`: heal the plan, write the hybrid folder, print the before/after table.
+def heal_to_folder(bench, plan: LayerPlan, settings: HealSettings, out: Path, source: str = "",
+                   on_step=None) -> tuple[Path, HealResult | None]:
+    """Heal `plan` on the open workbench `bench`, write the hybrid folder `out`, print the before/after table.
 
-    `bench` (an open Workbench with its bank) and `plan` may be given by a caller that has them already.
-    Returns the folder and the result (None when the folder for the same run existed already).
+    Trains the bank first when the workbench has none and the plan needs it. Returns the folder and the
+    result (None when the folder for the same run existed already). `source` is recorded as the plan's origin.
     """
     from .hybrid_folder import read_manifest, save_hybrid
-    from .plan import load_plan
-    from .workbench import attach_bank, open_workbench, option_settings
+    from .workbench import attach_bank, bank_id_or_none, needs_bank
 
-    if plan is None and not cfg.plan:
-        raise UserError("plan: missing; pass plan=<plan.json> or plan=<compact string such as SLSL...>")
-    settings = HealSettings.from_config(cfg.heal, int(cfg.data.seq_len))
-    if bench is None:
-        bench = open_workbench(cfg, with_bank=False)
-    plan = plan or load_plan(str(cfg.plan), bench.info)  # a foreign plan is refused before any training
-    out = Path(cfg.heal.out) if cfg.heal.get("out") else Path(cfg.output_dir) / "healed" / plan.id
-    if bench.bank is None:
+    if bench.bank is None and needs_bank(plan.layers):
         attach_bank(bench)
-    settings_dict = option_settings(cfg)
-    key = run_key(settings, plan, bench.info["fingerprint"], bench.bank.id, settings_dict,
+    options = bench.settings.options
+    bank_id = bank_id_or_none(bench)
+    key = run_key(settings, plan, bench.info["fingerprint"], bank_id, options,
                   bench.splits.hashes["train"], bench.splits.hashes["heldout"])
     existing = read_manifest(out)
     if existing is not None and existing.get("heal_key") == key:
@@ -384,7 +360,7 @@ def run_heal(cfg, bench=None, plan: LayerPlan | None = None, on_step=None) -> tu
     proxy = ProxyEvaluator(bench.model, bench.splits.heldout)  # the teacher's held-out distributions
     started = time.perf_counter()
     result = heal_plan(bench.switcher, plan, bench.splits.train, proxy, settings, checkpoint, key,
-                       progress=bool(cfg.progress), on_step=on_step)
+                       progress=bench.settings.progress, on_step=on_step)
     wall = time.perf_counter() - started
     metrics = {"before": result.before, "after": result.after, "curve": result.curve,
                "train_kl_per_step": result.losses, "tokens": result.tokens, "steps": result.steps,
@@ -395,8 +371,8 @@ def run_heal(cfg, bench=None, plan: LayerPlan | None = None, on_step=None) -> tu
                            "hash": bench.splits.hashes["heldout"]}}
     plan_metrics = {name: {"value": value, "fidelity": "proxy", "before_heal": result.before[name]}
                     for name, value in result.after.items()}
-    context = {"model": bench.info, "settings": settings_dict, "bank_id": bench.bank.id, "metrics": plan_metrics,
-               "origin": {"healed_by": "layerboost heal", "source": str(cfg.plan) if cfg.plan else str(plan),
+    context = {"model": bench.info, "settings": options, "bank_id": bank_id, "metrics": plan_metrics,
+               "origin": {"healed_by": "layerboost heal", "source": source or str(plan),
                           "heal": asdict(settings), "train_data_hash": bench.splits.hashes["train"]}}
     save_hybrid(out, bench.switcher, plan, bench.loaded.tokenizer, context, metrics, heal_key=key)
     checkpoint.unlink(missing_ok=True)

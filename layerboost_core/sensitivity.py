@@ -5,7 +5,6 @@ are cached by a hash of (bank id, held-out data, metrics) and written as sensiti
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -54,13 +53,6 @@ def cached_sensitivity(switcher: PlanSwitcher, evaluator: ProxyEvaluator, key_pa
         return results
 
     return cached_sensitivity_rows(key_parts, switcher.num_layers, score_here, options)
-
-
-def write_sensitivity_csv(rows: list[dict], path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def sensitivity_key(key_parts: tuple, options=("linear", "none")) -> str:

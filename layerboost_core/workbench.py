@@ -1,12 +1,15 @@
-"""What every verb starts from: the loaded model, its data splits, the plan switcher and the bank."""
+"""What every verb starts from: the loaded model, its data splits, the plan switcher and (when a plan needs
+it) the bank. Settings come in as typed values; reading a config file is the application's job."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
+import torch
 
+from .attention import OPTIONS
 from .data import DataSplits, make_splits
+from .errors import UserError
 from .models import LoadedModel, load_model
 from .patch import PlanSwitcher
 from .transfer import Bank, TransferSettings, load_or_build_bank
@@ -14,11 +17,45 @@ from .transfer import Bank, TransferSettings, load_or_build_bank
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model, from where, on which device and dtype (`auto`: cuda + bfloat16 when present)."""
+
+    name: str = "smollm2-135m"
+    source: str = "builtin:smollm2-135m"
+    fallback_source: str | None = None  # tried when the built-in package is missing
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Text source and split sizes (see data.make_splits)."""
+
+    source: str = "builtin"
+    text_field: str = "text"
+    seq_len: int = 512
+    fractions: dict = field(default_factory=lambda: {"calibration": 0.1, "train": 0.6, "heldout": 0.3})
+    blocks: dict = field(default_factory=lambda: {"calibration": 8, "train": None, "heldout": 2})
+
+
+@dataclass(frozen=True)
+class WorkbenchSettings:
+    """Everything needed to open a workbench; plain values, so it pickles to Ray workers."""
+
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    options: dict = field(default_factory=dict)  # option name -> its settings (window, feature_dim, ...)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    rebuild_bank: bool = False
+    progress: bool = True
+
+
 @dataclass
 class Workbench:
-    cfg: DictConfig
+    settings: WorkbenchSettings
     loaded: LoadedModel
-    splits: DataSplits
+    splits: DataSplits | None
     switcher: PlanSwitcher
     bank: Bank | None
 
@@ -31,30 +68,74 @@ class Workbench:
         return self.loaded.info
 
 
-def option_settings(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg.attention, resolve=True)
+def needs_bank(options) -> bool:
+    """True when any of `options` (names, e.g. a plan's layers or a space's options) is trained by transfer."""
+    return any(OPTIONS.get(name).trainable for name in set(options))
 
 
-def transfer_settings(cfg: DictConfig) -> TransferSettings:
-    t = cfg.transfer
-    return TransferSettings(batches=int(t.batches), batch_size=int(t.batch_size),
-                            steps_per_batch=int(t.steps_per_batch), lr=float(t.lr), seed=int(t.seed))
+def load_splits(tokenizer, data: DataSettings) -> DataSplits:
+    return make_splits(tokenizer, data.source, int(data.seq_len), dict(data.fractions), dict(data.blocks),
+                       data.text_field)
 
 
-def open_workbench(cfg: DictConfig, with_bank: bool = True) -> Workbench:
-    """Load model and data from the config; with `with_bank`, load the cached bank or train it now."""
-    loaded = load_model(cfg.model.name, cfg.model.source, cfg.device, cfg.dtype, cfg.model.get("fallback_source"))
-    d = cfg.data
-    splits = make_splits(loaded.tokenizer, d.source, int(d.seq_len), OmegaConf.to_container(d.fractions),
-                         OmegaConf.to_container(d.blocks), d.text_field)
-    bench = Workbench(cfg, loaded, splits, PlanSwitcher(loaded.model, option_settings(cfg)), None)
+def open_workbench(settings: WorkbenchSettings, with_bank: bool = False) -> Workbench:
+    """Load model and data; with `with_bank`, load the cached bank or train it now (see `attach_bank`)."""
+    m = settings.model
+    loaded = load_model(m.name, m.source, m.device, m.dtype, m.fallback_source)
+    bench = Workbench(settings, loaded, load_splits(loaded.tokenizer, settings.data),
+                      PlanSwitcher(loaded.model, settings.options), None)
     return attach_bank(bench) if with_bank else bench
 
 
 def attach_bank(bench: Workbench) -> Workbench:
-    """Load the cached bank into the workbench's switcher, or train it now."""
-    cfg = bench.cfg
-    bench.bank = load_or_build_bank(bench.switcher, bench.info, bench.splits, option_settings(cfg),
-                                    transfer_settings(cfg), progress=bool(cfg.progress),
-                                    rebuild=bool(cfg.transfer.rebuild))
+    """Load the cached bank into the workbench's switcher, or train it now (minutes when cold)."""
+    s = bench.settings
+    bench.bank = load_or_build_bank(bench.switcher, bench.info, bench.splits, s.options, s.transfer,
+                                    progress=s.progress, rebuild=s.rebuild_bank)
     return bench
+
+
+def bank_id_or_none(bench: Workbench) -> str:
+    """The bank's id, or 'none' for work that uses no trainable option (what caches and studies key on)."""
+    return bench.bank.id if bench.bank is not None else "none"
+
+
+def open_hybrid_workbench(settings: WorkbenchSettings, path, with_splits: bool = True):
+    """(Workbench, plan) for a hybrid model folder: its own weights and plan instead of model + bank.
+
+    The workbench's switcher restores the folder's base model (all-softmax); callers apply the plan.
+    """
+    from .hybrid_folder import load_hybrid
+
+    hybrid = load_hybrid(path, settings.model.device, settings.model.dtype)
+    splits = None
+    if with_splits:
+        if hybrid.tokenizer is None:
+            raise UserError(f"plan: hybrid folder {str(path)!r} has no tokenizer; it cannot be evaluated on text")
+        splits = load_splits(hybrid.tokenizer, settings.data)
+    hybrid.switcher.restore()
+    return Workbench(settings, hybrid.loaded, splits, hybrid.switcher, None), hybrid.plan
+
+
+def original_reference(bench: Workbench, blocks: torch.Tensor):
+    """A ProxyEvaluator of a hybrid folder's model against the ORIGINAL (unhealed) model it was made from.
+
+    The healed base weights may differ from the original (merged LoRA), so the reference distributions come
+    from the original, loaded from the source recorded in the plan JSON, and then the evaluator is pointed
+    at the hybrid's model.
+    """
+    from .metrics import ProxyEvaluator
+
+    original = bench.info.get("original") or {}
+    if not original.get("source"):
+        raise UserError(f"plan: hybrid folder {bench.info['source']!r} does not record the model it was made from")
+    m = bench.settings.model
+    reference = load_model(original["name"], original["source"], m.device, m.dtype)
+    if original.get("fingerprint") and reference.info["fingerprint"] != original["fingerprint"]:
+        raise UserError(f"plan: hybrid folder was made from {original['name']} with fingerprint "
+                        f"{original['fingerprint']}, but {original['source']} now has fingerprint "
+                        f"{reference.info['fingerprint']}")
+    proxy = ProxyEvaluator(reference.model, blocks)
+    proxy.model = bench.model
+    del reference
+    return proxy

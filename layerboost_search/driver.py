@@ -12,8 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import optuna
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -22,8 +20,10 @@ from layerboost_core.errors import UserError
 from layerboost_core.metrics import METRICS_VERSION
 from layerboost_core.plan import LayerPlan
 
-from .objectives import declare_objectives
-from .space import SearchSpace
+from layerboost_core.space import SearchSpace
+
+from .settings import ObjectiveSettings, SearchSettings
+from .space import distributions, suggest
 
 log = logging.getLogger(__name__)
 
@@ -52,32 +52,24 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
-def study_name(cfg, info: dict, bank_id: str) -> str:
-    if cfg.study:
-        return _safe(str(cfg.study))
-    key = content_hash(METRICS_VERSION, info["fingerprint"], bank_id, OmegaConf.to_container(cfg.space), OmegaConf.to_container(cfg.objective),
-                       OmegaConf.to_container(cfg.workload), OmegaConf.to_container(cfg.data), str(cfg.sampler._target_))
+def study_name(settings: SearchSettings, info: dict, bank_id: str) -> str:
+    """`settings.study`, or a name derived from everything that makes two studies' numbers comparable."""
+    if settings.study:
+        return _safe(str(settings.study))
+    key = content_hash(METRICS_VERSION, info["fingerprint"], bank_id, settings.space, asdict(settings.objective),
+                       asdict(settings.workload), asdict(settings.workbench.data), settings.sampler_name)
     return _safe(f"{info['name']}-{key[:10]}")
 
 
-def storage_url(cfg, name: str) -> str:
-    if cfg.storage:
-        return str(cfg.storage)
-    path = Path(cfg.output_dir) / "studies" / f"{name}.db"
+def storage_url(settings: SearchSettings, name: str) -> str:
+    if settings.storage:
+        return str(settings.storage)
+    path = Path(settings.output_dir) / "studies" / f"{name}.db"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path.resolve()}"
 
 
-def make_sampler(cfg):
-    try:
-        return instantiate(cfg.sampler)
-    except Exception as error:  # hydra wraps import and argument errors
-        raise UserError(f"sampler._target_: cannot build {cfg.sampler.get('_target_')!r} "
-                        f"({str(error).strip().splitlines()[0]})") from None
-
-
-def open_study(cfg, name: str, objectives, sampler) -> optuna.Study:
-    url = storage_url(cfg, name)
+def open_study(url: str, name: str, objectives, sampler) -> optuna.Study:
     try:
         study = optuna.create_study(study_name=name, storage=url, sampler=sampler, load_if_exists=True,
                                     directions=[o.direction for o in objectives])
@@ -106,10 +98,12 @@ def requeue_abandoned(study: optuna.Study) -> int:
 class SearchRun:
     """One search over a study, with the plan-level bookkeeping ask/tell needs."""
 
-    def __init__(self, cfg, space: SearchSpace, objectives, study: optuna.Study, cost, runner, config_for_plan,
-                 surrogate=None):
-        """`surrogate`: an optional `SurrogateFeed` whose proposals are enqueued as the search runs."""
-        self.cfg, self.space, self.objectives, self.study = cfg, space, objectives, study
+    def __init__(self, objective: ObjectiveSettings, context_tokens: int, space: SearchSpace, objectives,
+                 study: optuna.Study, cost, runner, config_for_plan, surrogate=None):
+        """`context_tokens`: the workload's tokens per sequence (what KV bytes are counted at); `surrogate`: an
+        optional `SurrogateFeed` whose proposals are enqueued as the search runs."""
+        self.objective, self.context_tokens = objective, context_tokens
+        self.space, self.objectives, self.study = space, objectives, study
         self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
         self.seen: dict[str, int] = {}  # plan string -> trial number that evaluated (or is evaluating) it
@@ -120,7 +114,7 @@ class SearchRun:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
     def constraints(self, plan: LayerPlan) -> list[float]:
-        o = self.cfg.objective
+        o = self.objective
         values = []
         if o.latency_ceiling is not None:
             values.append(self.cost.latency(plan) - float(o.latency_ceiling))
@@ -133,13 +127,12 @@ class SearchRun:
 
         model = self.config_for_plan["model_config"]
         return kv_bytes_per_sequence(plan, model, self.config_for_plan["option_settings"],
-                                     int(self.cfg.workload.prefill) + int(self.cfg.workload.decode),
-                                     self.config_for_plan["bytes_per_value"])
+                                     self.context_tokens, self.config_for_plan["bytes_per_value"])
 
     def _ask(self) -> bool:
         """Ask one trial and submit it; False when it was skipped (duplicate or outside the space)."""
-        trial = self.study.ask(self.space.distributions())
-        plan = self.space.suggest(trial)
+        trial = self.study.ask(distributions(self.space))
+        plan = suggest(self.space, trial)
         text = str(plan)
         trial.set_user_attr(PLAN_ATTR, text)
         trial.set_user_attr("plan_id", plan.id)

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from layerboost_core.errors import UserError
+from layerboost_core.lm_eval_tasks import OFFLINE_TASKS
 from layerboost_core.metrics import PROXY_METRICS
+
+from .settings import ObjectiveSettings
 
 
 @dataclass(frozen=True)
@@ -16,19 +19,19 @@ class Objective:
     unit: str = ""
 
 
-def declare_objectives(cfg, offline_tasks=()) -> list[Objective]:
-    """The objectives of a search config: quality, latency, and optionally KV memory."""
-    quality = str(cfg.quality)
+def declare_objectives(settings: ObjectiveSettings) -> list[Objective]:
+    """The objectives of a search: quality, latency, and optionally KV memory."""
+    quality = settings.quality
     if quality in PROXY_METRICS:
         metric = PROXY_METRICS.get(quality)
         objectives = [Objective(quality, metric.direction, "proxy")]
-    elif quality in offline_tasks or quality.startswith("lm_eval:"):
+    elif quality in OFFLINE_TASKS or quality.startswith("lm_eval:"):
         task = quality.removeprefix("lm_eval:")
         objectives = [Objective(f"lm_eval:{task}", "maximize", "lm-eval")]
     else:
         raise UserError(f"objective.quality: unknown value {quality!r}; allowed: {', '.join(PROXY_METRICS)}, "
-                        f"{', '.join(offline_tasks)} or lm_eval:<task>")
+                        f"{', '.join(OFFLINE_TASKS)} or lm_eval:<task>")
     objectives.append(Objective("latency_s", "minimize", "cost-model", "s"))
-    if cfg.memory:
+    if settings.memory:
         objectives.append(Objective("kv_bytes", "minimize", "cost-model", "bytes/sequence"))
     return objectives

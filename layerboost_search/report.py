@@ -1,8 +1,6 @@
 """Reports of a study: trials.csv, pareto.csv, pareto.html, best/*.json, summary.md and a printed table."""
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
@@ -11,6 +9,7 @@ from optuna.trial import TrialState
 
 from layerboost_core.cache_dir import atomic_path, write_json, write_text
 from layerboost_core.plan import LayerPlan
+from layerboost_core.tables import write_csv
 
 from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
 
@@ -30,17 +29,6 @@ def trial_rows(study: optuna.Study, objectives) -> list[dict]:
         row["duration_s"] = t.duration.total_seconds() if t.duration else ""
         rows.append(row)
     return rows
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    fields: list[str] = []
-    for row in rows:
-        fields += [k for k in row if k not in fields]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
 
 
 def front_trials(study: optuna.Study) -> list:
@@ -115,10 +103,10 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     """Write every report file into `run_dir`; returns the printed summary table."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study, objectives)
-    _write_csv(run_dir / "trials.csv", rows)
+    write_csv(run_dir / "trials.csv", rows)
     front = front_trials(study)
     numbers = {t.number for t in front}
-    _write_csv(run_dir / "pareto.csv", [r for r in rows if r["number"] in numbers])
+    write_csv(run_dir / "pareto.csv", [r for r in rows if r["number"] in numbers])
     fig = pareto_figure(rows, objectives, numbers, f"{context['model']['name']}: {context['study']}")
     with atomic_path(run_dir / "pareto.html") as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True)

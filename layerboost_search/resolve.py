@@ -17,10 +17,10 @@ from optuna.trial import TrialState
 from layerboost_core.cache_dir import atomic_path
 from layerboost_core.pareto import front_indices
 from layerboost_core.plan import LayerPlan
+from layerboost_core.tables import write_csv
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence
 
 from .driver import LABEL_ATTR, PLAN_ATTR
-from .report import _write_csv
 from .surrogate_feed import SUPPORTED_METRICS
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,10 @@ def resolve_front(study, objectives, space, cost, sensitivity_rows, model_config
                     "measured front only", ", ".join(SUPPORTED_METRICS))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "trials.csv", evaluated)
-    _write_csv(out_dir / "pareto.csv", measured_front)
+    write_csv(out_dir / "trials.csv", evaluated)
+    write_csv(out_dir / "pareto.csv", measured_front)
     if predicted:
-        _write_csv(out_dir / "predicted_front.csv", predicted)
+        write_csv(out_dir / "predicted_front.csv", predicted)
     _write_figure(evaluated, measured_front, predicted, quality, workload, out_dir / "pareto.html")
     return _table(measured_front, predicted, quality)
 

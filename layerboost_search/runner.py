@@ -12,6 +12,8 @@ from typing import Protocol
 
 from layerboost_core.errors import UserError
 
+from .settings import EvaluatorSettings, RunnerSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -28,11 +30,11 @@ class Runner(Protocol):
 class SerialRunner:
     """In-process evaluation, one job at a time (debugging, tests)."""
 
-    def __init__(self, cfg_dict: dict):
+    def __init__(self, evaluator_settings: EvaluatorSettings):
         from .worker import PlanEvaluator
 
         self.capacity = 1
-        self.evaluator = PlanEvaluator(cfg_dict)
+        self.evaluator = PlanEvaluator(evaluator_settings)
         self.queue: deque = deque()
 
     def submit(self, key, method: str, plan_text: str) -> None:
@@ -55,7 +57,7 @@ class SerialRunner:
 class RayRunner:
     """A pool of Ray actors; each holds a `PlanEvaluator`."""
 
-    def __init__(self, cfg_dict: dict, runner_cfg, evaluator_class=None):
+    def __init__(self, evaluator_settings: EvaluatorSettings, runner_cfg: RunnerSettings, evaluator_class=None):
         """`evaluator_class`: the actor class (default `PlanEvaluator`; tests pass instrumented subclasses)."""
         import ray
 
@@ -70,32 +72,32 @@ class RayRunner:
                     # the job, and at nice 15 any other busy process on the machine starves them (the actors
                     # took minutes to start next to one CPU-bound benchmark). Start them at normal priority.
                     os.environ.setdefault("RAY_worker_niceness", "0")
-                    workers = int(runner_cfg.num_workers)
-                    cpus = max(int(runner_cfg.num_cpus), 1) * workers
-                    gpus = float(runner_cfg.num_gpus) * workers
+                    workers = runner_cfg.num_workers
+                    cpus = max(runner_cfg.num_cpus, 1) * workers
+                    gpus = runner_cfg.num_gpus * workers
                     # "local": always our own instance, never a cluster found through RAY_ADDRESS or `ray start`
                     # (which would refuse num_cpus); joining one is `runner.address=auto`.
                     ray.init(address="local", num_cpus=cpus, num_gpus=gpus if gpus else None,
                              include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise UserError(f"runner.address: cannot start or join Ray ({error})") from None
-        self.cfg_dict = cfg_dict
+        self.evaluator_settings = evaluator_settings
         self.runner_cfg = runner_cfg
-        self.capacity = int(runner_cfg.num_workers)
-        self.max_retries = int(runner_cfg.max_retries)
+        self.capacity = runner_cfg.num_workers
+        self.max_retries = runner_cfg.max_retries
         if evaluator_class is None:
             from .worker import PlanEvaluator as evaluator_class
 
         self.actor_class = ray.remote(evaluator_class).options(
-            num_cpus=max(int(runner_cfg.num_cpus), 0) or 1, num_gpus=float(runner_cfg.num_gpus), max_restarts=0)
+            num_cpus=runner_cfg.num_cpus or 1, num_gpus=runner_cfg.num_gpus, max_restarts=0)
         self.actors = [self._new_actor() for _ in range(self.capacity)]
         self.idle = list(range(self.capacity))
         self.queue: deque = deque()
         self.running: dict = {}  # object ref -> (actor index, key, method, plan_text, attempt)
 
     def _new_actor(self):
-        threads = max(int(self.runner_cfg.num_cpus), 1)
-        return self.actor_class.remote(self.cfg_dict, threads)
+        threads = max(self.runner_cfg.num_cpus, 1)
+        return self.actor_class.remote(self.evaluator_settings, threads)
 
     def submit(self, key, method: str, plan_text: str, attempt: int = 0) -> None:
         self.queue.append((key, method, plan_text, attempt))
@@ -142,10 +144,7 @@ class RayRunner:
             self.ray.kill(actor)
 
 
-def make_runner(cfg_dict: dict, runner_cfg) -> Runner:
-    kind = str(runner_cfg.kind)
-    if kind == "serial":
-        return SerialRunner(cfg_dict)
-    if kind == "ray":
-        return RayRunner(cfg_dict, runner_cfg)
-    raise UserError(f"runner.kind: unknown value {kind!r}; allowed: ray, serial")
+def make_runner(evaluator_settings: EvaluatorSettings, runner_cfg: RunnerSettings) -> Runner:
+    if runner_cfg.kind == "serial":
+        return SerialRunner(evaluator_settings)
+    return RayRunner(evaluator_settings, runner_cfg)

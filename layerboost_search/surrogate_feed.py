@@ -11,27 +11,31 @@ import logging
 
 from layerboost_core.plan import LayerPlan
 
+from .settings import ObjectiveSettings, SurrogateSettings
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_METRICS = ("kl", "nll_delta")  # lower is better and 0 for the original model: what the predictor models
 
 
 class SurrogateFeed:
-    def __init__(self, settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer=None):
+    def __init__(self, settings: SurrogateSettings, space, cost, sensitivity_rows, objectives,
+                 objective_cfg: ObjectiveSettings, kv_per_layer=None):
         """`kv_per_layer`: option -> KV bytes of one layer (needed only with a memory ceiling)."""
-        self.every, self.count = int(settings.every), int(settings.count)
-        self.next_at = int(settings.start_after)
+        self.every, self.count = settings.every, settings.count
+        self.next_at = settings.start_after
         self.space, self.cost, self.rows = space, cost, sensitivity_rows
         self.metric = objectives[0].name
         self.latency_ceiling = objective_cfg.latency_ceiling
         self.memory_ceiling = objective_cfg.memory_ceiling
         self.kv_per_layer = kv_per_layer
-        self.max_loss = settings.get("max_loss")
+        self.max_loss = settings.max_loss
 
     @classmethod
-    def maybe(cls, settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer=None):
+    def maybe(cls, settings: SurrogateSettings, space, cost, sensitivity_rows, objectives,
+              objective_cfg: ObjectiveSettings, kv_per_layer=None):
         """A feed when enabled and the quality objective is one the predictor models, else None."""
-        if settings is None or not bool(settings.enabled):
+        if not settings.enabled:
             return None
         if objectives[0].name not in SUPPORTED_METRICS:
             log.warning("surrogate: quality objective %s is not modelled (only %s); surrogate proposals are off",

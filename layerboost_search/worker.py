@@ -1,7 +1,7 @@
 """An evaluator: holds the model, the bank and the cached original log-probs; switches plans in place.
 
-The same class runs in-process (serial runner) or as a Ray actor (ray runner). It takes the config as a
-plain dict so it pickles to remote workers.
+The same class runs in-process (serial runner) or as a Ray actor (ray runner). It takes typed settings
+(plain frozen dataclasses) so they pickle to remote workers.
 """
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ import os
 import time
 
 import torch
-from omegaconf import OmegaConf
+
+from .settings import EvaluatorSettings
 
 
 class PlanEvaluator:
-    def __init__(self, cfg: dict, threads: int | None = None):
+    def __init__(self, settings: EvaluatorSettings, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        from layerboost_core.cli import quiet_libraries
+        from layerboost_core.logs import quiet_libraries
         from layerboost_core.metrics import ProxyEvaluator
         from layerboost_core.workbench import open_workbench
 
         quiet_libraries()
-        self.cfg = OmegaConf.create(cfg)
-        self.bench = open_workbench(self.cfg, with_bank=True)  # the driver built and cached the bank
+        self.settings = settings
+        # The driver built and cached the bank before starting workers: here it is only read.
+        self.bench = open_workbench(settings.workbench, with_bank=settings.with_bank)
         self.proxy = ProxyEvaluator(self.bench.model, self.bench.splits.heldout)
         self._task_dir = None
 
@@ -48,13 +50,12 @@ class PlanEvaluator:
         from layerboost_core import lm_eval_tasks
         from layerboost_core.plan import LayerPlan
 
-        e = self.cfg.eval
+        e = self.settings.eval
         if self._task_dir is None:
-            settings = {"n_examples": int(e.n_examples), "passkey_context": int(e.passkey_context), "seed": int(self.cfg.seed)}
             self._task_dir = lm_eval_tasks.write_offline_tasks(
-                None, self.bench.splits.documents["heldout"], self.bench.loaded.tokenizer, settings)
+                None, self.bench.splits.documents["heldout"], self.bench.loaded.tokenizer, e.task_settings())
         started = time.perf_counter()
         self.bench.switcher.apply(LayerPlan.from_string(plan_text))
         scores = lm_eval_tasks.evaluate_tasks(self.bench.model, self.bench.loaded.tokenizer, list(e.tasks),
-                                              self._task_dir, batch_size=int(e.batch_size), limit=e.limit)
+                                              self._task_dir, batch_size=e.batch_size, limit=e.limit)
         return {"scores": scores, "seconds": time.perf_counter() - started}

@@ -19,13 +19,6 @@ from .gap_fill import gap_filling_plans
 from .solver import FrontSolver
 
 
-def plan_of_params(space, params: dict) -> LayerPlan:
-    """The plan an (enqueued or finished) trial's parameters stand for."""
-    from layerboost_search.space import layer_param
-
-    return LayerPlan(tuple(space.pinned.get(i) or params[layer_param(i)] for i in range(space.num_layers)))
-
-
 def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[LayerPlan, float]], n: int, seed: int = 0,
                   *, exclude: Iterable[str] = (), metric: str = "kl", pairs: str = "adjacent",
                   latency_ceiling: float | None = None, kv_bytes: dict[str, float] | None = None,

@@ -15,7 +15,7 @@ SMALL_TRANSFER = ["transfer.batches=2", "transfer.steps_per_batch=1", "data.bloc
 
 def run_cli(*args, env=None, cwd=None):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "layerboost_core", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "layerboost", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=600)
 
 

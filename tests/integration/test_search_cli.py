@@ -231,9 +231,9 @@ def test_resume_after_sigkill_requeues_running_trials_and_stops_at_budget(tmp_pa
 @pytest.mark.timeout(240)
 def test_ray_worker_killed_mid_evaluation_is_replaced_and_its_plan_retried(tmp_path, monkeypatch):
     import ray
-    from omegaconf import OmegaConf
 
-    from layerboost_core.cli import compose
+    from layerboost.config import compose
+    from layerboost.settings import search_settings
     from layerboost_search.runner import RayRunner
     from layerboost_search.worker import PlanEvaluator
 
@@ -257,7 +257,8 @@ def test_ray_worker_killed_mid_evaluation_is_replaced_and_its_plan_retried(tmp_p
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     cfg = compose([*TINY, f"output_dir={tmp_path}", "runner=ray", "runner.num_workers=1", "runner.max_retries=2"])
-    runner = RayRunner(OmegaConf.to_container(cfg, resolve=True), cfg.runner, evaluator_class=SlowEvaluator)
+    settings = search_settings(cfg)
+    runner = RayRunner(settings.evaluator(with_bank=True), settings.runner, evaluator_class=SlowEvaluator)
     try:
         [first] = runner.actor_pids()  # waits until the actor holds model and bank
         runner.submit("plan-a", "evaluate", "SSLN")
@@ -373,7 +374,7 @@ def test_report_resolves_the_front_for_another_workload_without_new_evaluations(
     name, storage = the_study(output_dir)
     before = len(optuna.load_study(study_name=name, storage=storage).trials)
 
-    command = [sys.executable, "-m", "layerboost_core", "report", *TINY, f"output_dir={output_dir}",
+    command = [sys.executable, "-m", "layerboost", "report", *TINY, f"output_dir={output_dir}",
                "workload.prefill=256", "workload.batch=2"]
     refused = subprocess.run(command, capture_output=True, text=True, env=env(), cwd=tmp_path, timeout=240)
     assert refused.returncode == 2 and f"pick one with study=<name>" in refused.stderr and name in refused.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from layerboost_core.bench import BASELINE, BenchSettings, format_table, measure_plans, ratio_rows, step_time_at
-from layerboost_core.cli import main
+from layerboost.cli import main
 from layerboost_core.errors import UserError
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan

@@ -7,7 +7,7 @@ import pytest
 
 from layerboost_core.pareto import front_indices, hypervolume_2d
 from layerboost_core.plan import LayerPlan
-from layerboost_search.space import SearchSpace
+from layerboost_core.space import SearchSpace
 from layerboost_surrogates.cost_model import AdditiveCostModel
 from layerboost_surrogates.gap_fill import (by_adjacent_gap, gap_filling_plans, local_moves, pick_by_front_gain,
                                             staircase_values)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerboost_core import load_hybrid
-from layerboost_core.cli import main
+from layerboost.cli import main
 from layerboost_core.errors import UserError
 from layerboost_core.heal import HealSettings, LoraSettings, batch_indices, heal_plan, lr_at
 from layerboost_core.hybrid_folder import MANIFEST, PARTS_FILE, PLAN_FILE, save_hybrid

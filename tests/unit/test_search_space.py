@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_search.driver import LABEL_ATTR, enqueue_seeds
 from layerboost_search.seeds import heuristic_plan, heuristic_sweep, interleaved_plans, seed_plans
-from layerboost_search.space import SearchSpace, layer_param
+from layerboost_core.space import SearchSpace, layer_param
+from layerboost_search.space import distributions, suggest
 
 ALL = ["softmax", "linear", "none"]
 
@@ -19,9 +19,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def space_of(num_layers: int = 4, options=ALL, pinned=None, min_count=None, max_count=None) -> SearchSpace:
-    cfg = OmegaConf.create({"options": list(options) if isinstance(options, (list, tuple)) else options,
-                            "pinned": pinned or {}, "min_count": min_count or {}, "max_count": max_count or {}})
-    return SearchSpace.from_config(cfg, num_layers)
+    raw = {"options": list(options) if isinstance(options, (list, tuple)) else options,
+           "pinned": pinned or {}, "min_count": min_count or {}, "max_count": max_count or {}}
+    return SearchSpace.from_mapping(raw, num_layers)
 
 
 def refused(field: str, *fragments: str):
@@ -136,8 +136,8 @@ def test_count_must_be_a_whole_number():
 
 def test_distributions_cover_only_free_layers():
     space = space_of(pinned={0: "softmax", 3: "none"})
-    assert sorted(space.distributions()) == [layer_param(1), layer_param(2)]
-    assert all(d.choices == tuple(ALL) for d in space.distributions().values())
+    assert sorted(distributions(space)) == [layer_param(1), layer_param(2)]
+    assert all(d.choices == tuple(ALL) for d in distributions(space).values())
 
 
 def test_suggest_reproduces_enqueued_params_and_keeps_pinned_layers():
@@ -145,8 +145,8 @@ def test_suggest_reproduces_enqueued_params_and_keeps_pinned_layers():
     plan = LayerPlan(("softmax", "linear", "none", "linear"))
     study = optuna.create_study(directions=["minimize"])
     study.enqueue_trial(space.params_of(plan))
-    trial = study.ask(space.distributions())
-    assert space.suggest(trial) == plan
+    trial = study.ask(distributions(space))
+    assert suggest(space, trial) == plan
     assert layer_param(0) not in trial.params
     assert space.params_of(plan) == {"layer_001": "linear", "layer_002": "none", "layer_003": "linear"}
 
@@ -155,7 +155,7 @@ def test_suggest_samples_only_allowed_options():
     space = space_of(options=["softmax", "linear"], pinned={2: "none"})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
-        plan = space.suggest(study.ask(space.distributions()))
+        plan = suggest(space, study.ask(distributions(space)))
         assert plan.layers[2] == "none"
         assert {plan.layers[i] for i in (0, 1, 3)} <= {"softmax", "linear"}
 
@@ -297,12 +297,8 @@ def test_seed_plans_put_the_additive_front_before_the_heuristic():
     ("start_after", -1, "surrogate.start_after: -1 must be an integer >= 0"),
 ])
 def test_surrogate_settings_are_refused_with_the_field_named(field, value, message):
-    from layerboost_search.command import _validate_surrogate
+    from layerboost_search.settings import SurrogateSettings
 
-    settings = OmegaConf.create({"enabled": True, "start_after": 0, "every": 8, "count": 6, "max_loss": 1.0})
-    _validate_surrogate(settings)  # the defaults pass
-    settings[field] = value
+    SurrogateSettings()  # the defaults pass
     with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
-        _validate_surrogate(settings)
-    settings.enabled = False
-    _validate_surrogate(settings)  # ignored when the surrogate is off
+        SurrogateSettings(**{field: value})

@@ -9,11 +9,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from layerboost_core.plan import LayerPlan
-from layerboost_search.space import SearchSpace
+from layerboost_core.space import SearchSpace
 from layerboost_surrogates.accuracy import (AdditivePredictor, InteractionPredictor, QualityTerms, SensitivityTable,
                                             make_predictor)
 from layerboost_surrogates.cost_model import AdditiveCostModel
-from layerboost_surrogates.propose import plan_of_params, propose_plans
+from layerboost_surrogates.propose import propose_plans
 from layerboost_surrogates.solver import FrontSolver
 
 OPTIONS = ("softmax", "linear", "none")
@@ -232,7 +232,7 @@ def test_propose_plans_with_max_loss_stays_on_the_bounded_part_of_the_front():
 def test_plan_of_params_restores_pinned_layers():
     space = SPACES["constrained"]
     plan = LayerPlan(("softmax", "linear", "linear", "none", "softmax", "none", "softmax", "linear"))
-    assert plan_of_params(space, space.params_of(plan)) == plan
+    assert space.plan_of_params(space.params_of(plan)) == plan
 
 
 def test_propose_plans_refuses_all_pairs():

@@ -1,0 +1,4 @@
+"""`python -m layerboost <verb> ...` is `layerboost <verb> ...`."""
+from .cli import main
+
+main()

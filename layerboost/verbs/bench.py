@@ -1,0 +1,45 @@
+"""`layerboost bench`."""
+from __future__ import annotations
+
+from . import shows
+
+
+@shows("plan", "bench.contexts", "bench.batches", "bench.decode_tokens", "bench.memory_budget_gb", "device", "dtype")
+def bench(cfg) -> None:
+    """Measured prefill latency, decode speed, KV bytes, memory and largest batch of `plan=` beside
+    all-softmax, taking turns in one run: a table, bench.csv and bench.html."""
+    from ..settings import bench_settings, plan_spec, workbench_settings
+
+    from pathlib import Path
+
+    from layerboost_core.bench import BASELINE, format_table, measure_plans, write_html
+    from layerboost_core.hybrid_folder import plan_is_folder
+    from layerboost_core.plan import LayerPlan, load_plan
+    from layerboost_core.tables import write_csv
+    from layerboost_core.workbench import attach_bank, needs_bank, open_hybrid_workbench, open_workbench
+
+    spec = plan_spec(cfg, " or plan=<hybrid folder>")
+    settings = bench_settings(cfg)
+    workbench = workbench_settings(cfg)
+    if plan_is_folder(spec):  # a hybrid folder: its own weights and plan; all-softmax is its base
+        bench_, plan = open_hybrid_workbench(workbench, spec, with_splits=False)
+    else:
+        bench_ = open_workbench(workbench)
+        plan = load_plan(spec, bench_.info)
+        # Speed does not depend on the bank's weights; bench.bank=true only for outputs that look right.
+        if bool(cfg.bench.bank) and needs_bank(plan.layers):
+            attach_bank(bench_)
+    n = bench_.switcher.num_layers
+    plans = {BASELINE: LayerPlan.uniform("softmax", n)}
+    if plan != plans[BASELINE]:
+        plans["plan"] = plan
+    rows = measure_plans(bench_.switcher, plans, settings, progress=workbench.progress)
+    out = Path(cfg.output_dir) / "bench" / f"{bench_.info['name'].replace('/', '--')}-{plan.id}"
+    write_csv(out / "bench.csv", rows)
+    dtype = str(bench_.loaded.dtype).replace("torch.", "")
+    write_html(rows, out / "bench.html",
+               f"{bench_.info['name']}: plan {plan} vs all-softmax ({bench_.loaded.device.type}, {dtype})")
+    print(f"model {bench_.info['name']} on {bench_.loaded.device} ({dtype}), plan {plan}, "
+          f"{settings.decode_tokens} decode steps, budget {settings.memory_budget_gb:g} GiB")
+    print(format_table(rows))
+    print(f"written to {out}")

@@ -1,0 +1,226 @@
+"""The search pipeline from typed settings: model and bank, cost model, sensitivity, seeds, the study, the
+lm-eval rung and the report (`run_search`); and re-reporting an existing study (`report_study`)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from dataclasses import asdict
+
+from optuna.trial import TrialState
+
+from layerboost_core.errors import UserError
+from layerboost_core.plan import LayerPlan
+from layerboost_core.sensitivity import cached_sensitivity_rows
+from layerboost_core.space import SearchSpace
+from layerboost_core.tables import write_csv
+from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
+from layerboost_surrogates.cost_model import Workload, cost_model
+
+from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, lm_eval_scores, open_study, record_lm_eval,
+                     requeue_abandoned, storage_url, study_name)
+from .objectives import declare_objectives
+from .report import front_trials, write_report
+from .runner import make_runner
+from .seeds import seed_plans
+from .settings import EvalSettings, SearchSettings
+
+log = logging.getLogger(__name__)
+
+LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
+WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
+
+
+def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
+    """Evaluate {key: plan} on the runner pool; returns {key: result}."""
+    from tqdm.auto import tqdm
+
+    results = {}
+    for key, plan in jobs.items():
+        runner.submit(key, "evaluate", str(plan))
+    for _ in tqdm(range(len(jobs)), desc="sensitivity", unit="swap", disable=not progress):
+        key, result = runner.next_result()
+        results[key] = result
+    return results
+
+
+def _open_for_space(settings: SearchSettings):
+    """(workbench, space) with the bank attached only when the space can use a trainable option."""
+    bench = open_workbench(settings.workbench, with_bank=False)
+    space = SearchSpace.from_mapping(settings.space, bench.switcher.num_layers)
+    return bench, space
+
+
+def space_needs_bank(space: SearchSpace) -> bool:
+    return needs_bank([*space.options, *space.pinned.values()])
+
+
+def run_search(settings: SearchSettings, sampler) -> Path:
+    """The whole search for `settings` with the Optuna `sampler`; returns the run directory."""
+    objectives = declare_objectives(settings.objective)
+    workload = settings.workload
+    options = settings.workbench.options
+    # The bank (minutes when cold) comes after every check that can refuse the run: the space needs only the
+    # layer count, and the cost model only the modules' shapes (timing does not depend on trained weights).
+    bench, space = _open_for_space(settings)
+    info, n = bench.info, bench.switcher.num_layers
+    cost = cost_model(bench.switcher, info, options, workload)
+    softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
+    ceiling = settings.objective.latency_ceiling
+    fastest = cost.fastest(space.options)
+    if ceiling is not None and ceiling < fastest:
+        raise UserError(f"objective.latency_ceiling: {ceiling} s cannot be met; the fastest plan in the space is "
+                        f"predicted at {fastest:.3f} s (all-softmax {softmax_latency:.3f} s) for this workload")
+    with_bank = space_needs_bank(space)
+    if with_bank:
+        attach_bank(bench)
+    bank_id = bank_id_or_none(bench)
+
+    name = study_name(settings, info, bank_id)
+    url = storage_url(settings, name)
+    study = open_study(url, name, objectives, sampler)
+    if WORKLOAD_ATTR not in study.user_attrs:  # what `layerboost report` compares a new workload against
+        study.set_user_attr(WORKLOAD_ATTR, asdict(workload))
+    run_dir = Path(settings.output_dir) / "runs" / name
+    requeued = requeue_abandoned(study)
+    if requeued:
+        log.info("re-queued %d trial(s) left running by an interrupted run", requeued)
+
+    progress = settings.workbench.progress
+    runner = make_runner(settings.evaluator(with_bank), settings.runner)
+    try:
+        started = time.perf_counter()
+        rows = cached_sensitivity_rows(
+            (bank_id, bench.splits.hashes["heldout"]), n,
+            lambda jobs: _scores_by_runner(runner, jobs, progress), _sensitivity_options(space))
+        write_csv(run_dir / "sensitivity.csv", rows)
+        log.info("sensitivity table ready (%.0f s)", time.perf_counter() - started)
+        seeded = enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
+        if seeded:
+            log.info("enqueued %d seed plans", seeded)
+        context_for_plan = {"model_config": bench.model.config, "option_settings": options,
+                            "bytes_per_value": bench.model.dtype.itemsize}
+        surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, context_for_plan)
+        search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
+                           context_for_plan, surrogate)
+        search.run(settings.budget, progress=progress)
+        _score_front_with_lm_eval(settings.eval, study, runner, progress)
+    finally:
+        runner.close()
+
+    context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
+               "study": name, "storage": url, "softmax_latency": softmax_latency}
+    table = write_report(study, objectives, run_dir, context, LATENCY_TARGETS)
+    print(f"\nPareto front of {name} ({len(front_trials(study))} plans; all-softmax latency {softmax_latency:.3f} s):")
+    print(table)
+    print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {url}")
+    return run_dir
+
+
+def _sensitivity_options(space: SearchSpace) -> tuple[str, ...]:
+    """The options swapped one layer at a time: `none` always (the paper's score, what seeds rank layers by),
+    `linear` when the space can use it (it needs the bank)."""
+    return ("linear", "none") if space_needs_bank(space) else ("none",)
+
+
+def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows, objectives, context_for_plan):
+    """The search's surrogate feed (None when `surrogate.enabled=false`)."""
+    from layerboost_surrogates.solver import kv_per_layer
+
+    from .surrogate_feed import SurrogateFeed
+
+    kv = kv_per_layer(set(space.options) | set(space.pinned.values()), context_for_plan["model_config"],
+                      context_for_plan["option_settings"], settings.workload.context,
+                      context_for_plan["bytes_per_value"])
+    return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective, kv)
+
+
+def _score_front_with_lm_eval(e: EvalSettings, study, runner, progress: bool) -> None:
+    """Second fidelity: lm-eval tasks for the top-k front candidates not scored yet (resumable)."""
+    top_k, tasks = e.top_k, list(e.tasks)
+    if top_k <= 0 or not tasks:
+        return
+    front = front_trials(study)
+    if len(front) > top_k:  # spread over the front: its ends and evenly between
+        step = (len(front) - 1) / (top_k - 1) if top_k > 1 else 0
+        front = [front[round(i * step)] for i in range(top_k)]
+    scored = lm_eval_scores(study)
+    todo = [t for t in front if t.number not in scored]
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    log.info("lm-eval: scoring %d front candidate(s) on %s (%s examples each)", len(todo), ", ".join(tasks),
+             e.limit or e.n_examples)
+    for trial in todo:
+        runner.submit(trial.number, "lm_eval", trial.user_attrs[PLAN_ATTR])
+    for _ in tqdm(todo, desc="lm-eval", unit="plan", disable=not progress):
+        number, result = runner.next_result()
+        if "error" in result:
+            log.warning("lm-eval of trial %d failed: %s", number, result["error"])
+            continue
+        record_lm_eval(study, number, result["scores"])
+
+
+def report_study(settings: SearchSettings) -> Path:
+    """Re-write the report files of an existing study. With a workload other than the study's, also re-solve
+    its front for that workload (nothing re-evaluated). Returns the run directory."""
+    import optuna
+
+    objectives = declare_objectives(settings.objective)
+    bench, space = _open_for_space(settings)
+    if space_needs_bank(space):
+        attach_bank(bench)
+    name = study_name(settings, bench.info, bank_id_or_none(bench))
+    url = storage_url(settings, name)
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        raise UserError(f"study: no study {name!r} in {url}; run the search first"
+                        + _other_studies_hint(settings, name)) from None
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise UserError(f"study: {name!r} has no completed trials yet")
+    asked = asdict(settings.workload)
+    searched = study.user_attrs.get(WORKLOAD_ATTR, asked)
+    options = settings.workbench.options
+    cost = cost_model(bench.switcher, bench.info, options, Workload(**searched))
+    run_dir = Path(settings.output_dir) / "runs" / name
+    context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
+               "workload": searched, "study": name, "storage": url,
+               "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
+    print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS))
+    print(f"report: {run_dir}")
+    if asked != searched:
+        _resolve_for_workload(settings, bench, space, study, objectives, run_dir)
+    return run_dir
+
+
+def _other_studies_hint(settings: SearchSettings, name: str) -> str:
+    """A hint naming the studies that do exist (a changed workload changes the derived study name)."""
+    if settings.storage:
+        return ""
+    folder = Path(settings.output_dir) / "studies"
+    others = sorted(p.stem for p in folder.glob("*.db") if p.stem != name)
+    return f" (studies in {folder}: {', '.join(others)}; pick one with study=<name>)" if others else ""
+
+
+def _resolve_for_workload(settings: SearchSettings, bench, space, study, objectives, run_dir: Path) -> None:
+    from layerboost_core.metrics import ProxyEvaluator
+    from layerboost_core.sensitivity import cached_sensitivity
+
+    from .resolve import resolve_front, workload_tag
+
+    started = time.perf_counter()
+    options = settings.workbench.options
+    workload = asdict(settings.workload)
+    cost = cost_model(bench.switcher, bench.info, options, settings.workload)
+    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)  # only used if the sensitivity cache is gone
+    rows = cached_sensitivity(bench.switcher, proxy, (bank_id_or_none(bench), bench.splits.hashes["heldout"]),
+                              progress=settings.workbench.progress, options=_sensitivity_options(space))
+    out_dir = run_dir / "workloads" / workload_tag(workload)
+    o = settings.objective
+    table = resolve_front(study, objectives, space, cost, rows, bench.model.config, options,
+                          bench.model.dtype.itemsize, workload, out_dir, o.latency_ceiling, o.memory_ceiling)
+    print(f"\nfront re-solved for workload {workload} ({time.perf_counter() - started:.1f} s, "
+          f"nothing re-evaluated):\n{table}\nwritten to {out_dir}")

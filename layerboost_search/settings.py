@@ -1,0 +1,128 @@
+"""Typed settings of the search engine. The application builds them from its config; each validates its own
+values, so a bad one is refused with one line naming the field before anything is written."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from layerboost_core.errors import UserError
+from layerboost_core.lm_eval_tasks import OFFLINE_TASKS
+from layerboost_core.workbench import WorkbenchSettings
+from layerboost_surrogates.cost_model import Workload
+
+RUNNER_KINDS = ("ray", "serial")
+
+
+def _at_least(name: str, value, least) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+        raise UserError(f"{name}: {value!r} must be a number >= {least}")
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """The evaluator pool: `ray` actors (local, or a cluster with `address`) or `serial` in-process."""
+
+    kind: str = "ray"
+    address: str | None = None  # None: a local Ray of our own; "auto": join the running cluster
+    num_workers: int = 2
+    num_cpus: int = 1  # per actor (also its torch threads)
+    num_gpus: float = 0.0  # per actor, fractions allowed
+    max_retries: int = 2
+
+    def __post_init__(self):
+        if self.kind not in RUNNER_KINDS:
+            raise UserError(f"runner.kind: unknown value {self.kind!r}; allowed: {', '.join(RUNNER_KINDS)}")
+        _at_least("runner.num_workers", self.num_workers, 1)
+        _at_least("runner.num_cpus", self.num_cpus, 0)
+        _at_least("runner.num_gpus", self.num_gpus, 0)
+        _at_least("runner.max_retries", self.max_retries, 0)
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    quality: str = "kl"  # a proxy metric or an lm-eval task
+    memory: bool = False  # KV bytes per sequence as a third objective
+    latency_ceiling: float | None = None  # seconds, predicted at the workload
+    memory_ceiling: float | None = None  # KV bytes per sequence
+
+    def __post_init__(self):
+        for name in ("latency_ceiling", "memory_ceiling"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"objective.{name}: {value!r} must be a positive number or null")
+
+
+@dataclass(frozen=True)
+class SurrogateSettings:
+    """Surrogate proposals during the search (see surrogate_feed.py)."""
+
+    enabled: bool = True
+    start_after: int = 0
+    every: int = 8
+    count: int = 6
+    max_loss: float | None = 1.0  # nats/token of the proxy; None: any
+
+    def __post_init__(self):
+        for name, least in (("start_after", 0), ("every", 1), ("count", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"surrogate.{name}: {value!r} must be an integer >= {least}")
+        m = self.max_loss
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise UserError(f"surrogate.max_loss: {m!r} must be a positive number (nats/token of the proxy) or null")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """lm-eval fidelity: which tasks, how many examples, how many front candidates."""
+
+    tasks: tuple[str, ...] = OFFLINE_TASKS
+    top_k: int = 3
+    limit: int | None = None
+    batch_size: int = 8
+    n_examples: int = 24
+    passkey_context: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        _at_least("eval.top_k", self.top_k, 0)
+        _at_least("eval.batch_size", self.batch_size, 1)
+        _at_least("eval.n_examples", self.n_examples, 1)
+        _at_least("eval.passkey_context", self.passkey_context, 16)
+        if self.limit is not None:
+            _at_least("eval.limit", self.limit, 1)
+
+    def task_settings(self) -> dict:
+        """What lm_eval_tasks.write_offline_tasks takes."""
+        return {"n_examples": self.n_examples, "passkey_context": self.passkey_context, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class EvaluatorSettings:
+    """What one evaluator (in-process or a Ray actor) needs: the workbench, whether to load the bank, lm-eval."""
+
+    workbench: WorkbenchSettings
+    with_bank: bool
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    workbench: WorkbenchSettings
+    space: dict = field(default_factory=lambda: {"options": ["softmax", "linear", "none"]})  # SearchSpace.from_mapping
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    workload: Workload = field(default_factory=Workload)
+    runner: RunnerSettings = field(default_factory=RunnerSettings)
+    surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    budget: int = 100  # completed distinct plans in the study
+    study: str | None = None  # None: derived from what the study measures
+    storage: str | None = None  # None: sqlite at <output_dir>/studies/<study>.db
+    output_dir: str = "outputs"
+    sampler_name: str = ""  # the sampler's class path: part of the derived study name
+
+    def __post_init__(self):
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise UserError(f"budget: {self.budget!r} must be a positive whole number of evaluations")
+
+    def evaluator(self, with_bank: bool) -> EvaluatorSettings:
+        return EvaluatorSettings(self.workbench, with_bank, self.eval)
