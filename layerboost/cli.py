@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("layerboost.verbs.evaluate:evaluate", "proxy metrics and lm-eval scores of one plan or hybrid folder"),
     "bench": ("layerboost.verbs.bench:bench", "measured latency, decode speed and memory of a plan beside all-softmax"),
     "heal": ("layerboost.verbs.heal:heal", "distil a plan from the original model into a hybrid model folder"),
+    "export": ("layerboost.verbs.export:export", "a plan as a model folder plain transformers loads (no healing)"),
 }
 USAGE = "usage: layerboost <verb> [key=value ...]   (layerboost <verb> --help; --cfg job prints the composed config)"
 

@@ -1,0 +1,31 @@
+"""`layerboost export`."""
+from __future__ import annotations
+
+from . import shows
+
+
+@shows("plan", "out", "model.name", "output_dir")
+def export(cfg) -> None:
+    """A plan straight from the search (bank weights, no healing) as a model folder that plain transformers
+    loads: `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; `out=` names the folder
+    (default <output_dir>/exported/<plan id>). A plan made for another model is refused."""
+    from pathlib import Path
+
+    from ..settings import plan_spec, workbench_settings
+
+    from layerboost_core.export import export_hybrid, export_plan
+    from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
+
+    spec = plan_spec(cfg, "")
+    bench = open_workbench(workbench_settings(cfg))
+    plan, plan_json = export_plan(spec, bench.info, bench.settings.options)  # refused before any training
+    if needs_bank(plan.layers):
+        attach_bank(bench)
+    bench.switcher.apply(plan)
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.output_dir) / "exported" / plan.id
+    context = {"model": bench.info, "settings": bench.settings.options, "bank_id": bank_id_or_none(bench),
+               "metrics": plan_json.get("metrics") or {}, "workload": plan_json.get("workload"),
+               "origin": {"exported_by": "layerboost export", "source": spec, **(plan_json.get("origin") or {})}}
+    export_hybrid(bench.switcher, plan, bench.loaded.tokenizer, out, context)
+    print(f"plan {plan} (id {plan.id}) of {bench.info['name']} exported to {out}")
+    print(f"load it anywhere with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
