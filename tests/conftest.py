@@ -17,7 +17,10 @@ from layerboost_core.models import tiny_config
 torch.set_num_threads(1)
 
 # Families with a tiny config; a new family adds its model_type here and gets the family tests.
-MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral")
+MODEL_TYPES = ("llama", "qwen3", "qwen2", "mistral", "gemma3_text")
+# Families whose attention modules the option contract suite checks: the plain one, and Gemma 3 (q/k norms,
+# per-layer-type RoPE, query_pre_attn_scalar scaling, local and global layers).
+CONTRACT_MODEL_TYPES = ("llama", "gemma3_text")
 # The two families whose attention differs (qwen3 adds q/k norms); the patch tests run on both.
 MAIN_MODEL_TYPES = ("llama", "qwen3")
 

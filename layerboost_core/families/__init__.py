@@ -48,6 +48,23 @@ class Family:
         """The decoder layers of a *ForCausalLM model of this family."""
         return model.model.layers
 
+    def position_embeddings(self, model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, layer: int):
+        """(cos, sin) that decoder layer `layer` receives for `positions` (1, S); one RoPE for all layers here."""
+        return model.model.rotary_emb(hidden, positions)
+
+    def layer_kinds(self, model: nn.Module) -> list[str]:
+        """Per layer, the original attention's reach: `global`, or `local:<window>` for sliding-window layers.
+
+        Read from the config (`layer_types`, else `sliding_window` on every layer, as Mistral has), so it stays
+        true whatever plan is applied."""
+        config = model.config
+        window = getattr(config, "sliding_window", None)
+        types = getattr(config, "layer_types", None) or [None] * len(self.decoder_layers(model))
+        return [f"local:{window}" if window and kind in ("sliding_attention", None) else "global" for kind in types]
+
+    def check(self, config) -> None:
+        """Refuse a config this adapter cannot patch faithfully (one clear line); all are fine by default."""
+
 
 def family_of(model_or_config) -> Family:
     """The registered family of a model or config; refuses unsupported families with one clear line."""
@@ -57,8 +74,15 @@ def family_of(model_or_config) -> Family:
         raise UserError(
             f"model family: {model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
         )
-    return FAMILIES.get(model_type)
+    family = FAMILIES.get(model_type)
+    family.check(config)
+    return family
+
+
+def layer_kinds(model: nn.Module) -> list[str]:
+    """Per layer of `model`, `global` or `local:<window>` (its original attention; see `Family.layer_kinds`)."""
+    return family_of(model).layer_kinds(model)
 
 
 # Registration happens on import of each family file.
-from . import llama, mistral, qwen2, qwen3  # noqa: E402,F401
+from . import gemma3, llama, mistral, qwen2, qwen3  # noqa: E402,F401

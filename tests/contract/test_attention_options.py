@@ -12,10 +12,11 @@ import torch
 from transformers import DynamicCache
 
 from layerboost_core.attention import OPTIONS
+from layerboost_core.families import family_of
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
 
-from ..conftest import LINEAR_SETTINGS
+from ..conftest import CONTRACT_MODEL_TYPES, LINEAR_SETTINGS
 
 LAYER = 1  # not 0, so a module that ignores its own layer index is caught
 SEQ = 12  # longer than the linear window (4): every code path of `linear` is exercised
@@ -41,9 +42,14 @@ def settings(case):
     return {**LINEAR_SETTINGS, name: VARIANTS[name][variant]} if variant else dict(LINEAR_SETTINGS)
 
 
+@pytest.fixture(params=CONTRACT_MODEL_TYPES)
+def model_type(request):
+    return request.param
+
+
 @pytest.fixture
-def setup(tiny_model, option, settings):
-    model = tiny_model("llama")
+def setup(tiny_model, model_type, option, settings):
+    model = tiny_model(model_type)
     switcher = PlanSwitcher(model, settings)
     module = switcher.module(LAYER, option)
     return model, switcher, module
@@ -57,7 +63,7 @@ def hidden_states(model, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
 def call(model, module, hidden, start: int = 0, cache=None):
     """Call `module` the way a decoder layer does, for tokens at positions start .. start + S - 1."""
     positions = torch.arange(start, start + hidden.shape[1]).unsqueeze(0)
-    position_embeddings = model.model.rotary_emb(hidden, positions)
+    position_embeddings = family_of(model).position_embeddings(model, hidden, positions, module.layer_idx)
     result = module(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None,
                     cache=cache)
     assert isinstance(result, tuple) and len(result) == 2
@@ -149,14 +155,15 @@ def test_cache_round_trip(setup, prefix):
 @torch.no_grad()
 @pytest.mark.parametrize("sinks", [0, 2])
 @pytest.mark.parametrize("prefix", [1, 2, 4, 9])
-def test_linear_attend_state_round_trip(tiny_model, prefix, sinks):
-    model = tiny_model("llama")
+def test_linear_attend_state_round_trip(tiny_model, model_type, prefix, sinks):
+    model = tiny_model(model_type)
     settings = {"linear": {**LINEAR_SETTINGS["linear"], "sinks": sinks}}
     module = PlanSwitcher(model, settings).module(LAYER, "linear")
     assert module.sinks == sinks
     hidden = hidden_states(model)
     positions = torch.arange(SEQ).unsqueeze(0)
-    q, k, v = module.family.project_qkv(module, hidden, model.model.rotary_emb(hidden, positions))
+    position_embeddings = module.family.position_embeddings(model, hidden, positions, LAYER)
+    q, k, v = module.family.project_qkv(module, hidden, position_embeddings)
     full = module.attend(q, k, v)
     head, state = module.attend(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], return_state=True)
     tail, state = module.attend(q[:, :, prefix:], k[:, :, prefix:], v[:, :, prefix:], state, return_state=True)
@@ -167,8 +174,8 @@ def test_linear_attend_state_round_trip(tiny_model, prefix, sinks):
 
 
 @torch.no_grad()
-def test_uniform_plan_runs_the_whole_model(tiny_model, token_ids, option, settings):
-    model = tiny_model("llama")
+def test_uniform_plan_runs_the_whole_model(tiny_model, token_ids, model_type, option, settings):
+    model = tiny_model(model_type)
     switcher = PlanSwitcher(model, settings)
     switcher.apply(LayerPlan.uniform(option, switcher.num_layers))
     logits = model(token_ids).logits

@@ -37,11 +37,11 @@ def test_only_qwen3_normalises_q_and_k():
     assert not any(FAMILIES.get(name).qk_norm for name in ("llama", "qwen2", "mistral"))
 
 
-def attention_inputs(model, seq: int, seed: int = 0):
+def attention_inputs(model, seq: int, layer: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2, seq, model.config.hidden_size, generator=g)
     positions = torch.arange(seq).unsqueeze(0)
-    return hidden, model.model.rotary_emb(hidden, positions)
+    return hidden, family_of(model).position_embeddings(model, hidden, positions, layer)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -52,7 +52,7 @@ def test_linear_with_window_covering_sequence_reproduces_original_attention(mode
     project_qkv (projections, q/k norms, RoPE, GQA, scaling)."""
     model = tiny_model(model_type)
     attn = model.model.layers[layer].self_attn
-    hidden, position_embeddings = attention_inputs(model, seq=12)
+    hidden, position_embeddings = attention_inputs(model, seq=12, layer=layer)
     expected, _ = attn(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
     linear = LinearSlidingWindowAttention(attn, family_of(model), window=12, feature_dim=8)
     got, second = linear(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
@@ -66,19 +66,19 @@ def test_qwen3_check_is_sensitive_to_qk_norm(tiny_model):
     """Negative control: dropping q/k norms for qwen3 must break the equality above."""
     model = tiny_model("qwen3")
     attn = model.model.layers[1].self_attn
-    hidden, position_embeddings = attention_inputs(model, seq=12)
+    hidden, position_embeddings = attention_inputs(model, seq=12, layer=1)
     expected, _ = attn(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
     linear = LinearSlidingWindowAttention(attn, Family("qwen3", qk_norm=False), window=12, feature_dim=8)
     got, _ = linear(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
     assert (got - expected).abs().max().item() > 1e-4
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
 @torch.no_grad()
 def test_project_qkv_shapes(model_type, tiny_model):
     model = tiny_model(model_type)
     attn = model.model.layers[0].self_attn
-    hidden, position_embeddings = attention_inputs(model, seq=5)
+    hidden, position_embeddings = attention_inputs(model, seq=5, layer=0)
     q, k, v = family_of(model).project_qkv(attn, hidden, position_embeddings)
     cfg = model.config
     assert q.shape == (2, cfg.num_attention_heads, 5, cfg.head_dim)
