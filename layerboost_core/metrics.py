@@ -1,4 +1,4 @@
-"""Proxy quality metrics of a patched model against the original, on held-out text.
+"""Proxy quality metrics of a patched model against the original, on held-out text and on needle rows.
 
 The original model's next-token distributions are computed once and kept (probabilities, sum p log p, argmax
 and NLL per token). Evaluating a plan is then one forward pass plus a few elementwise passes over the logits.
@@ -7,6 +7,11 @@ same function (sum p z - logsumexp(z) * sum p), so identical logits give exactly
 log-softmax it differs by at most ~1e-5 nats/token. (A batched matmul for sum p z, instead of the
 elementwise product, is only good to ~5e-3 over a 49k vocabulary on CPU: that version read 0.0012
 nats/token for the unpatched model itself.)
+By default only the original's top-k tokens per position are kept, plus the mass r of all others, and
+KL = sum_topk p_i (log p_i - log q_i) + r (log r - log q_rest), q_rest being q's mass outside the top k:
+the tail is one bucket, so the value is a lower bound of the exact KL (log-sum inequality: merging outcomes
+never increases a KL), short by r times the KL between the two tails renormalised.
+Retrieval metrics score needle rows (needles.py): a fact planted in held-out text, queried at the end.
 Each metric declares its direction, so objectives and reports derive from the declaration.
 """
 from __future__ import annotations
@@ -16,10 +21,14 @@ from typing import Callable
 
 import torch
 
+from .errors import UserError
+from .needles import NeedleSet
 from .registry import Registry
 
 # Part of every cache key and study name built on metric values: bump it when a metric's numbers change.
-METRICS_VERSION = 2  # 2: exact KL sum (v1 had a ~1e-3 nats/token floor, see the module docstring)
+# 2: exact KL sum (v1 had a ~1e-3 nats/token floor, see the module docstring). 3: top-k reference by default
+# (KL a lower bound of v2's, see ProxyEvaluator), retrieval metrics.
+METRICS_VERSION = 3
 
 
 @dataclass
@@ -32,14 +41,25 @@ class TokenStats:
     agree: torch.Tensor  # 1.0 where argmax q == argmax p
 
 
+@dataclass
+class NeedleStats:
+    """Per needle row (N,): how the plan answers the question about the planted fact (see needles.py)."""
+
+    nll: torch.Tensor  # mean -log q(answer token) over the answer's tokens, teacher-forced
+    hit: torch.Tensor  # 1.0 where the argmax is the answer token at every answer position
+
+
 @dataclass(frozen=True)
 class ProxyMetric:
-    """A per-token quantity averaged over held-out tokens. `direction` is 'minimize' or 'maximize'."""
+    """A quantity averaged over held-out tokens (`over` 'tokens': `values` maps TokenStats to per-token
+    values) or over needle rows (`over` 'needles': `values` maps NeedleStats to per-row values).
+    `direction` is 'minimize' or 'maximize'."""
 
     name: str
     direction: str
-    per_token: Callable[[TokenStats], torch.Tensor]
+    values: Callable[[TokenStats | NeedleStats], torch.Tensor]
     description: str = ""
+    over: str = "tokens"
 
 
 PROXY_METRICS: Registry[ProxyMetric] = Registry("proxy metric")
@@ -53,18 +73,38 @@ _register(ProxyMetric("kl", "minimize", lambda s: s.kl, "KL(original || plan) of
 _register(ProxyMetric("nll", "minimize", lambda s: s.nll, "negative log-likelihood of held-out text, nats/token"))
 _register(ProxyMetric("nll_delta", "minimize", lambda s: s.nll - s.nll_original, "NLL increase over the original"))
 _register(ProxyMetric("top1_agreement", "maximize", lambda s: s.agree, "fraction of tokens whose argmax matches the original"))
+_register(ProxyMetric("retrieval_nll", "minimize", lambda s: s.nll, "NLL of a planted fact's answer, nats/token "
+                      "(mean over needle rows)", over="needles"))
+_register(ProxyMetric("retrieval_acc", "maximize", lambda s: s.hit, "fraction of needle rows whose answer the "
+                      "plan reproduces exactly (teacher-forced argmax)", over="needles"))
 
 
 @dataclass
 class _Reference:
-    """The original model's distribution on one batch of held-out blocks."""
+    """The original model's distribution on one batch of held-out blocks: exact (`index` None: `probs` covers
+    the vocabulary in order) or top-k (`probs` are the k most likely tokens, at `index`; `rest` is the mass of
+    all others, kept as one bucket)."""
 
-    probs: torch.Tensor  # (B, S-1, V)
-    prob_sum: torch.Tensor  # (B, S-1): sum p as rounded (1 to ~1e-6), kept so the KL algebra is exact
-    neg_entropy: torch.Tensor  # (B, S-1): sum p log p
+    probs: torch.Tensor  # (B, S-1, V) exact, or (B, S-1, k) top-k
+    index: torch.Tensor | None  # (B, S-1, k) int32 token ids of `probs`; None when exact
+    rest: torch.Tensor | None  # (B, S-1): 1 - sum of the top-k probabilities; None when exact
+    prob_sum: torch.Tensor  # (B, S-1): sum of `probs` as rounded, kept so the KL algebra is exact
+    neg_entropy: torch.Tensor  # (B, S-1): sum p log p over `probs` (+ rest log rest when top-k)
     argmax: torch.Tensor  # (B, S-1)
     nll: torch.Tensor  # (B, S-1)
 
+    def cross(self, part: slice, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """sum p log q of the logits chunk `z` (B, positions, V) at `part`. Top-k: the tokens outside the
+        top k are one bucket whose q is q's mass outside them."""
+        if self.index is None:
+            return _cross(self.probs[:, part], self.prob_sum[:, part], z, lse)
+        index = self.index[:, part].long()  # (B, positions, k)
+        head = _cross(self.probs[:, part], self.prob_sum[:, part], z.gather(-1, index), lse)
+        return head + torch.xlogy(self.rest[:, part], _tail_mass(z, index, lse).clamp_min(_TINY))
+
+
+# Floor of the student's tail mass in the top-k KL: finite logits never give 0, but fp32 exp can underflow.
+_TINY = torch.finfo(torch.float32).tiny
 
 # Positions per elementwise pass: small enough that a chunk's (B, positions, V) temporaries stay in cache.
 # The passes are memory-bound: on SmolLM2's 49k vocabulary, 8 positions at a time with logsumexp instead of
@@ -86,49 +126,94 @@ def _cross(probs: torch.Tensor, prob_sum: torch.Tensor, z: torch.Tensor, lse: to
     return (probs * z).sum(-1) - lse * prob_sum
 
 
+def _tail_mass(z: torch.Tensor, index: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Probability of every token but those at `index`, summed directly (not 1 - sum of the others, which
+    loses all precision when the tail is tiny, and is exactly 0 when `index` covers the vocabulary)."""
+    outside = z.scatter(-1, index, float("-inf"))  # (B, positions, V): a copy, `z` may be the model's logits
+    return torch.exp(torch.logsumexp(outside, dim=-1) - lse)
+
+
 def _target_nll(z: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return lse - z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def reference_of(logits: torch.Tensor, targets: torch.Tensor) -> _Reference:
-    """The cached view of the original model's `logits` (B, S-1, V) on one batch."""
-    probs = torch.empty(logits.shape, device=logits.device)
-    prob_sum, neg_entropy, nll, argmax = [], [], [], []
+def reference_of(logits: torch.Tensor, targets: torch.Tensor, top_k: int | None = None) -> _Reference:
+    """The cached view of the original model's `logits` (B, S-1, V) on one batch: exact (`top_k` None) or
+    its `top_k` most likely tokens per position plus the remaining mass (memory O(B * S * k), not O(B * S * V))."""
+    batch, positions, vocab = logits.shape
+    k = None if top_k is None else min(top_k, vocab)
+    width = vocab if k is None else k
+    ref = _Reference(probs=torch.empty(batch, positions, width, device=logits.device),
+                     index=None if k is None else torch.empty(batch, positions, k, dtype=torch.int32, device=logits.device),
+                     rest=None if k is None else torch.empty(batch, positions, device=logits.device),
+                     prob_sum=torch.empty(batch, positions, device=logits.device),
+                     neg_entropy=torch.empty(batch, positions, device=logits.device),
+                     argmax=torch.empty(batch, positions, dtype=torch.long, device=logits.device),
+                     nll=torch.empty(batch, positions, device=logits.device))
     for part, z, lse in _chunks(logits):
-        probs[:, part] = torch.exp(z - lse.unsqueeze(-1))
-        prob_sum.append(probs[:, part].sum(-1))
-        neg_entropy.append(_cross(probs[:, part], prob_sum[-1], z, lse))
-        nll.append(_target_nll(z, lse, targets[:, part]))
-        argmax.append(z.argmax(dim=-1))
-    return _Reference(probs=probs, prob_sum=torch.cat(prob_sum, 1), neg_entropy=torch.cat(neg_entropy, 1),
-                      argmax=torch.cat(argmax, 1), nll=torch.cat(nll, 1))
+        if k is None:
+            ref.probs[:, part] = torch.exp(z - lse.unsqueeze(-1))
+        else:
+            top_z, index = z.topk(k, dim=-1)  # (B, positions, k)
+            ref.probs[:, part] = torch.exp(top_z - lse.unsqueeze(-1))
+            ref.index[:, part] = index.int()
+            ref.rest[:, part] = _tail_mass(z, index, lse)
+        ref.prob_sum[:, part] = ref.probs[:, part].sum(-1)
+        ref.neg_entropy[:, part] = ref.cross(part, z, lse)  # the student's own function: identical logits give 0
+        ref.nll[:, part] = _target_nll(z, lse, targets[:, part])
+        ref.argmax[:, part] = z.argmax(dim=-1)
+    return ref
 
 
 def token_stats(logits: torch.Tensor, targets: torch.Tensor, reference: _Reference) -> TokenStats:
     """Per-token stats of student `logits` (B, S-1, V) against the cached original distribution."""
     kl, nll, argmax = [], [], []
     for part, z, lse in _chunks(logits):
-        kl.append(reference.neg_entropy[:, part] - _cross(reference.probs[:, part], reference.prob_sum[:, part], z, lse))
+        kl.append(reference.neg_entropy[:, part] - reference.cross(part, z, lse))
         nll.append(_target_nll(z, lse, targets[:, part]))
         argmax.append(z.argmax(dim=-1))  # while the chunk is still in cache
     agree = (torch.cat(argmax, 1) == reference.argmax).float()
     return TokenStats(kl=torch.cat(kl, 1), nll=torch.cat(nll, 1), nll_original=reference.nll, agree=agree)
 
 
+def needle_stats(logits: torch.Tensor, targets: torch.Tensor, answer_len: torch.Tensor) -> NeedleStats:
+    """Per-row answer NLL and exact match from the last A positions' `logits` (B, A, V), which predict
+    `targets` (B, A); row i's answer is its last `answer_len[i]` targets (the rest is question text)."""
+    width = targets.shape[1]
+    mask = torch.arange(width, device=targets.device) >= (width - answer_len.to(targets.device)).unsqueeze(1)  # (B, A)
+    z = logits.float()
+    nll = _target_nll(z, torch.logsumexp(z, dim=-1), targets)  # (B, A)
+    right = (z.argmax(dim=-1) == targets) | ~mask  # (B, A): question positions always count as right
+    return NeedleStats(nll=(nll * mask).sum(1) / mask.sum(1), hit=right.all(1).float())
+
+
+# KL of the top-k reference against the exact one on SmolLM2 at 2,048 tokens (benchmarks/bench_long_context.py)
+DEFAULT_TOP_K = 128
+
+
 class ProxyEvaluator:
-    """Scores the model's current plan against the original on fixed held-out blocks.
+    """Scores the model's current plan against the original on fixed held-out blocks, and on needle rows.
 
     Build it while the model is unpatched (all-softmax): the constructor caches the original distributions.
+    `reference_top_k` keeps only the original's k most likely tokens per position plus the remaining mass
+    (None: the whole distribution, B x S x V floats, 16.8 GB at 16 x 2,048 tokens of a 128k vocabulary).
+    The top-k KL treats the other tokens as one bucket: by the log-sum inequality it is a lower bound of the
+    exact KL, equal when k covers the vocabulary. `needles` (see needles.py) adds the retrieval metrics.
     """
 
-    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4):
+    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4, reference_top_k: int | None = DEFAULT_TOP_K,
+                 needles: NeedleSet | None = None):
+        if reference_top_k is not None and reference_top_k < 1:
+            raise UserError(f"proxy.reference_top_k: {reference_top_k}; allowed: an integer >= 1, or None (exact)")
         self.model = model
         self.blocks = blocks
         self.batch_size = batch_size
+        self.reference_top_k = reference_top_k
+        self.needles = needles
         self.device = model.get_input_embeddings().weight.device
         self.reference: list[_Reference] = []
         for targets, logits in self._logits():
-            self.reference.append(reference_of(logits, targets))
+            self.reference.append(reference_of(logits, targets, reference_top_k))
 
     def _logits(self):
         """Per batch, (targets (B, S-1), next-token logits (B, S-1, V)) of the model as it is now."""
@@ -137,15 +222,57 @@ class ProxyEvaluator:
             with torch.inference_mode():
                 yield ids[:, 1:], self.model(input_ids=ids[:, :-1], use_cache=False).logits
 
-    def evaluate(self, metrics=None) -> dict[str, float]:
-        """Every metric (or those named) of the current plan, averaged over held-out tokens."""
-        chosen = [PROXY_METRICS.get(n) for n in (metrics or PROXY_METRICS.names())]
+    def _needle_logits(self):
+        """Per batch of needle rows, (targets (B, A), logits (B, A, V)) of the last A = longest-answer positions
+        only: the rest of the row is context, and its logits would be B x context x V floats."""
+        width = int(self.needles.answer_len.max())
+        for start in range(0, self.needles.input_ids.shape[0], self.batch_size):
+            ids = self.needles.input_ids[start:start + self.batch_size].to(self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids[:, :-1], use_cache=False, logits_to_keep=width).logits
+            yield ids[:, -width:], logits, self.needles.answer_len[start:start + self.batch_size]
+
+    def _chosen(self, metrics) -> list[ProxyMetric]:
+        """The metrics named (None: every metric this evaluator can compute)."""
+        if metrics is None:
+            return [PROXY_METRICS.get(n) for n in PROXY_METRICS.names()
+                    if self.needles is not None or PROXY_METRICS.get(n).over == "tokens"]
+        chosen = [PROXY_METRICS.get(n) for n in metrics]
+        for metric in chosen:
+            if metric.over == "needles" and self.needles is None:
+                raise UserError(f"proxy metric: {metric.name!r} needs needle rows; this evaluator has none "
+                                f"(ProxyEvaluator(..., needles=make_needles(...)))")
+        return chosen
+
+    def _token_means(self, chosen: list[ProxyMetric]) -> dict[str, float]:
         totals = {m.name: 0.0 for m in chosen}
         count = 0
         for reference, (targets, logits) in zip(self.reference, self._logits()):
             with torch.inference_mode():
                 stats = token_stats(logits, targets, reference)
                 for metric in chosen:
-                    totals[metric.name] += metric.per_token(stats).sum().item()
+                    totals[metric.name] += metric.values(stats).sum().item()
             count += targets.numel()
         return {name: total / count for name, total in totals.items()}
+
+    def _needle_means(self, chosen: list[ProxyMetric]) -> dict[str, float]:
+        totals = {m.name: 0.0 for m in chosen}
+        for targets, logits, answer_len in self._needle_logits():
+            with torch.inference_mode():
+                stats = needle_stats(logits, targets, answer_len)
+                for metric in chosen:
+                    totals[metric.name] += metric.values(stats).sum().item()
+        return {name: total / self.needles.input_ids.shape[0] for name, total in totals.items()}
+
+    def evaluate(self, metrics=None) -> dict[str, float]:
+        """Every metric (or those named) of the current plan: token metrics averaged over held-out tokens,
+        retrieval metrics over needle rows. Only the forwards the chosen metrics need are run."""
+        chosen = self._chosen(metrics)
+        values: dict[str, float] = {}
+        on_tokens = [m for m in chosen if m.over == "tokens"]
+        on_needles = [m for m in chosen if m.over == "needles"]
+        if on_tokens:
+            values.update(self._token_means(on_tokens))
+        if on_needles:
+            values.update(self._needle_means(on_needles))
+        return {m.name: values[m.name] for m in chosen}
