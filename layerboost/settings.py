@@ -16,8 +16,8 @@ from layerboost_core.errors import UserError
 from layerboost_core.heal import HealSettings, LoraSettings
 from layerboost_core.transfer import TransferSettings
 from layerboost_core.workbench import DataSettings, ModelSettings, WorkbenchSettings
-from layerboost_search.settings import (EvalSettings, ObjectiveSettings, RunnerSettings, SearchSettings,
-                                        SurrogateSettings)
+from layerboost_search.settings import (EvalSettings, FidelitySettings, ObjectiveSettings, RunnerSettings,
+                                        SearchSettings, SurrogateSettings)
 from layerboost_surrogates.cost_model import Workload
 
 
@@ -117,6 +117,7 @@ def search_settings(cfg) -> SearchSettings:
         runner=build(RunnerSettings, c["runner"], "runner"),
         surrogate=build(SurrogateSettings, c["surrogate"], "surrogate"),
         eval=eval_settings(cfg),
+        fidelity=build(FidelitySettings, c["fidelity"], "fidelity"),
         budget=coerce(int, c["budget"], "budget"),
         study=coerce(str | None, c["study"], "study"),
         storage=coerce(str | None, c["storage"], "storage"),

@@ -20,11 +20,12 @@ from layerboost_surrogates.cost_model import Workload, cost_model
 
 from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, lm_eval_scores, open_study, record_lm_eval,
                      requeue_abandoned, storage_url, study_name)
+from .fidelity import climb, spread
 from .objectives import declare_objectives
 from .report import front_trials, write_report
 from .runner import make_runner
 from .seeds import seed_plans
-from .settings import EvalSettings, SearchSettings
+from .settings import EvalSettings, FidelitySettings, SearchSettings
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,14 @@ def run_search(settings: SearchSettings, sampler) -> Path:
         search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
                            context_for_plan, surrogate)
         search.run(settings.budget, progress=progress)
+        _climb_fidelity_ladder(settings.fidelity, study, runner, progress)
         _score_front_with_lm_eval(settings.eval, study, runner, progress)
     finally:
         runner.close()
 
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
                "study": name, "storage": url, "softmax_latency": softmax_latency}
-    table = write_report(study, objectives, run_dir, context, LATENCY_TARGETS)
+    table = write_report(study, objectives, run_dir, context, LATENCY_TARGETS, _rung_names(settings))
     print(f"\nPareto front of {name} ({len(front_trials(study))} plans; all-softmax latency {softmax_latency:.3f} s):")
     print(table)
     print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {url}")
@@ -136,15 +138,25 @@ def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows,
     return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective, kv)
 
 
+def _rung_names(settings: SearchSettings) -> tuple[str, ...]:
+    """The configured fidelity rungs, lowest first (the report ranks fidelities by this order)."""
+    return tuple(r.name for r in settings.fidelity.rungs)
+
+
+def _climb_fidelity_ladder(f: FidelitySettings, study, runner, progress: bool) -> None:
+    """Higher fidelities: the top-k proxy-front candidates (spread over the front) re-measured at every rung
+    (resumable: what the study already holds is skipped)."""
+    if f.top_k <= 0 or not f.rungs:
+        return
+    climb(study, runner, spread(front_trials(study), f.top_k), f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+
+
 def _score_front_with_lm_eval(e: EvalSettings, study, runner, progress: bool) -> None:
-    """Second fidelity: lm-eval tasks for the top-k front candidates not scored yet (resumable)."""
+    """lm-eval tasks for the top-k front candidates not scored yet (resumable)."""
     top_k, tasks = e.top_k, list(e.tasks)
     if top_k <= 0 or not tasks:
         return
-    front = front_trials(study)
-    if len(front) > top_k:  # spread over the front: its ends and evenly between
-        step = (len(front) - 1) / (top_k - 1) if top_k > 1 else 0
-        front = [front[round(i * step)] for i in range(top_k)]
+    front = spread(front_trials(study), top_k)  # its ends and evenly between
     scored = lm_eval_scores(study)
     todo = [t for t in front if t.number not in scored]
     if not todo:
@@ -189,7 +201,7 @@ def report_study(settings: SearchSettings) -> Path:
     context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
                "workload": searched, "study": name, "storage": url,
                "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
-    print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS))
+    print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS, _rung_names(settings)))
     print(f"report: {run_dir}")
     if asked != searched:
         _resolve_for_workload(settings, bench, space, study, objectives, run_dir)

@@ -12,9 +12,69 @@ from layerboost_core.plan import LayerPlan
 from layerboost_core.tables import write_csv
 
 from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
+from .fidelity import bootstrap_interval, dominated_at, fastest_keeping, retained, rung_scores
+
+PROXY = "proxy"  # the lowest fidelity: what every trial was measured at during the search
+KEEP_BARS = (0.99, 0.95, 0.9)  # best/keep-<pct>.json: the fastest plan keeping this share of the original
 
 
-def trial_rows(study: optuna.Study, objectives) -> list[dict]:
+class Ladder:
+    """What the study holds per fidelity: the proxy for every trial, and each rung's re-measured trials."""
+
+    def __init__(self, study: optuna.Study, objectives, rungs=()):
+        self.scores = rung_scores(study)
+        # configured rungs first, in their order; rungs the study holds but the settings no longer name after
+        self.rungs = [r for r in rungs if r in self.scores] + sorted(set(self.scores) - set(rungs))
+        self.quality, self.direction = objectives[0].name, objectives[0].direction
+        # predicted latency is the same at every fidelity: the cost model does not depend on the text
+        self.latency = {t.number: t.values[1] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+
+    @property
+    def top(self) -> str:
+        """The highest fidelity measured."""
+        return self.rungs[-1] if self.rungs else PROXY
+
+    def rung_quality(self, metrics: dict) -> float | None:
+        """The quality objective at a rung, as a value to minimise: the same metric when the rung measured it
+        (a proxy metric), else KL (the objective is an lm-eval task, which a rung does not run)."""
+        if self.quality in metrics:
+            return metrics[self.quality] if self.direction == "minimize" else -metrics[self.quality]
+        return metrics.get("kl")
+
+    def measured(self, rung: str) -> dict[int, dict]:
+        """{trial: its metrics at `rung`} of the completed trials measured there."""
+        return {n: s["metrics"] for n, s in self.scores.get(rung, {}).items() if n in self.latency}
+
+    def columns(self, number: int) -> dict:
+        """`<rung>:<metric>` with `_lo` / `_hi` (90% bootstrap interval over blocks) for each rung."""
+        row = {}
+        for rung in self.rungs:
+            scored = self.scores[rung].get(number)
+            if scored is None:
+                continue
+            for name, value in scored["metrics"].items():
+                lo, hi = bootstrap_interval(scored["per_block"][name])
+                row.update({f"{rung}:{name}": value, f"{rung}:{name}_lo": lo, f"{rung}:{name}_hi": hi})
+        return row
+
+    def dominated(self) -> dict[int, str]:
+        """{trial: the highest rung at which another plan re-measured there dominates it}."""
+        points = {rung: {n: (self.rung_quality(m), self.latency[n]) for n, m in self.measured(rung).items()}
+                  for rung in self.rungs}
+        return dominated_at(points, self.rungs)
+
+    def candidates(self, front) -> dict[int, tuple[dict, float]]:
+        """{trial: (its metrics at the highest fidelity, latency)}: the plans best/*.json are picked from (the
+        proxy front when no rung was measured)."""
+        if self.rungs:
+            return {n: (m, self.latency[n]) for n, m in self.measured(self.top).items()}
+        return {t.number: ({k.removeprefix("proxy:"): v for k, v in t.user_attrs.items() if k.startswith("proxy:")},
+                           t.values[1]) for t in front}
+
+
+def trial_rows(study: optuna.Study, objectives, ladder: Ladder | None = None) -> list[dict]:
+    ladder = ladder or Ladder(study, objectives)
+    marked = ladder.dominated()
     rows, scored = [], lm_eval_scores(study)
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "plan": t.user_attrs.get(PLAN_ATTR, ""),
@@ -26,6 +86,8 @@ def trial_rows(study: optuna.Study, objectives) -> list[dict]:
             if key.startswith("proxy:") or key in ("kv_bytes", "eval_seconds", "skipped", "fail_reason"):
                 row[key] = value
         row.update({f"lm_eval:{task}": v for task, v in scored.get(t.number, {}).items()})
+        row.update(ladder.columns(t.number))
+        row["dominated_at"] = marked.get(t.number, "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else ""
         rows.append(row)
     return rows
@@ -55,8 +117,9 @@ def knee(front, objectives) -> object | None:
     return front[max(range(len(front)), key=distances.__getitem__)]
 
 
-def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None) -> dict:
-    """The plan JSON of `trial`; `lm_eval`: its lm-eval scores {task: accuracy}, if it has any."""
+def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, rungs: dict | None = None) -> dict:
+    """The plan JSON of `trial`; `lm_eval`: its lm-eval scores {task: accuracy}, if it has any; `rungs`: its
+    higher-fidelity measurements {rung: {"metrics": ..., "per_block": ...}}, if it has any."""
     plan = LayerPlan.from_string(trial.user_attrs[PLAN_ATTR])
     metrics = {o.name: {"value": trial.values[i], "fidelity": o.fidelity, "direction": o.direction}
                for i, o in enumerate(objectives)}
@@ -65,87 +128,185 @@ def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None) -> 
             metrics[key.removeprefix("proxy:")] = {"value": value, "fidelity": "proxy"}
     for task, value in (lm_eval or {}).items():
         metrics[f"lm_eval:{task}"] = {"value": value, "fidelity": "lm-eval"}
+    for rung, scored in (rungs or {}).items():
+        for name, value in scored["metrics"].items():
+            blocks = scored["per_block"][name]
+            metrics[f"{rung}:{name}"] = {"value": value, "fidelity": rung, "interval90": list(bootstrap_interval(blocks)),
+                                         "blocks": len(blocks)}
     return plan.to_json(model=context["model"], settings=context["settings"], bank_id=context["bank_id"],
                         metrics=metrics, workload=context["workload"],
                         origin={"study": context["study"], "storage": context["storage"], "trial": trial.number,
                                 "label": trial.user_attrs.get(LABEL_ATTR)})
 
 
-def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: str):
+# Quality is drawn on a log axis; a plan identical to the original has KL 0, drawn at this floor instead.
+LOG_FLOOR = 1e-6
+
+
+def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: str, ladder: Ladder,
+                  reference: float | None):
+    """Quality against speed-up over all-softmax (latency when the reference is unknown): the proxy's trials
+    and front, and one trace per higher fidelity (toggled in the legend), with 90% intervals over blocks;
+    retrieval accuracy as marker colour where a fidelity measured it."""
     import plotly.graph_objects as go
 
     q, lat = objectives[0].name, objectives[1].name
+    log_axis = objectives[0].direction == "minimize"  # KL-like: orders of magnitude apart; accuracies are not
     done = [r for r in rows if r["state"] == "COMPLETE"]
 
+    def x_of(r):
+        return reference / r[lat] if reference else r[lat]
+
+    def y_of(value):
+        return max(value, LOG_FLOOR) if log_axis else value
+
+    def hover(subset):
+        return [f"#{r['number']} {r['label']}<br>{r['plan']}" for r in subset]
+
     def trace(subset, name, symbol, size, color):
-        return go.Scatter(x=[r[lat] for r in subset], y=[r[q] for r in subset], mode="markers", name=name,
+        return go.Scatter(x=[x_of(r) for r in subset], y=[y_of(r[q]) for r in subset], mode="markers", name=name,
                           marker=dict(symbol=symbol, size=size, color=color, line=dict(width=1, color="black")),
-                          text=[f"#{r['number']} {r['label']}<br>{r['plan']}" for r in subset], hoverinfo="text+x+y")
+                          text=hover(subset), hoverinfo="text+x+y")
+
+    def colour(subset, key, default):
+        """Retrieval accuracy as colour when every point has it, else one colour."""
+        if subset and all(r.get(key) not in (None, "") for r in subset):
+            return dict(color=[r[key] for r in subset], colorscale="Viridis", cmin=0, cmax=1, showscale=True,
+                        colorbar=dict(title="retrieval_acc"))
+        return dict(color=default)
 
     sampled = [r for r in done if r["label"] in ("sampled", "surrogate") or r["label"].startswith("surrogate")]
     heuristic = [r for r in done if r["label"].startswith("heuristic")]
     seeds = [r for r in done if r not in sampled and r not in heuristic]
     front = sorted((r for r in done if r["number"] in front_numbers), key=lambda r: r[lat])
-    fig = go.Figure([
+    traces = [
         trace(sampled, "sampled trials", "circle", 7, "lightgray"),
         trace(heuristic, "paper heuristic (threshold tiers)", "diamond", 9, "orange"),
         trace(seeds, "other seeds", "square", 8, "steelblue"),
-        go.Scatter(x=[r[lat] for r in front], y=[r[q] for r in front], mode="lines+markers", name="Pareto front",
-                   line=dict(color="crimson", shape="hv"), marker=dict(size=10, color="crimson"),
-                   text=[f"#{r['number']} {r['label']}<br>{r['plan']}" for r in front], hoverinfo="text+x+y"),
-    ])
-    fig.update_layout(title=title, xaxis_title=f"{lat} (predicted, {objectives[1].fidelity})",
-                      yaxis_title=f"{q} ({objectives[0].fidelity}, {objectives[0].direction})", template="plotly_white")
+        go.Scatter(x=[x_of(r) for r in front], y=[y_of(r[q]) for r in front], mode="lines+markers",
+                   name="Pareto front (proxy)", line=dict(color="crimson", shape="hv"),
+                   marker=dict(size=10, **colour(front, "proxy:retrieval_acc", "crimson")),
+                   text=hover(front), hoverinfo="text+x+y"),
+    ]
+    for i, rung in enumerate(ladder.rungs):
+        metric = q if any(f"{rung}:{q}" in r for r in done) else "kl"
+        key = f"{rung}:{metric}"
+        measured = sorted((r for r in done if key in r), key=lambda r: r[lat])
+        values = [r[key] for r in measured]
+        traces.append(go.Scatter(
+            x=[x_of(r) for r in measured], y=[y_of(v) for v in values], mode="lines+markers",
+            name=f"re-measured at {rung} ({metric})", line=dict(dash="dot", shape="hv"),
+            marker=dict(symbol="star", size=12, **colour(measured, f"{rung}:retrieval_acc", None)),
+            error_y=dict(type="data", symmetric=False, array=[r[f"{key}_hi"] - v for r, v in zip(measured, values)],
+                         arrayminus=[v - r[f"{key}_lo"] for r, v in zip(measured, values)]),
+            text=[f"{t}<br>dominated at {r['dominated_at']}" if r["dominated_at"] else t
+                  for t, r in zip(hover(measured), measured)], hoverinfo="text+x+y"))
+    fig = go.Figure(traces)
+    x_title = "speed-up over all-softmax (predicted, cost-model)" if reference else f"{lat} (predicted, cost-model)"
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_type="log" if log_axis else "linear",
+                      yaxis_title=f"{q} ({objectives[0].direction}; proxy, or the metric named in the legend"
+                                  + (f"; 0 drawn at {LOG_FLOOR:g})" if log_axis else ")"),
+                      template="plotly_white")
     return fig
 
 
-def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, latency_targets) -> str:
-    """Write every report file into `run_dir`; returns the printed summary table."""
+def pick_best(ladder: Ladder, front, objectives, reference: float | None, latency_targets):
+    """({best file name: trial number}, [one line per target no plan meets]) at the highest fidelity measured:
+    `keep-<pct>pct`, the fastest plan keeping that share of the original (see fidelity.retained), and
+    `latency-<pct>pct`, the best-quality plan predicted at or under that share of all-softmax latency."""
+    candidates = ladder.candidates(front)
+    if not ladder.rungs:  # proxy: the objective itself (it may be an lm-eval task) ranks plans, as searched
+        candidates = {n: ({**m, objectives[0].name: t.values[0]}, lat)
+                      for t in front for n, (m, lat) in candidates.items() if n == t.number}
+    at = f"measured at fidelity `{ladder.top}`"
+    chosen, unmet = {}, []
+    for bar in KEEP_BARS:
+        name, number = f"keep-{round(bar * 100)}pct", fastest_keeping(candidates, bar)
+        if number is not None:
+            chosen[name] = number
+            continue
+        kept = [(retained(m) or 0.0, n) for n, (m, _) in candidates.items()]
+        best = f" (the most kept: {max(kept)[0]:.3f}, trial {max(kept)[1]})" if kept else ""
+        unmet.append(f"`{name}`: no plan {at} keeps {bar:.0%} of the original's top-1 agreement{best}")
+    for fraction in latency_targets if reference is not None else ():
+        name = f"latency-{round(fraction * 100)}pct"
+        fitting = [n for n, (_, lat) in candidates.items() if lat <= fraction * reference]
+        if fitting:
+            chosen[name] = min(fitting, key=lambda n: ladder.rung_quality(candidates[n][0]))
+        else:
+            unmet.append(f"`{name}`: no plan {at} is predicted at <= {fraction:.0%} of all-softmax latency")
+    return chosen, unmet
+
+
+def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict) -> str:
+    """The proxy front as a markdown table, with lm-eval scores and each rung's quality (90% interval)."""
+    tasks = sorted({task for scores in scored.values() for task in scores})
+    rung_cols = [(rung, objectives[0].name if any(objectives[0].name in m for m in ladder.measured(rung).values())
+                  else "kl") for rung in ladder.rungs]
+    lines = [f"| trial | label | plan | {objectives[0].name} | {objectives[1].name} | kv_bytes | "
+             + "".join(f"lm_eval:{task} | " for task in tasks)
+             + "".join(f"{rung}:{metric} [90%] | " for rung, metric in rung_cols) + "dominated_at |",
+             "|---" * (7 + len(tasks) + len(rung_cols)) + "|"]
+    for t in front:
+        lm_eval = scored.get(t.number, {})
+        cells = [f"{lm_eval[task]:.3f}" if task in lm_eval else "" for task in tasks]
+        for rung, metric in rung_cols:
+            got = ladder.scores[rung].get(t.number)
+            if got is None or metric not in got["metrics"]:
+                cells.append("")
+                continue
+            lo, hi = bootstrap_interval(got["per_block"][metric])
+            cells.append(f"{got['metrics'][metric]:.4f} [{lo:.4f}, {hi:.4f}]")
+        lines.append(f"| {t.number} | {t.user_attrs.get(LABEL_ATTR)} | `{t.user_attrs.get(PLAN_ATTR)}` | "
+                     f"{t.values[0]:.4f} | {t.values[1]:.3f} | {t.user_attrs.get('kv_bytes', '')} | "
+                     + "".join(f"{c} | " for c in cells) + f"{marked.get(t.number, '')} |")
+    return "\n".join(lines)
+
+
+def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, latency_targets, rungs=()) -> str:
+    """Write every report file into `run_dir`; returns the printed summary (front table and best plans).
+    `rungs`: the fidelity rungs' names, lowest first (rungs the study holds beyond them come after)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    rows = trial_rows(study, objectives)
+    ladder = Ladder(study, objectives, rungs)
+    rows = trial_rows(study, objectives, ladder)
     write_csv(run_dir / "trials.csv", rows)
     front = front_trials(study)
     numbers = {t.number for t in front}
     write_csv(run_dir / "pareto.csv", [r for r in rows if r["number"] in numbers])
-    fig = pareto_figure(rows, objectives, numbers, f"{context['model']['name']}: {context['study']}")
+    reference = context.get("softmax_latency")
+    fig = pareto_figure(rows, objectives, numbers, f"{context['model']['name']}: {context['study']}", ladder, reference)
     with atomic_path(run_dir / "pareto.html") as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True)
 
     best_dir = run_dir / "best"
     best_dir.mkdir(exist_ok=True)
-    chosen, scored = {}, lm_eval_scores(study)
-    reference = context.get("softmax_latency")
-    for fraction in latency_targets:
-        if reference is None:
-            break
-        fitting = [t for t in front if t.values[1] <= fraction * reference]
-        if fitting:
-            direction = objectives[0].direction
-            best = (min if direction == "minimize" else max)(fitting, key=lambda t: t.values[0])
-            chosen[f"latency-{int(round(fraction * 100))}pct"] = best
+    scored = lm_eval_scores(study)
+    chosen, unmet = pick_best(ladder, front, objectives, reference, latency_targets)
     knee_trial = knee(front, objectives)
     if knee_trial is not None:
-        chosen["knee"] = knee_trial
-    for name, trial in chosen.items():
-        write_json(best_dir / f"{name}.json", plan_json(trial, objectives, context, scored.get(trial.number)))
+        chosen["knee"] = knee_trial.number
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for name, number in chosen.items():
+        measured = {rung: ladder.scores[rung][number] for rung in ladder.rungs if number in ladder.scores[rung]}
+        write_json(best_dir / f"{name}.json", plan_json(trials[number], objectives, context, scored.get(number), measured))
 
-    tasks = sorted({task for scores in scored.values() for task in scores})
-    lines = [f"| trial | label | plan | {objectives[0].name} | {objectives[1].name} | kv_bytes | "
-             + "".join(f"lm_eval:{task} | " for task in tasks), "|---" * (6 + len(tasks)) + "|"]
-    for t in front:
-        lm_eval = scored.get(t.number, {})
-        lines.append(f"| {t.number} | {t.user_attrs.get(LABEL_ATTR)} | `{t.user_attrs.get(PLAN_ATTR)}` | "
-                     f"{t.values[0]:.4f} | {t.values[1]:.3f} | {t.user_attrs.get('kv_bytes', '')} | "
-                     + "".join(f"{lm_eval[task]:.3f} | " if task in lm_eval else "| " for task in tasks))
-    table = "\n".join(lines)
+    marked = ladder.dominated()
+    best_lines = [f"- `best/{name}.json`: trial {number} `{trials[number].user_attrs.get(PLAN_ATTR)}`"
+                  + (" (knee of the proxy front: its shape, not a quality bar)" if name == "knee" else "")
+                  for name, number in chosen.items()] + [f"- {line}" for line in unmet]
+    table = "\n".join([front_table(front, objectives, ladder, scored, marked), "",
+                       f"Best plans, picked at fidelity `{ladder.top}` (quality kept = top-1 agreement with the "
+                       f"original, exp(-KL) where not measured):", *best_lines])
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    dominated = [f"{n} (at {rung})" for n, rung in sorted(marked.items()) if n in numbers]
     summary = [f"# Search {context['study']}", "",
                f"- model: {context['model']['name']} ({context['model']['num_layers']} layers, "
                f"fingerprint {context['model']['fingerprint']}), bank {context['bank_id']}",
                f"- workload: {context['workload']}; all-softmax predicted latency {reference:.3f} s" if reference else "",
                f"- storage: `{context['storage']}` (open with `optuna-dashboard {context['storage']}`)",
                f"- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
-               f"- best plans: " + ", ".join(f"`best/{n}.json` (trial {t.number})" for n, t in chosen.items()),
-               "", "## Pareto front", "", table, ""]
-    write_text(run_dir / "summary.md", "\n".join(line for line in summary if line is not None) + "\n")
+               f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
+               + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
+               "", "## Pareto front (proxy) and best plans", "", table, ""]
+    write_text(run_dir / "summary.md", "\n".join(summary) + "\n")
     return table

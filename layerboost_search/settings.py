@@ -97,12 +97,51 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class RungSettings:
+    """One rung of the fidelity ladder: the proxy's metrics on `blocks` held-out blocks of `factor` x the
+    workload's prefill tokens each, cut from `source` (mixed over its sub-sources; see fidelity.py)."""
+
+    name: str = "long"
+    factor: float = 2.0
+    blocks: int = 1
+    source: str = "builtin"
+
+    def __post_init__(self):
+        if not self.name or self.name == "proxy" or any(c in self.name for c in ":|"):
+            raise UserError(f"fidelity.rungs: name {self.name!r} must be non-empty, not 'proxy', without ':' or '|'")
+        _at_least(f"fidelity.rungs[{self.name}].factor", self.factor, 0.01)
+        _at_least(f"fidelity.rungs[{self.name}].blocks", self.blocks, 1)
+
+    def seq_len(self, prefill: int) -> int:
+        """Tokens per block at a workload of `prefill` tokens."""
+        return max(2, round(self.factor * prefill))
+
+
+@dataclass(frozen=True)
+class FidelitySettings:
+    """The fidelity ladder after the search: the `top_k` front candidates (spread over the front) re-measured
+    at each rung, lowest fidelity first."""
+
+    top_k: int = 6
+    rungs: tuple[RungSettings, ...] = (RungSettings(),)
+
+    def __post_init__(self):
+        _at_least("fidelity.top_k", self.top_k, 0)
+        names = [r.name for r in self.rungs]
+        if len(set(names)) != len(names):
+            raise UserError(f"fidelity.rungs: names {names} must be distinct")
+
+
+@dataclass(frozen=True)
 class EvaluatorSettings:
-    """What one evaluator (in-process or a Ray actor) needs: the workbench, whether to load the bank, lm-eval."""
+    """What one evaluator (in-process or a Ray actor) needs: the workbench, whether to load the bank, lm-eval,
+    and the fidelity rungs with the workload prefill their block lengths scale."""
 
     workbench: WorkbenchSettings
     with_bank: bool
     eval: EvalSettings = field(default_factory=EvalSettings)
+    rungs: tuple[RungSettings, ...] = ()
+    prefill: int = 2048
 
 
 @dataclass(frozen=True)
@@ -114,6 +153,7 @@ class SearchSettings:
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
     budget: int = 100  # completed distinct plans in the study
     study: str | None = None  # None: derived from what the study measures
     storage: str | None = None  # None: sqlite at <output_dir>/studies/<study>.db
@@ -125,4 +165,4 @@ class SearchSettings:
             raise UserError(f"budget: {self.budget!r} must be a positive whole number of evaluations")
 
     def evaluator(self, with_bank: bool) -> EvaluatorSettings:
-        return EvaluatorSettings(self.workbench, with_bank, self.eval)
+        return EvaluatorSettings(self.workbench, with_bank, self.eval, self.fidelity.rungs, self.workload.prefill)

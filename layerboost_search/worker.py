@@ -28,6 +28,7 @@ class PlanEvaluator:
         self.bench = open_workbench(settings.workbench, with_bank=settings.with_bank)
         self.proxy = ProxyEvaluator(self.bench.model, self.bench.splits.heldout)
         self._task_dir = None
+        self._rungs = {}  # rung name -> its BlockwiseProxy, built on first use (most workers never climb)
 
     def pid(self) -> int:
         return os.getpid()
@@ -59,3 +60,35 @@ class PlanEvaluator:
         scores = lm_eval_tasks.evaluate_tasks(self.bench.model, self.bench.loaded.tokenizer, list(e.tasks),
                                               self._task_dir, batch_size=e.batch_size, limit=e.limit)
         return {"scores": scores, "seconds": time.perf_counter() - started}
+
+    def evaluate_at(self, job: str) -> dict:
+        """Metrics of one plan at a fidelity rung, per block and their means; `job` is "<rung name>|<plan>"."""
+        from layerboost_core.plan import LayerPlan
+
+        from .fidelity import split_job
+
+        name, plan_text = split_job(job)
+        started = time.perf_counter()
+        proxy = self._rung(name)
+        self.bench.switcher.apply(LayerPlan.from_string(plan_text))
+        result = proxy.evaluate()
+        bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
+        if bad:
+            result["error"] = f"non-finite metrics: {', '.join(bad)}"
+        return {**result, "seconds": time.perf_counter() - started}
+
+    def _rung(self, name: str):
+        """The rung's blockwise proxy, built once (on the all-softmax model: it caches the original's outputs)."""
+        from layerboost_core.plan import LayerPlan
+
+        from .fidelity import BlockwiseProxy, rung_blocks
+
+        if name not in self._rungs:
+            rung = next((r for r in self.settings.rungs if r.name == name), None)
+            if rung is None:
+                raise KeyError(f"no fidelity rung {name!r} in this evaluator's settings")
+            blocks = rung_blocks(self.bench.loaded.tokenizer, rung, rung.seq_len(self.settings.prefill),
+                                 self.settings.workbench.data)
+            self.bench.switcher.apply(LayerPlan.uniform("softmax", self.bench.switcher.num_layers))
+            self._rungs[name] = BlockwiseProxy(self.bench.model, blocks)
+        return self._rungs[name]

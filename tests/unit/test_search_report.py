@@ -139,8 +139,12 @@ def test_write_report_writes_every_file(study, tmp_path):
     assert "plotly" in html.lower() and "Pareto front" in html and "paper heuristic" in html
 
     best = {p.name: json.loads(p.read_text()) for p in (run_dir / "best").iterdir()}
-    # 90%: the best KL at latency <= 0.9 is trial 1; 50%: trial 2; knee: trial 2
-    assert sorted(best) == ["knee.json", "latency-50pct.json", "latency-90pct.json"]
+    # latency 90%: the best KL at latency <= 0.9 is trial 1; 50%: trial 2; knee: trial 2. No rung measured, so
+    # quality bars read the proxy's top-1 agreement (1 - kl / 10): 99% only all-softmax (trial 0) keeps; 95% and
+    # 90%: trial 2 (0.95) is the fastest that keeps them
+    assert sorted(best) == ["keep-90pct.json", "keep-95pct.json", "keep-99pct.json", "knee.json",
+                            "latency-50pct.json", "latency-90pct.json"]
+    assert [best[f"keep-{p}pct.json"]["origin"]["trial"] for p in (99, 95, 90)] == [0, 2, 2]
     assert best["latency-90pct.json"]["origin"]["trial"] == 1
     assert best["latency-50pct.json"]["origin"]["trial"] == 2
     assert best["knee.json"]["origin"]["trial"] == 2
@@ -158,7 +162,8 @@ def test_write_report_writes_every_file(study, tmp_path):
     assert summary.startswith("# Search unit-report")
     assert "optuna-dashboard sqlite:///unit.db" in summary
     assert "complete 6" in summary and "fail 1" in summary and "pruned 1" in summary
-    assert "`best/knee.json` (trial 2)" in summary
+    assert "`best/knee.json`: trial 2" in summary and "`best/keep-99pct.json`: trial 0" in summary
+    assert "picked at fidelity `proxy`" in table
     for plan in ("SSSS", "SSLN", "SLLN", "LLNN"):
         assert f"`{plan}`" in table
     assert "`NNNN`" not in table and "`SSSL`" not in table
