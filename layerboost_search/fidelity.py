@@ -3,12 +3,13 @@
 The proxy sees a few short blocks; a `linear` layer's error grows past its window, so the proxy can put on the
 front a plan that a longer context shows is dominated (issue 13). A rung re-measures the same metrics against
 the original model on its own held-out blocks (`RungSettings`: `factor` x the workload's prefill tokens per
-block, from `source`, mixed over its sub-sources), one block at a time so the report can give an interval
-over blocks. Results live in the study's user attrs (Optuna refuses to change finished trials), so a resumed
+block, from `source`, mixed over its sub-sources; optionally retrieval needle rows of that length), one block
+at a time so the report can give an interval over blocks. Results live in the study's user attrs (Optuna refuses to change finished trials), so a resumed
 run measures only what is missing. The report draws one front per fidelity and never mixes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -22,38 +23,52 @@ SEPARATOR = "|"  # the runner passes one string: "<rung name>|<plan>"
 # --- measuring (inside an evaluator) ----------------------------------------------------------------------------
 
 
-def rung_blocks(tokenizer, rung, seq_len: int, data):
-    """(blocks, seq_len) held-out token blocks of `rung`, from the held-out split of its source (the same
-    document split as the search's `data` settings, so no training or calibration text is scored)."""
+def rung_inputs(tokenizer, rung, seq_len: int, data):
+    """(blocks, needles) of `rung`: `rung.blocks` held-out token blocks of `seq_len` tokens, and `rung.needles`
+    retrieval rows of the same length (None when 0), all from the held-out split of the rung's source (the
+    same document split as the search's `data` settings, so no training or calibration text is scored)."""
     from layerboost_core.data import make_splits
+    from layerboost_core.errors import UserError
+    from layerboost_core.needles import make_needles
 
     # One block of the other splits: they are not used, and tokenizing the whole train split costs seconds.
     splits = make_splits(tokenizer, rung.source, seq_len=seq_len, fractions=data.fractions,
                          blocks={"calibration": 1, "train": 1, "heldout": rung.blocks}, text_field=data.text_field,
                          heldout_seq_len=seq_len, mix_sources=True)
     if splits.heldout.shape[0] < rung.blocks:
-        from layerboost_core.errors import UserError
-
         raise UserError(f"fidelity.rungs: rung {rung.name!r} asks for {rung.blocks} block(s) of {seq_len} tokens; "
                         f"the held-out text of {rung.source!r} gives {splits.heldout.shape[0]}")
-    return splits.heldout
+    needles = (make_needles(tokenizer, splits.documents["heldout"], context=seq_len, n_examples=rung.needles)
+               if rung.needles else None)
+    return splits.heldout, needles
+
+
+def _needle_row(needles, i: int):
+    """Needle row `i` alone, as a NeedleSet."""
+    return dataclasses.replace(needles, **{f: getattr(needles, f)[i:i + 1] for f in
+                                           ("input_ids", "answer_len", "needle_start", "needle_len", "keys", "answers")})
 
 
 class BlockwiseProxy:
-    """Proxy metrics per held-out block: one ProxyEvaluator per block (each caches its block's original
-    distribution), so per-block values come back beside the mean. Build it while the model is all-softmax."""
+    """Proxy metrics per held-out block and per needle row: one ProxyEvaluator each (each caches its block's
+    original distribution), so per-block values come back beside the mean. Build it while the model is
+    all-softmax."""
 
-    def __init__(self, model, blocks):
-        from layerboost_core.metrics import ProxyEvaluator
+    def __init__(self, model, blocks, needles=None):
+        from layerboost_core.metrics import PROXY_METRICS, ProxyEvaluator
 
-        self.evaluators = [ProxyEvaluator(model, blocks[i:i + 1], batch_size=1) for i in range(blocks.shape[0])]
+        self.evaluators = [(ProxyEvaluator(model, blocks[i:i + 1], batch_size=1), None) for i in range(blocks.shape[0])]
+        if needles is not None:  # needle-only evaluators: no blocks, so only the retrieval metrics are asked
+            retrieval = [n for n in PROXY_METRICS.names() if PROXY_METRICS.get(n).over == "needles"]
+            self.evaluators += [(ProxyEvaluator(model, blocks[:0], batch_size=1, needles=_needle_row(needles, i)),
+                                 retrieval) for i in range(needles.input_ids.shape[0])]
 
     def evaluate(self) -> dict:
-        """{"metrics": {name: mean over blocks}, "per_block": {name: [value per block]}} of the current plan.
-        Blocks are equally long, so the mean over blocks is the mean over tokens."""
+        """{"metrics": {name: mean over blocks (rows)}, "per_block": {name: [value per block (row)]}} of the
+        current plan. Blocks are equally long, so the mean over blocks is the mean over tokens."""
         per_block: dict[str, list[float]] = {}
-        for evaluator in self.evaluators:
-            for name, value in evaluator.evaluate().items():
+        for evaluator, metrics in self.evaluators:
+            for name, value in evaluator.evaluate(metrics).items():
                 per_block.setdefault(name, []).append(value)
         return {"metrics": {name: sum(v) / len(v) for name, v in per_block.items()}, "per_block": per_block}
 

@@ -99,18 +99,21 @@ class EvalSettings:
 @dataclass(frozen=True)
 class RungSettings:
     """One rung of the fidelity ladder: the proxy's metrics on `blocks` held-out blocks of `factor` x the
-    workload's prefill tokens each, cut from `source` (mixed over its sub-sources; see fidelity.py)."""
+    workload's prefill tokens each, cut from `source` (mixed over its sub-sources; see fidelity.py), and the
+    retrieval metrics on `needles` planted-fact rows of that length (0: none)."""
 
     name: str = "long"
     factor: float = 2.0
     blocks: int = 1
     source: str = "builtin"
+    needles: int = 0
 
     def __post_init__(self):
         if not self.name or self.name == "proxy" or any(c in self.name for c in ":|"):
             raise UserError(f"fidelity.rungs: name {self.name!r} must be non-empty, not 'proxy', without ':' or '|'")
         _at_least(f"fidelity.rungs[{self.name}].factor", self.factor, 0.01)
         _at_least(f"fidelity.rungs[{self.name}].blocks", self.blocks, 1)
+        _at_least(f"fidelity.rungs[{self.name}].needles", self.needles, 0)
 
     def seq_len(self, prefill: int) -> int:
         """Tokens per block at a workload of `prefill` tokens."""

@@ -81,14 +81,14 @@ class PlanEvaluator:
         """The rung's blockwise proxy, built once (on the all-softmax model: it caches the original's outputs)."""
         from layerboost_core.plan import LayerPlan
 
-        from .fidelity import BlockwiseProxy, rung_blocks
+        from .fidelity import BlockwiseProxy, rung_inputs
 
         if name not in self._rungs:
             rung = next((r for r in self.settings.rungs if r.name == name), None)
             if rung is None:
                 raise KeyError(f"no fidelity rung {name!r} in this evaluator's settings")
-            blocks = rung_blocks(self.bench.loaded.tokenizer, rung, rung.seq_len(self.settings.prefill),
-                                 self.settings.workbench.data)
+            blocks, needles = rung_inputs(self.bench.loaded.tokenizer, rung, rung.seq_len(self.settings.prefill),
+                                          self.settings.workbench.data)
             self.bench.switcher.apply(LayerPlan.uniform("softmax", self.bench.switcher.num_layers))
-            self._rungs[name] = BlockwiseProxy(self.bench.model, blocks)
+            self._rungs[name] = BlockwiseProxy(self.bench.model, blocks, needles)
         return self._rungs[name]

@@ -48,8 +48,9 @@ def evaluator(tmp_path_factory):
                               data=DataSettings(source=source, seq_len=16, blocks={"calibration": 1, "train": 1,
                                                                                    "heldout": 1}),
                               progress=False)
-    rungs = (RungSettings("long", factor=2, blocks=3, source=source), RungSettings("huge", factor=2, blocks=10**6,
-                                                                                    source=source))
+    rungs = (RungSettings("long", factor=2, blocks=3, source=source),
+             RungSettings("huge", factor=2, blocks=10**6, source=source),
+             RungSettings("needles", factor=4, blocks=1, source=source, needles=2))
     return PlanEvaluator(EvaluatorSettings(bench, with_bank=False, rungs=rungs, prefill=16))
 
 
@@ -61,8 +62,15 @@ def test_a_rung_gives_per_block_values_and_their_mean(evaluator):
     assert len(per_block) == 3 and all(v > 0 for v in per_block)
     assert changed["metrics"]["kl"] == pytest.approx(sum(per_block) / 3)
     assert set(changed["per_block"]) == set(changed["metrics"])
-    assert evaluator._rungs["long"].evaluators[0].blocks.shape == (1, 32)  # factor 2 x prefill 16 tokens
+    assert evaluator._rungs["long"].evaluators[0][0].blocks.shape == (1, 32)  # factor 2 x prefill 16 tokens
     assert evaluator.evaluate_at("long|SSSS")["per_block"]["kl"] == [0.0, 0.0, 0.0]  # the reference is still all-softmax
+
+
+def test_a_rung_with_needles_gives_retrieval_per_row(evaluator):
+    result = evaluator.evaluate_at("needles|SNNS")
+    assert len(result["per_block"]["kl"]) == 1 and len(result["per_block"]["retrieval_acc"]) == 2
+    assert all(0.0 <= v <= 1.0 for v in result["per_block"]["retrieval_acc"])
+    assert result["metrics"]["retrieval_nll"] == pytest.approx(sum(result["per_block"]["retrieval_nll"]) / 2)
 
 
 def test_a_rung_asking_for_more_text_than_there_is_is_refused(evaluator):
