@@ -122,6 +122,8 @@ def search_settings(cfg) -> SearchSettings:
         study=coerce(str | None, c["study"], "study"),
         storage=coerce(str | None, c["storage"], "storage"),
         output_dir=coerce(str, c["output_dir"], "output_dir"),
+        heartbeat_interval=coerce(int, c["heartbeat_interval"], "heartbeat_interval"),
+        grace_period=coerce(int, c["grace_period"], "grace_period"),
         sampler_name=str(sampler.get("_target_", "")))
 
 

@@ -1,12 +1,16 @@
 """The search: an Optuna study (ask/tell) whose plans are evaluated by a runner pool.
 
-Resumable: the study lives at a stable storage; running the same command again continues it, re-queues
-trials a killed driver left running, and never evaluates a plan twice (duplicates are pruned with a pointer
-to the first evaluation). `budget` counts completed distinct plans.
+Resumable and shared: the study lives at a stable storage; running the same command again continues it, and
+any number of drivers may run it at once. Each records heartbeats for the trials it evaluates; trials of a
+driver that stopped beating for the grace period are failed and re-queued. A plan is never evaluated twice
+(duplicates are pruned with a pointer to the first evaluation). `budget` counts completed distinct plans.
 """
 from __future__ import annotations
 
 import logging
+import random
+import threading
+import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -69,9 +73,15 @@ def storage_url(settings: SearchSettings, name: str) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
-def open_study(url: str, name: str, objectives, sampler) -> optuna.Study:
+def open_study(url: str, name: str, objectives, sampler, heartbeat_interval: int, grace_period: int) -> optuna.Study:
+    """The study at `url`, its storage recording trial heartbeats (see `Heartbeat`, `fail_stale`)."""
     try:
-        study = optuna.create_study(study_name=name, storage=url, sampler=sampler, load_if_exists=True,
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
+                                                 grace_period=grace_period,
+                                                 heartbeat_stale_trial_callback=StaleRequeue())
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                     directions=[o.direction for o in objectives])
     except ValueError as error:
         raise UserError(f"storage: study {name!r} exists with other objectives ({error})") from None
@@ -84,19 +94,79 @@ def open_study(url: str, name: str, objectives, sampler) -> optuna.Study:
     return study
 
 
-def requeue_abandoned(study: optuna.Study) -> int:
-    """Trials left RUNNING by a killed driver: mark failed and enqueue their plan again."""
-    count = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+class StaleRequeue:
+    """The storage's heartbeat-stale callback: the plan of a trial whose driver stopped goes back in the queue
+    with its label (`requeued_from` points to the failed trial); the numbers are kept for the log."""
+
+    def __init__(self):
+        self.requeued: list[int] = []
+
+    def __call__(self, study: optuna.Study, trial) -> None:
         study.enqueue_trial(trial.params, user_attrs={LABEL_ATTR: trial.user_attrs.get(LABEL_ATTR, "sampled"),
                                                        "requeued_from": trial.number})
-        count += 1
-    return count
+        self.requeued.append(trial.number)
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail the running trials whose driver stopped beating for the grace period and re-queue their plans;
+    their numbers. Trials of live drivers (any number of them) are left alone."""
+    callback = study._storage.get_heartbeat_stale_trial_callback()
+    before = len(callback.requeued)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    numbers = callback.requeued[before:]
+    if numbers:
+        log.info("re-queued %d trial(s) left running by a stopped driver: %s", len(numbers), numbers)
+    return numbers
+
+
+class Heartbeat:
+    """Records a heartbeat for each trial this driver is evaluating, every interval, from a background thread:
+    the driver's main thread waits on evaluations for minutes, and a silent trial would look abandoned."""
+
+    def __init__(self, study: optuna.Study):
+        self.storage = study._storage  # Optuna's own fail_stale_trials reaches the storage the same way
+        self.interval = self.storage.get_heartbeat_interval()
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+        self.thread.start()
+
+    def add(self, trial_id: int) -> None:
+        """Start beating for a trial (the first beat at once: a trial without any is never considered stale)."""
+        self.storage.record_heartbeat(trial_id)
+        with self.lock:
+            self.trial_ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as error:  # a busy database: the next beat retries, well within the grace period
+                    log.warning("heartbeat of trial id %d not recorded (%s)", trial_id, type(error).__name__)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 class SearchRun:
-    """One search over a study, with the plan-level bookkeeping ask/tell needs."""
+    """One driver's search over a study, with the plan-level bookkeeping ask/tell needs.
+
+    Other drivers may run the same search on the same study at the same time: before a plan is evaluated its
+    trial claims it (the `plan` user attr) and a slot of the budget (the `feasible` user attr), and backs off
+    when another running or completed trial holds it. Claims are written before the study is read, so of two
+    drivers racing for one plan or the last slot at least one sees the other; both may back off (one retries).
+    """
 
     def __init__(self, objective: ObjectiveSettings, context_tokens: int, space: SearchSpace, objectives,
                  study: optuna.Study, cost, runner, config_for_plan, surrogate=None):
@@ -106,12 +176,18 @@ class SearchRun:
         self.space, self.objectives, self.study = space, objectives, study
         self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
-        self.seen: dict[str, int] = {}  # plan string -> trial number that evaluated (or is evaluating) it
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            self.seen.setdefault(trial.user_attrs.get(PLAN_ATTR, ""), trial.number)
 
     def completed(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def _claims(self, own: int) -> list:
+        """Trials other than `own` that hold a plan: completed, or running with their plan set."""
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number != own and PLAN_ATTR in t.user_attrs]
+
+    def _slots_taken(self, own: int = -1) -> int:
+        """Budget slots held study-wide: completed trials and running ones submitted for evaluation."""
+        return sum(t.state == TrialState.COMPLETE or FEASIBLE_ATTR in t.user_attrs for t in self._claims(own))
 
     def constraints(self, plan: LayerPlan) -> list[float]:
         o = self.objective
@@ -129,49 +205,64 @@ class SearchRun:
         return kv_bytes_per_sequence(plan, model, self.config_for_plan["option_settings"],
                                      self.context_tokens, self.config_for_plan["bytes_per_value"])
 
-    def _ask(self) -> bool:
-        """Ask one trial and submit it; False when it was skipped (duplicate or outside the space)."""
-        trial = self.study.ask(distributions(self.space))
+    def _ask(self, budget: int) -> str:
+        """Ask one trial and submit it: "submitted", "skipped" (duplicate or outside the space) or "backed off"
+        (the last budget slot went to another driver; a queued plan goes back in the queue)."""
+        with warnings.catch_warnings():  # ask/tell with our own heartbeat thread, not Study.optimize
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask(distributions(self.space))
+        self.heartbeat.add(trial._trial_id)
+        queued = LABEL_ATTR in trial.user_attrs  # enqueued plans carry their label
         plan = suggest(self.space, trial)
         text = str(plan)
         trial.set_user_attr(PLAN_ATTR, text)
         trial.set_user_attr("plan_id", plan.id)
-        if LABEL_ATTR not in trial.user_attrs:
+        if not queued:
             trial.set_user_attr(LABEL_ATTR, "sampled")
         reason = self.space.violation(plan)
-        if reason is None and text in self.seen:
-            trial.set_user_attr("duplicate_of", self.seen[text])
-            reason = f"duplicate of trial {self.seen[text]}"
+        if reason is None:
+            holders = sorted(t.number for t in self._claims(trial.number) if t.user_attrs[PLAN_ATTR] == text)
+            if holders:
+                trial.set_user_attr("duplicate_of", holders[0])
+                reason = f"duplicate of trial {holders[0]}"
         if reason is not None:
-            trial.set_user_attr("skipped", reason)
-            self.study.tell(trial, state=TrialState.PRUNED)
-            return False
+            return self._drop(trial, reason, requeue=False)
         constraints = self.constraints(plan)
         if constraints:
             trial.set_constraint(constraints)
         trial.set_user_attr(FEASIBLE_ATTR, all(c <= 0 for c in constraints))
-        self.seen[text] = trial.number
+        if self._slots_taken(trial.number) >= budget:
+            return self._drop(trial, "budget held by other drivers' evaluations", requeue=queued)
         self.in_flight[trial.number] = (trial, plan)
         self.runner.submit(trial.number, "evaluate", text)
-        return True
+        return "submitted"
+
+    def _drop(self, trial, reason: str, requeue: bool) -> str:
+        trial.set_user_attr("skipped", reason)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        self.heartbeat.discard(trial._trial_id)
+        if not requeue:
+            return "skipped"
+        self.study.enqueue_trial(trial.params, user_attrs={LABEL_ATTR: trial.user_attrs[LABEL_ATTR]})
+        return "backed off"
 
     def _enqueue_surrogate_plans(self, done: int) -> None:
         """Ask the surrogate for plans once the queue (seeds, earlier proposals) has drained."""
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting:
             return
+        claims = self._claims(-1)
         completed = [(LayerPlan.from_string(t.user_attrs[PLAN_ATTR]), t.values[0])
-                     for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                     if t.user_attrs.get(PLAN_ATTR)]
-        for plan in self.surrogate.propose(done, completed, set(self.seen)):
+                     for t in claims if t.state == TrialState.COMPLETE]
+        for plan in self.surrogate.propose(done, completed, {t.user_attrs[PLAN_ATTR] for t in claims}):
             self.study.enqueue_trial(self.space.params_of(plan), user_attrs={LABEL_ATTR: "surrogate"})
 
     def _tell(self, number: int, result: dict) -> bool:
         trial, plan = self.in_flight.pop(number)
+        self.heartbeat.discard(trial._trial_id)
         if "error" in result:
             trial.set_user_attr("fail_reason", result["error"])
             self.study.tell(trial, state=TrialState.FAIL)
-            self.seen.pop(str(plan), None)
             log.warning("trial %d (%s) failed: %s", number, plan, result["error"])
             return False
         metrics = result["metrics"]
@@ -192,31 +283,37 @@ class SearchRun:
         return True
 
     def run(self, budget: int, progress: bool = True) -> None:
-        done = self.completed()
-        bar = tqdm(total=budget, initial=min(done, budget), desc="search", unit="eval", disable=not progress)
-        skips = 0
+        """Evaluate plans until the study (all drivers together) holds `budget` completed distinct plans."""
+        self.heartbeat = Heartbeat(self.study)
+        interval = self.heartbeat.interval
+        bar = tqdm(total=budget, desc="search", unit="eval", disable=not progress)
+        skips, last_stale_check = 0, time.monotonic()
         try:
-            while done < budget:
+            while (done := self.completed()) < budget:
+                bar.update(min(done, budget) - bar.n)
+                if time.monotonic() - last_stale_check > interval:  # trials of drivers that stopped
+                    fail_stale(self.study)
+                    last_stale_check = time.monotonic()
                 if self.surrogate is not None and self.surrogate.due(done):
                     self._enqueue_surrogate_plans(done)
-                while len(self.in_flight) < self.runner.capacity and done + len(self.in_flight) < budget:
-                    if self._ask():
-                        skips = 0
-                    else:
-                        skips += 1
-                        if skips >= MAX_CONSECUTIVE_SKIPS:
-                            raise UserError(f"budget: {budget} distinct plans could not be found in the space after "
-                                            f"{skips} consecutive duplicate/invalid proposals (space too small?)")
-                if not self.in_flight:
-                    continue
-                number, result = self.runner.next_result()
-                if self._tell(number, result):
-                    done += 1
-                    bar.update(1)
+                while len(self.in_flight) < self.runner.capacity and self._slots_taken() < budget:
+                    outcome = self._ask(budget)
+                    if outcome == "backed off":
+                        break
+                    skips = 0 if outcome == "submitted" else skips + 1
+                    if skips >= MAX_CONSECUTIVE_SKIPS:
+                        raise UserError(f"budget: {budget} distinct plans could not be found in the space after "
+                                        f"{skips} consecutive duplicate/invalid proposals (space too small?)")
+                if self.in_flight:
+                    self._tell(*self.runner.next_result())
                     if progress:  # reads every trial back from storage: only when someone sees the bar
                         bar.set_postfix(front=len(self.study.best_trials), failed=len(self.study.get_trials(
                             deepcopy=False, states=(TrialState.FAIL,))))
+                else:  # the remaining budget is held by other drivers' evaluations: wait for them
+                    time.sleep(random.uniform(0.2, 1.0))
+            bar.update(min(done, budget) - bar.n)
         finally:
+            self.heartbeat.close()
             bar.close()
 
 
@@ -229,7 +326,8 @@ def enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds) -> int:
     for label, plan in seeds:
         plan = space.project(plan)
         if space.violation(plan) is None and str(plan) not in queued:
-            study.enqueue_trial(space.params_of(plan), user_attrs={LABEL_ATTR: label})
+            # skip_if_exists: drivers started together both enqueue the seeds; this keeps most copies out
+            study.enqueue_trial(space.params_of(plan), user_attrs={LABEL_ATTR: label}, skip_if_exists=True)
             queued.add(str(plan))
             count += 1
     study.set_user_attr("seeds_enqueued", True)

@@ -18,8 +18,8 @@ from layerboost_core.tables import write_csv
 from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
 from layerboost_surrogates.cost_model import Workload, cost_model
 
-from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, lm_eval_scores, open_study, record_lm_eval,
-                     requeue_abandoned, storage_url, study_name)
+from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, fail_stale, lm_eval_scores, open_study,
+                     record_lm_eval, storage_url, study_name)
 from .fidelity import climb, spread
 from .objectives import declare_objectives
 from .report import front_trials, write_report
@@ -80,13 +80,11 @@ def run_search(settings: SearchSettings, sampler) -> Path:
 
     name = study_name(settings, info, bank_id)
     url = storage_url(settings, name)
-    study = open_study(url, name, objectives, sampler)
+    study = open_study(url, name, objectives, sampler, settings.heartbeat_interval, settings.grace_period)
     if WORKLOAD_ATTR not in study.user_attrs:  # what `layerboost report` compares a new workload against
         study.set_user_attr(WORKLOAD_ATTR, asdict(workload))
     run_dir = Path(settings.output_dir) / "runs" / name
-    requeued = requeue_abandoned(study)
-    if requeued:
-        log.info("re-queued %d trial(s) left running by an interrupted run", requeued)
+    fail_stale(study)  # trials whose driver stopped (other drivers' live trials are left running)
 
     progress = settings.workbench.progress
     runner = make_runner(settings.evaluator(with_bank), settings.runner)

@@ -162,10 +162,21 @@ class SearchSettings:
     storage: str | None = None  # None: sqlite at <output_dir>/studies/<study>.db
     output_dir: str = "outputs"
     sampler_name: str = ""  # the sampler's class path: part of the derived study name
+    # Liveness of drivers sharing a study: each records a heartbeat for its running trials every
+    # `heartbeat_interval` s; a running trial without one for `grace_period` s is failed and its plan re-queued.
+    heartbeat_interval: int = 10
+    grace_period: int = 30
 
     def __post_init__(self):
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise UserError(f"budget: {self.budget!r} must be a positive whole number of evaluations")
+        for name in ("heartbeat_interval", "grace_period"):  # Optuna's RDBStorage takes whole seconds
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name}: {value!r} must be a whole number of seconds >= 1")
+        if self.grace_period <= self.heartbeat_interval:
+            raise UserError(f"grace_period: {self.grace_period} must be longer than heartbeat_interval "
+                            f"({self.heartbeat_interval}), or live drivers' trials would be failed")
 
     def evaluator(self, with_bank: bool) -> EvaluatorSettings:
         return EvaluatorSettings(self.workbench, with_bank, self.eval, self.fidelity.rungs, self.workload.prefill)

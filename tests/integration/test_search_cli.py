@@ -159,11 +159,13 @@ def test_optuna_dashboard_serves_the_study(ray_search):
 # --- (b) resume after the driver is SIGKILLed ---------------------------------------------------------------------
 
 RESUME_BUDGET = 20  # above the 18 seeds, so the re-queued plan (queued behind them) is evaluated too
+# A killed driver's trials are re-queued once their heartbeat is older than the grace period: keep it short.
+LIVENESS = ("heartbeat_interval=1", "grace_period=2")
 
 
 def start_and_kill(output_dir: Path, at_least: int) -> set[int]:
     """Start the search, SIGKILL it once `at_least` trials completed while one runs; the RUNNING trial numbers."""
-    process = subprocess.Popen(search_command(output_dir, f"budget={RESUME_BUDGET}", "runner=serial"),
+    process = subprocess.Popen(search_command(output_dir, f"budget={RESUME_BUDGET}", "runner=serial", *LIVENESS),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
                                cwd=output_dir.parent)
     db = None
@@ -205,7 +207,8 @@ def test_resume_after_sigkill_requeues_running_trials_and_stops_at_budget(tmp_pa
     done_before = sum(t.state == TrialState.COMPLETE for t in before.values())
     assert 3 <= done_before < RESUME_BUDGET
 
-    result = run_search(output_dir, f"budget={RESUME_BUDGET}", "runner=serial")
+    time.sleep(3)  # past the grace period: the restarted driver finds the killed one's trials stale at start-up
+    result = run_search(output_dir, f"budget={RESUME_BUDGET}", "runner=serial", *LIVENESS)
     assert f"re-queued {len(killed)} trial(s)" in result.stderr
 
     trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
