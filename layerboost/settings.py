@@ -15,7 +15,7 @@ from layerboost_core.bench import BenchSettings
 from layerboost_core.errors import UserError
 from layerboost_core.heal import HealSettings, LoraSettings
 from layerboost_core.transfer import TransferSettings
-from layerboost_core.workbench import DataSettings, ModelSettings, WorkbenchSettings
+from layerboost_core.workbench import DataSettings, ModelSettings, ProxySettings, WorkbenchSettings
 from layerboost_search.settings import (EvalSettings, FidelitySettings, ObjectiveSettings, RunnerSettings,
                                         SearchSettings, SurrogateSettings)
 from layerboost_surrogates.cost_model import Workload
@@ -99,11 +99,21 @@ def workbench_settings(cfg) -> WorkbenchSettings:
     return WorkbenchSettings(
         model=build(ModelSettings, {k: v for k, v in c["model"].items() if k in ("name", "source", "fallback_source")},
                     "model", device=coerce(str, c["device"], "device"), dtype=coerce(str, c["dtype"], "dtype")),
-        data=build(DataSettings, c["data"], "data"),
+        data=data_settings(c),
         options=coerce(dict, c["attention"], "attention"),
+        proxy=build(ProxySettings, c["proxy"], "proxy"),
         transfer=build(TransferSettings, c["transfer"], "transfer", ignore=("rebuild",)),
         rebuild_bank=coerce(bool, c["transfer"]["rebuild"], "transfer.rebuild"),
         progress=coerce(bool, c["progress"], "progress"))
+
+
+def data_settings(c: dict) -> DataSettings:
+    """`data:` settings; `data.heldout_seq_len: null` means the workload's prefill length (quality is measured
+    at the context latency is predicted for)."""
+    section = dict(c["data"])
+    if section.get("heldout_seq_len") is None:
+        section["heldout_seq_len"] = coerce(int, c["workload"]["prefill"], "workload.prefill")
+    return build(DataSettings, section, "data")
 
 
 def search_settings(cfg) -> SearchSettings:

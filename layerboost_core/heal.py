@@ -357,7 +357,7 @@ def heal_to_folder(bench, plan: LayerPlan, settings: HealSettings, out: Path, so
         return out, None
     checkpoint = out.parent / f".{out.name}.heal-checkpoint.pt"
     bench.switcher.restore()
-    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)  # the teacher's held-out distributions
+    proxy = bench.proxy_evaluator()  # the teacher's held-out distributions
     started = time.perf_counter()
     result = heal_plan(bench.switcher, plan, bench.splits.train, proxy, settings, checkpoint, key,
                        progress=bench.settings.progress, on_step=on_step)

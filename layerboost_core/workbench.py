@@ -3,9 +3,7 @@ it) the bank. Settings come in as typed values; reading a config file is the app
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import asdict, dataclass, field
 
 from .attention import OPTIONS
 from .data import DataSplits, make_splits
@@ -37,6 +35,26 @@ class DataSettings:
     seq_len: int = 512
     fractions: dict = field(default_factory=lambda: {"calibration": 0.1, "train": 0.6, "heldout": 0.3})
     blocks: dict = field(default_factory=lambda: {"calibration": 8, "train": None, "heldout": 2})
+    heldout_seq_len: int | None = None  # held-out block length (None: seq_len); the CLI sets the workload's
+    mix_sources: bool = False  # held-out blocks drawn across every source of the split, not its first documents
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How plans are scored against the original model (see metrics.ProxyEvaluator)."""
+
+    reference_top_k: int | None = 128  # the original's top-k per position plus the rest (None: exact, B x S x V)
+    needles: int = 0  # retrieval rows (a fact planted in held-out text, queried at the end); 0: no retrieval metric
+    needle_seed: int = 0
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if self.reference_top_k is not None and self.reference_top_k < 1:
+            raise UserError(f"proxy.reference_top_k: {self.reference_top_k}; allowed: an integer >= 1, or null (exact)")
+        if self.needles < 0:
+            raise UserError(f"proxy.needles: {self.needles}; allowed: an integer >= 0")
+        if self.batch_size < 1:
+            raise UserError(f"proxy.batch_size: {self.batch_size}; allowed: an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,7 @@ class WorkbenchSettings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     options: dict = field(default_factory=dict)  # option name -> its settings (window, feature_dim, ...)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
     rebuild_bank: bool = False
     progress: bool = True
@@ -67,6 +86,27 @@ class Workbench:
     def info(self) -> dict:
         return self.loaded.info
 
+    def proxy_evaluator(self, reference_model=None):
+        """A ProxyEvaluator on the held-out blocks (and, with `proxy.needles`, retrieval rows as long as the
+        blocks, from held-out documents). The reference distributions come from `reference_model` (default:
+        this workbench's model as it is now, normally all-softmax)."""
+        from .metrics import ProxyEvaluator
+        from .needles import make_needles
+
+        p = self.settings.proxy
+        needles = None
+        if p.needles:
+            needles = make_needles(self.loaded.tokenizer, self.splits.documents["heldout"],
+                                   context=int(self.splits.heldout.shape[1]), n_examples=p.needles, seed=p.needle_seed)
+        proxy = ProxyEvaluator(reference_model if reference_model is not None else self.model, self.splits.heldout,
+                               p.batch_size, p.reference_top_k, needles)
+        proxy.model = self.model  # scored: this workbench's model, whatever gave the reference
+        return proxy
+
+    def scoring_key(self) -> tuple:
+        """What proxy scores of this workbench depend on (cache keys): bank, held-out blocks, proxy settings."""
+        return (bank_id_or_none(self), self.splits.hashes["heldout"], asdict(self.settings.proxy))
+
 
 def needs_bank(options) -> bool:
     """True when any of `options` (names, e.g. a plan's layers or a space's options) is trained by transfer."""
@@ -75,7 +115,7 @@ def needs_bank(options) -> bool:
 
 def load_splits(tokenizer, data: DataSettings) -> DataSplits:
     return make_splits(tokenizer, data.source, int(data.seq_len), dict(data.fractions), dict(data.blocks),
-                       data.text_field)
+                       data.text_field, data.heldout_seq_len, data.mix_sources)
 
 
 def open_workbench(settings: WorkbenchSettings, with_bank: bool = False) -> Workbench:
@@ -117,15 +157,13 @@ def open_hybrid_workbench(settings: WorkbenchSettings, path, with_splits: bool =
     return Workbench(settings, hybrid.loaded, splits, hybrid.switcher, None), hybrid.plan
 
 
-def original_reference(bench: Workbench, blocks: torch.Tensor):
+def original_reference(bench: Workbench):
     """A ProxyEvaluator of a hybrid folder's model against the ORIGINAL (unhealed) model it was made from.
 
     The healed base weights may differ from the original (merged LoRA), so the reference distributions come
     from the original, loaded from the source recorded in the plan JSON, and then the evaluator is pointed
     at the hybrid's model.
     """
-    from .metrics import ProxyEvaluator
-
     original = bench.info.get("original") or {}
     if not original.get("source"):
         raise UserError(f"plan: hybrid folder {bench.info['source']!r} does not record the model it was made from")
@@ -135,7 +173,6 @@ def original_reference(bench: Workbench, blocks: torch.Tensor):
         raise UserError(f"plan: hybrid folder was made from {original['name']} with fingerprint "
                         f"{original['fingerprint']}, but {original['source']} now has fingerprint "
                         f"{reference.info['fingerprint']}")
-    proxy = ProxyEvaluator(reference.model, blocks)
-    proxy.model = bench.model
+    proxy = bench.proxy_evaluator(reference_model=reference.model)
     del reference
     return proxy

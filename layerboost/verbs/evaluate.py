@@ -19,7 +19,7 @@ def evaluate(cfg) -> None:
     from layerboost_core import lm_eval_tasks
     from layerboost_core.cache_dir import write_json
     from layerboost_core.hybrid_folder import plan_is_folder
-    from layerboost_core.metrics import PROXY_METRICS, ProxyEvaluator
+    from layerboost_core.metrics import PROXY_METRICS
     from layerboost_core.plan import load_plan
     from layerboost_core.workbench import (attach_bank, bank_id_or_none, needs_bank, open_hybrid_workbench,
                                            open_workbench, original_reference)
@@ -28,14 +28,14 @@ def evaluate(cfg) -> None:
     settings, tasks = workbench_settings(cfg), eval_settings(cfg)
     if plan_is_folder(spec):  # a hybrid folder: its own weights, scored against the original model
         bench, plan = open_hybrid_workbench(settings, spec)
-        proxy = original_reference(bench, bench.splits.heldout)
+        proxy = original_reference(bench)
         bank_id, label = bench.info["bank_id"], f"{plan.id}-folder"
     else:
         bench = open_workbench(settings)
         plan = load_plan(spec, bench.info)  # refuse a foreign plan before any training
         if needs_bank(plan.layers):
             attach_bank(bench)
-        proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
+        proxy = bench.proxy_evaluator()
         bank_id, label = bank_id_or_none(bench), plan.id
     bench.switcher.apply(plan)
     started = time.perf_counter()

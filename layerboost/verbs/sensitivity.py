@@ -12,15 +12,14 @@ def sensitivity(cfg) -> None:
     import time
     from pathlib import Path
 
-    from layerboost_core.metrics import ProxyEvaluator
     from layerboost_core.sensitivity import cached_sensitivity, sensitivity_heatmap
     from layerboost_core.tables import write_csv
     from layerboost_core.workbench import open_workbench
 
     bench = open_workbench(workbench_settings(cfg), with_bank=True)
     started = time.perf_counter()
-    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
-    rows = cached_sensitivity(bench.switcher, proxy, (bench.bank.id, bench.splits.hashes["heldout"]),
+    proxy = bench.proxy_evaluator()
+    rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(),
                               progress=bench.settings.progress)
     out = Path(cfg.output_dir) / "sensitivity" / f"{bench.info['name'].replace('/', '--')}-{bench.bank.id}"
     write_csv(out / "sensitivity.csv", rows)
