@@ -87,7 +87,7 @@ def run_search(settings: SearchSettings, sampler) -> Path:
     fail_stale(study)  # trials whose driver stopped (other drivers' live trials are left running)
 
     progress = settings.workbench.progress
-    runner = make_runner(settings.evaluator(with_bank), settings.runner)
+    runner = make_runner(settings.evaluator(with_bank), settings.runner, bench.bank)
     try:
         started = time.perf_counter()
         rows = cached_sensitivity_rows(

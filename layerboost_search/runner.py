@@ -1,7 +1,8 @@
 """Runners: a pool of evaluators behind `submit(key, method, plan)` / `next_result()`.
 
-`SerialRunner` evaluates in-process; `RayRunner` keeps one Ray actor per worker, each loading the model
-and bank once. A worker that dies is replaced and its job retried (up to `max_retries`).
+`SerialRunner` evaluates in-process; `RayRunner` keeps one Ray actor per worker, each loading the model once
+and the driver's bank from Ray's object store (so a node without the driver's cache never retrains it). A
+worker that dies is replaced and its job retried (up to `max_retries`).
 """
 from __future__ import annotations
 
@@ -57,8 +58,10 @@ class SerialRunner:
 class RayRunner:
     """A pool of Ray actors; each holds a `PlanEvaluator`."""
 
-    def __init__(self, evaluator_settings: EvaluatorSettings, runner_cfg: RunnerSettings, evaluator_class=None):
-        """`evaluator_class`: the actor class (default `PlanEvaluator`; tests pass instrumented subclasses)."""
+    def __init__(self, evaluator_settings: EvaluatorSettings, runner_cfg: RunnerSettings, evaluator_class=None,
+                 bank=None):
+        """`evaluator_class`: the actor class (default `PlanEvaluator`; tests pass instrumented subclasses);
+        `bank`: the driver's `Bank`, put once in the object store for every actor (and every replacement)."""
         import ray
 
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -83,6 +86,7 @@ class RayRunner:
                 raise UserError(f"runner.address: cannot start or join Ray ({error})") from None
         self.evaluator_settings = evaluator_settings
         self.runner_cfg = runner_cfg
+        self.bank_ref = None if bank is None else ray.put(bank)
         self.capacity = runner_cfg.num_workers
         self.max_retries = runner_cfg.max_retries
         if evaluator_class is None:
@@ -97,7 +101,7 @@ class RayRunner:
 
     def _new_actor(self):
         threads = max(self.runner_cfg.num_cpus, 1)
-        return self.actor_class.remote(self.evaluator_settings, threads)
+        return self.actor_class.remote(self.evaluator_settings, threads, self.bank_ref)
 
     def submit(self, key, method: str, plan_text: str, attempt: int = 0) -> None:
         self.queue.append((key, method, plan_text, attempt))
@@ -144,7 +148,8 @@ class RayRunner:
             self.ray.kill(actor)
 
 
-def make_runner(evaluator_settings: EvaluatorSettings, runner_cfg: RunnerSettings) -> Runner:
+def make_runner(evaluator_settings: EvaluatorSettings, runner_cfg: RunnerSettings, bank=None) -> Runner:
+    """The configured pool; `bank` (the driver's, or None) reaches Ray actors through the object store."""
     if runner_cfg.kind == "serial":
         return SerialRunner(evaluator_settings)
-    return RayRunner(evaluator_settings, runner_cfg)
+    return RayRunner(evaluator_settings, runner_cfg, bank=bank)

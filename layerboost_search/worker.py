@@ -15,7 +15,9 @@ from .settings import EvaluatorSettings
 
 
 class PlanEvaluator:
-    def __init__(self, settings: EvaluatorSettings, threads: int | None = None):
+    def __init__(self, settings: EvaluatorSettings, threads: int | None = None, bank=None):
+        """`bank`: the driver's `Bank` (Ray actors get it through the object store); None: read it from this
+        node's cache, where the driver built it (the serial runner, in the driver's own process)."""
         if threads:
             torch.set_num_threads(threads)
         from layerboost_core.logs import quiet_libraries
@@ -24,8 +26,10 @@ class PlanEvaluator:
 
         quiet_libraries()
         self.settings = settings
-        # The driver built and cached the bank before starting workers: here it is only read.
-        self.bench = open_workbench(settings.workbench, with_bank=settings.with_bank)
+        self.bench = open_workbench(settings.workbench, with_bank=settings.with_bank and bank is None)
+        if settings.with_bank and bank is not None:  # never the node's disk cache: a fresh node would retrain
+            self.bench.switcher.load_bank(bank)
+            self.bench.bank = bank
         self.proxy = ProxyEvaluator(self.bench.model, self.bench.splits.heldout)
         self._task_dir = None
         self._rungs = {}  # rung name -> its BlockwiseProxy, built on first use (most workers never climb)
