@@ -17,14 +17,61 @@ def make_sampler(cfg):
                         f"({str(error).strip().splitlines()[0]})") from None
 
 
+def config_source(model):
+    """What `memory_plan` reads the model's config from, without loading weights: the tiny config, the
+    built-in model's converted folder (or its hub fallback), else the folder / hub id itself."""
+    from layerboost_core import models
+
+    source = model.source
+    if source.startswith(models.TINY_PREFIX):
+        model_type, *layers = source[len(models.TINY_PREFIX):].split(":")
+        return models.tiny_config(model_type, *(int(n) for n in layers))
+    if source == models.BUILTIN_SMOLLM2:
+        try:
+            return models.builtin_smollm2_folder()
+        except UserError:
+            if not model.fallback_source:
+                raise
+            return model.fallback_source
+    if source.startswith("builtin:"):
+        if not model.fallback_source:
+            raise UserError(f"model.source: {source!r} has no config to plan from; pass its folder or hub id")
+        return model.fallback_source
+    return source
+
+
+def plan_memory(settings):
+    """The run's memory and time plan from the model's config and the run's settings (no weights loaded)."""
+    from layerboost_core.memory_plan import memory_plan
+
+    w = settings.workbench
+    heldout = w.data.blocks.get("heldout")
+    if heldout is None:
+        raise UserError("data.blocks.heldout: null (every held-out block) cannot be sized before the data is "
+                        "read; set a number of blocks to plan the run")
+    workers = settings.runner.num_workers if settings.runner.kind == "ray" else 1  # serial: one in-process
+    return memory_plan(config_source(w.model), name=w.model.name, device=w.model.device, dtype=w.model.dtype,
+                       heldout_blocks=heldout, seq_len=w.data.heldout_seq_len or w.data.seq_len,
+                       batch_size=w.proxy.batch_size, reference_top_k=w.proxy.reference_top_k,
+                       linear=w.options.get("linear"), num_workers=workers)
+
+
 @shows("budget", "study", "storage", "runner.num_workers", "runner.address", "objective.quality",
        "workload.prefill", "surrogate.enabled", "eval.top_k", "output_dir")
 def search(cfg) -> None:
     """Multi-objective search of per-layer attention options (quality proxy vs predicted latency at the
-    workload); resumable: the same command continues the study at outputs/studies/<study>.db."""
-    from ..settings import search_settings
+    workload); resumable: the same command continues the study at outputs/studies/<study>.db.
+    `dry_run=true` prints the run's memory and time plan from the model's config and exits."""
+    from layerboost_core.memory_plan import check_fits
+
+    from ..settings import coerce, search_settings
 
     from layerboost_search.pipeline import run_search
 
     settings = search_settings(cfg)
+    plan = plan_memory(settings)
+    if coerce(bool, cfg.dry_run, "dry_run"):
+        print(plan.table())
+        return
+    check_fits(plan)  # an impossible setting is refused here, before minutes of loading weights
     run_search(settings, make_sampler(cfg))
