@@ -1,4 +1,8 @@
-"""Reports of a study: trials.csv, pareto.csv, pareto.html, best/*.json, summary.md and a printed table."""
+"""Reports of a study: trials.csv, pareto.csv, pareto.html, best/*.json, summary.md and a printed table.
+
+Every fidelity keeps its own columns (the proxy's, and `<rung>:<metric>` with a 90% interval over blocks for
+each rung of the ladder, see fidelity.py); a proxy-front plan that another plan dominates at a rung is marked
+(`dominated_at`), not hidden; best plans are picked at the highest fidelity measured."""
 from __future__ import annotations
 
 import math
@@ -34,9 +38,9 @@ class Ladder:
         """The highest fidelity measured."""
         return self.rungs[-1] if self.rungs else PROXY
 
-    def rung_quality(self, metrics: dict) -> float | None:
-        """The quality objective at a rung, as a value to minimise: the same metric when the rung measured it
-        (a proxy metric), else KL (the objective is an lm-eval task, which a rung does not run)."""
+    def quality_of(self, metrics: dict) -> float | None:
+        """The quality objective in a fidelity's `metrics`, as a value to minimise: the same metric when it was
+        measured there, else KL (the objective is an lm-eval task, which a rung does not run)."""
         if self.quality in metrics:
             return metrics[self.quality] if self.direction == "minimize" else -metrics[self.quality]
         return metrics.get("kl")
@@ -59,7 +63,7 @@ class Ladder:
 
     def dominated(self) -> dict[int, str]:
         """{trial: the highest rung at which another plan re-measured there dominates it}."""
-        points = {rung: {n: (self.rung_quality(m), self.latency[n]) for n, m in self.measured(rung).items()}
+        points = {rung: {n: (self.quality_of(m), self.latency[n]) for n, m in self.measured(rung).items()}
                   for rung in self.rungs}
         return dominated_at(points, self.rungs)
 
@@ -68,12 +72,12 @@ class Ladder:
         proxy front when no rung was measured)."""
         if self.rungs:
             return {n: (m, self.latency[n]) for n, m in self.measured(self.top).items()}
-        return {t.number: ({k.removeprefix("proxy:"): v for k, v in t.user_attrs.items() if k.startswith("proxy:")},
-                           t.values[1]) for t in front}
+        # the objective itself too: it may be an lm-eval task, and then it ranks the proxy front, as searched
+        return {t.number: ({**{k.removeprefix("proxy:"): v for k, v in t.user_attrs.items() if k.startswith("proxy:")},
+                            self.quality: t.values[0]}, t.values[1]) for t in front}
 
 
-def trial_rows(study: optuna.Study, objectives, ladder: Ladder | None = None) -> list[dict]:
-    ladder = ladder or Ladder(study, objectives)
+def trial_rows(study: optuna.Study, objectives, ladder: Ladder) -> list[dict]:
     marked = ladder.dominated()
     rows, scored = [], lm_eval_scores(study)
     for t in study.get_trials(deepcopy=False):
@@ -132,7 +136,7 @@ def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, run
         for name, value in scored["metrics"].items():
             blocks = scored["per_block"][name]
             metrics[f"{rung}:{name}"] = {"value": value, "fidelity": rung, "interval90": list(bootstrap_interval(blocks)),
-                                         "blocks": len(blocks)}
+                                         "samples": len(blocks)}  # blocks, or needle rows for retrieval
     return plan.to_json(model=context["model"], settings=context["settings"], bank_id=context["bank_id"],
                         metrics=metrics, workload=context["workload"],
                         origin={"study": context["study"], "storage": context["storage"], "trial": trial.number,
@@ -215,9 +219,6 @@ def pick_best(ladder: Ladder, front, objectives, reference: float | None, latenc
     `keep-<pct>pct`, the fastest plan keeping that share of the original (see fidelity.retained), and
     `latency-<pct>pct`, the best-quality plan predicted at or under that share of all-softmax latency."""
     candidates = ladder.candidates(front)
-    if not ladder.rungs:  # proxy: the objective itself (it may be an lm-eval task) ranks plans, as searched
-        candidates = {n: ({**m, objectives[0].name: t.values[0]}, lat)
-                      for t in front for n, (m, lat) in candidates.items() if n == t.number}
     at = f"measured at fidelity `{ladder.top}`"
     chosen, unmet = {}, []
     for bar in KEEP_BARS:
@@ -232,7 +233,7 @@ def pick_best(ladder: Ladder, front, objectives, reference: float | None, latenc
         name = f"latency-{round(fraction * 100)}pct"
         fitting = [n for n, (_, lat) in candidates.items() if lat <= fraction * reference]
         if fitting:
-            chosen[name] = min(fitting, key=lambda n: ladder.rung_quality(candidates[n][0]))
+            chosen[name] = min(fitting, key=lambda n: ladder.quality_of(candidates[n][0]))
         else:
             unmet.append(f"`{name}`: no plan {at} is predicted at <= {fraction:.0%} of all-softmax latency")
     return chosen, unmet

@@ -207,7 +207,7 @@ def test_best_plans_are_picked_at_the_highest_fidelity_and_unmet_targets_are_sai
     assert best["latency-50pct.json"]["origin"]["trial"] == 2
     assert "latency-10pct.json" not in best
     long_kl = best["keep-95pct.json"]["metrics"]["long:kl"]
-    assert long_kl["fidelity"] == "long" and long_kl["value"] == pytest.approx(0.6) and long_kl["blocks"] == 2
+    assert long_kl["fidelity"] == "long" and long_kl["value"] == pytest.approx(0.6) and long_kl["samples"] == 2
     assert long_kl["interval90"][0] <= 0.6 <= long_kl["interval90"][1]
     said = "`latency-10pct`: no plan measured at fidelity `long` is predicted at <= 10% of all-softmax latency"
     assert said in table and said in (tmp_path / "summary.md").read_text()
