@@ -16,7 +16,8 @@ import random
 
 log = logging.getLogger(__name__)
 
-RUNG_STUDY_ATTR = "fidelity:"  # + "<rung>:trial:<n>" -> {"metrics": {name: mean}, "per_block": {name: [...]}}
+# + "<rung>:trial:<n>" -> {"metrics": {name: mean}, "per_block": {name: [...]}, "settings": the rung's settings}
+RUNG_STUDY_ATTR = "fidelity:"
 SEPARATOR = "|"  # the runner passes one string: "<rung name>|<plan>"
 
 
@@ -92,10 +93,13 @@ def spread(front: list, k: int) -> list:
     return [front[round(i * step)] for i in range(k)]
 
 
-def record_rung(study, rung: str, number: int, result: dict) -> None:
-    study.set_user_attr(f"{RUNG_STUDY_ATTR}{rung}:trial:{number}",
+def record_rung(study, rung, number: int, result: dict) -> None:
+    """Keep `result` of trial `number` at `rung` (its settings too: a rung re-declared under the same name with
+    other settings is measured again, not mixed with the old numbers)."""
+    study.set_user_attr(f"{RUNG_STUDY_ATTR}{rung.name}:trial:{number}",
                         {"metrics": {k: float(v) for k, v in result["metrics"].items()},
-                         "per_block": {k: [float(x) for x in v] for k, v in result["per_block"].items()}})
+                         "per_block": {k: [float(x) for x in v] for k, v in result["per_block"].items()},
+                         "settings": dataclasses.asdict(rung)})
 
 
 def rung_scores(study) -> dict[str, dict[int, dict]]:
@@ -112,21 +116,22 @@ def climb(study, runner, candidates: list, rungs, plan_of, progress: bool) -> No
     """Measure every candidate trial at every rung, skipping those the study already has (resumable).
     `plan_of(trial)` gives the plan string; failures are logged and left unmeasured."""
     done = rung_scores(study)
-    todo = [(rung.name, t) for rung in rungs for t in candidates if t.number not in done.get(rung.name, {})]
+    todo = [(rung, t) for rung in rungs for t in candidates
+            if done.get(rung.name, {}).get(t.number, {}).get("settings") != dataclasses.asdict(rung)]
     if not todo:
         return
     from tqdm.auto import tqdm
 
     log.info("fidelity ladder: %d measurement(s) of %d front candidate(s) at %s", len(todo), len(candidates),
              ", ".join(r.name for r in rungs))
-    for name, trial in todo:
-        runner.submit((name, trial.number), "evaluate_at", f"{name}{SEPARATOR}{plan_of(trial)}")
+    for rung, trial in todo:
+        runner.submit((rung, trial.number), "evaluate_at", f"{rung.name}{SEPARATOR}{plan_of(trial)}")
     for _ in tqdm(todo, desc="fidelity", unit="plan", disable=not progress):
-        (name, number), result = runner.next_result()
+        (rung, number), result = runner.next_result()
         if "error" in result:
-            log.warning("fidelity %s of trial %d failed: %s", name, number, result["error"])
+            log.warning("fidelity %s of trial %d failed: %s", rung.name, number, result["error"])
             continue
-        record_rung(study, name, number, result)
+        record_rung(study, rung, number, result)
 
 
 # --- reading the ladder (in the report) -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ OBJECTIVES = [Objective("kl", "minimize", "proxy"), Objective("latency_s", "mini
 MODEL = {"name": "tiny-llama", "source": "tiny:llama", "fingerprint": "f00d", "num_layers": 4}
 CONTEXT = {"model": MODEL, "settings": {}, "bank_id": None, "workload": {"prefill": 128, "decode": 0, "batch": 1},
            "study": "unit-fidelity", "storage": "sqlite:///unit.db", "softmax_latency": 1.0}
+LONG = RungSettings("long")
 DISTRIBUTIONS = {layer_param(i): CategoricalDistribution(["softmax", "linear", "none"]) for i in range(4)}
 
 
@@ -125,12 +126,18 @@ def test_climb_measures_only_what_the_study_lacks(tmp_path):
     study = optuna.create_study(study_name="unit-fidelity", storage=storage, directions=["minimize", "minimize"])
     add(study, "SSSS", 0.0, 1.0, 1.0)
     add(study, "SSLN", 0.3, 0.55, 0.97)
-    record_rung(study, "long", 0, measured([0.0], [1.0]))
-    runner = FakeRunner({("long", 1): measured([0.5, 0.7], [0.9, 0.8]), ("long", 0): {"error": "must not run"}})
-    climb(study, runner, study.best_trials, [RungSettings("long")], lambda t: t.user_attrs["plan"], progress=False)
+    long = RungSettings("long")
+    record_rung(study, long, 0, measured([0.0], [1.0]))
+    runner = FakeRunner({(long, 1): measured([0.5, 0.7], [0.9, 0.8]), (long, 0): {"error": "must not run"}})
+    climb(study, runner, study.best_trials, [long], lambda t: t.user_attrs["plan"], progress=False)
     assert runner.submitted == [("evaluate_at", "long|SSLN")]
     reopened = optuna.load_study(study_name="unit-fidelity", storage=storage)
     assert rung_scores(reopened)["long"][1]["per_block"]["kl"] == [0.5, 0.7]
+
+    longer = RungSettings("long", blocks=4)  # the same name, other settings: measured again
+    runner = FakeRunner({(longer, 0): measured([0.0] * 4, [1.0] * 4), (longer, 1): measured([0.6] * 4, [0.9] * 4)})
+    climb(reopened, runner, reopened.best_trials, [longer], lambda t: t.user_attrs["plan"], progress=False)
+    assert len(runner.submitted) == 2 and rung_scores(reopened)["long"][1]["per_block"]["kl"] == [0.6] * 4
 
 
 def test_spread_keeps_the_ends_of_the_front():
@@ -175,10 +182,10 @@ def laddered():
     add(study, "SSLN", 0.3, 0.55, 0.97)   # 1: on the proxy front; at `long` worse than trial 2, which is faster
     add(study, "SLLN", 0.5, 0.4, 0.95)    # 2
     add(study, "LLNN", 2.0, 0.2, 0.8)     # 3
-    record_rung(study, "long", 0, measured([0.0, 0.0], [1.0, 1.0]))
-    record_rung(study, "long", 1, measured([0.8, 1.0], [0.8, 0.9]))
-    record_rung(study, "long", 2, measured([0.5, 0.7], [0.96, 0.97]))
-    record_rung(study, "long", 3, measured([2.0, 3.0], [0.5, 0.6]))
+    record_rung(study, LONG, 0, measured([0.0, 0.0], [1.0, 1.0]))
+    record_rung(study, LONG, 1, measured([0.8, 1.0], [0.8, 0.9]))
+    record_rung(study, LONG, 2, measured([0.5, 0.7], [0.96, 0.97]))
+    record_rung(study, LONG, 3, measured([2.0, 3.0], [0.5, 0.6]))
     return study
 
 
@@ -218,8 +225,8 @@ def test_a_quality_bar_no_plan_meets_is_said_not_written(tmp_path):
     study = optuna.create_study(study_name="unit-fidelity", directions=["minimize", "minimize"])
     add(study, "SLLN", 0.5, 0.4, 0.95)
     add(study, "LLNN", 2.0, 0.2, 0.8)
-    record_rung(study, "long", 0, measured([0.9], [0.46]))
-    record_rung(study, "long", 1, measured([2.0], [0.3]))
+    record_rung(study, LONG, 0, measured([0.9], [0.46]))
+    record_rung(study, LONG, 1, measured([2.0], [0.3]))
     table = write_report(study, OBJECTIVES, tmp_path, CONTEXT, (), rungs=("long",))
     assert not [p for p in (tmp_path / "best").iterdir() if p.name.startswith("keep-")]
     assert ("`keep-99pct`: no plan measured at fidelity `long` keeps 99% of the original's top-1 agreement "
