@@ -320,16 +320,19 @@ class LayerBoostMixin:
             raise ValueError("padded batches are not supported by `linear` layers (they read no padding mask); "
                              "run unpadded sequences")
 
-    def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None, **kwargs):
-        """The family's forward with a LayerBoostCache made on demand (when caching) and any other refused."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        """The family's forward with a LayerBoostCache made on demand (when caching) and any other refused.
+        Same parameters as the family's: `generate` reads them (e.g. `logits_to_keep`) from this signature."""
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         self._check_mask(attention_mask)
         if cache is not None:
             self.check_cache(cache)
         elif use_cache if use_cache is not None else (self.config.use_cache and not self.training):
             cache = LayerBoostCache(self.config)  # the family would make a DynamicCache, wrong for `linear`
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                               use_cache=use_cache, **kwargs)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                               logits_to_keep=logits_to_keep, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
