@@ -61,7 +61,8 @@ def study_name(settings: SearchSettings, info: dict, bank_id: str) -> str:
     if settings.study:
         return _safe(str(settings.study))
     key = content_hash(METRICS_VERSION, info["fingerprint"], bank_id, settings.space, asdict(settings.objective),
-                       asdict(settings.workload), asdict(settings.workbench.data), settings.sampler_name)
+                       asdict(settings.workload), asdict(settings.workbench.data), asdict(settings.workbench.proxy),
+                       settings.sampler_name)
     return _safe(f"{info['name']}-{key[:10]}")
 
 

@@ -91,7 +91,7 @@ def run_search(settings: SearchSettings, sampler) -> Path:
     try:
         started = time.perf_counter()
         rows = cached_sensitivity_rows(
-            (bank_id, bench.splits.hashes["heldout"]), n,
+            bench.scoring_key(), n,
             lambda jobs: _scores_by_runner(runner, jobs, progress), _sensitivity_options(space))
         write_csv(run_dir / "sensitivity.csv", rows)
         log.info("sensitivity table ready (%.0f s)", time.perf_counter() - started)
@@ -216,7 +216,6 @@ def _other_studies_hint(settings: SearchSettings, name: str) -> str:
 
 
 def _resolve_for_workload(settings: SearchSettings, bench, space, study, objectives, run_dir: Path) -> None:
-    from layerboost_core.metrics import ProxyEvaluator
     from layerboost_core.sensitivity import cached_sensitivity
 
     from .resolve import resolve_front, workload_tag
@@ -225,8 +224,8 @@ def _resolve_for_workload(settings: SearchSettings, bench, space, study, objecti
     options = settings.workbench.options
     workload = asdict(settings.workload)
     cost = cost_model(bench.switcher, bench.info, options, settings.workload)
-    proxy = ProxyEvaluator(bench.model, bench.splits.heldout)  # only used if the sensitivity cache is gone
-    rows = cached_sensitivity(bench.switcher, proxy, (bank_id_or_none(bench), bench.splits.hashes["heldout"]),
+    proxy = bench.proxy_evaluator()  # only used if the sensitivity cache is gone
+    rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(),
                               progress=settings.workbench.progress, options=_sensitivity_options(space))
     out_dir = run_dir / "workloads" / workload_tag(workload)
     o = settings.objective

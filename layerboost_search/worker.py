@@ -21,7 +21,6 @@ class PlanEvaluator:
         if threads:
             torch.set_num_threads(threads)
         from layerboost_core.logs import quiet_libraries
-        from layerboost_core.metrics import ProxyEvaluator
         from layerboost_core.workbench import open_workbench
 
         quiet_libraries()
@@ -30,7 +29,7 @@ class PlanEvaluator:
         if settings.with_bank and bank is not None:  # never the node's disk cache: a fresh node would retrain
             self.bench.switcher.load_bank(bank)
             self.bench.bank = bank
-        self.proxy = ProxyEvaluator(self.bench.model, self.bench.splits.heldout)
+        self.proxy = self.bench.proxy_evaluator()
         self._task_dir = None
         self._rungs = {}  # rung name -> its BlockwiseProxy, built on first use (most workers never climb)
 
