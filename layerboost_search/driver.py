@@ -170,10 +170,12 @@ class SearchRun:
     """
 
     def __init__(self, objective: ObjectiveSettings, context_tokens: int, space: SearchSpace, objectives,
-                 study: optuna.Study, cost, runner, config_for_plan, surrogate=None):
+                 study: optuna.Study, cost, runner, config_for_plan, surrogate=None,
+                 retrieval_floor: float | None = None):
         """`context_tokens`: the workload's tokens per sequence (what KV bytes are counted at); `surrogate`: an
-        optional `SurrogateFeed` whose proposals are enqueued as the search runs."""
-        self.objective, self.context_tokens = objective, context_tokens
+        optional `SurrogateFeed` whose proposals are enqueued as the search runs; `retrieval_floor`: the
+        `retrieval_acc` a plan must keep to be feasible (known only once it is evaluated)."""
+        self.objective, self.context_tokens, self.retrieval_floor = objective, context_tokens, retrieval_floor
         self.space, self.objectives, self.study = space, objectives, study
         self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
@@ -190,14 +192,23 @@ class SearchRun:
         """Budget slots held study-wide: completed trials and running ones submitted for evaluation."""
         return sum(t.state == TrialState.COMPLETE or FEASIBLE_ATTR in t.user_attrs for t in self._claims(own))
 
-    def constraints(self, plan: LayerPlan) -> list[float]:
+    def constraints(self, plan: LayerPlan) -> dict[str, float]:
+        """Named constraints known before evaluation (feasible when every value is <= 0)."""
         o = self.objective
-        values = []
+        values = {}
         if o.latency_ceiling is not None:
-            values.append(self.cost.latency(plan) - float(o.latency_ceiling))
+            values["latency_ceiling"] = self.cost.latency(plan) - float(o.latency_ceiling)
         if o.memory_ceiling is not None:
-            values.append(float(self.kv_bytes(plan)) - float(o.memory_ceiling))
+            values["memory_ceiling"] = float(self.kv_bytes(plan)) - float(o.memory_ceiling)
         return values
+
+    @staticmethod
+    def _record_constraints(trial, constraints: dict[str, float]) -> None:
+        """Optuna's constraints (its samplers and best_trials honour them) and the `feasible` user attr (which
+        optuna-dashboard shows: it ignores the new-style constraints)."""
+        for name, value in constraints.items():
+            trial.set_constraint(name, value)
+        trial.set_user_attr(FEASIBLE_ATTR, all(v <= 0 for v in constraints.values()))
 
     def kv_bytes(self, plan: LayerPlan) -> int:
         from layerboost_surrogates.cost_model import kv_bytes_per_sequence
@@ -228,10 +239,7 @@ class SearchRun:
                 reason = f"duplicate of trial {holders[0]}"
         if reason is not None:
             return self._drop(trial, reason, requeue=False)
-        constraints = self.constraints(plan)
-        if constraints:
-            trial.set_constraint(constraints)
-        trial.set_user_attr(FEASIBLE_ATTR, all(c <= 0 for c in constraints))
+        self._record_constraints(trial, self.constraints(plan))
         if self._slots_taken(trial.number) >= budget:
             return self._drop(trial, "budget held by other drivers' evaluations", requeue=queued)
         self.in_flight[trial.number] = (trial, plan)
@@ -270,6 +278,8 @@ class SearchRun:
         for name, value in metrics.items():
             trial.set_user_attr(f"proxy:{name}", value)
         trial.set_user_attr("eval_seconds", result["seconds"])
+        if "node" in result:  # the Ray node that evaluated it (a cluster's nodes can differ in speed)
+            trial.set_user_attr("node", result["node"])
         values = []
         for objective in self.objectives:
             if objective.name == "latency_s":
@@ -280,6 +290,10 @@ class SearchRun:
                 values.append(metrics[objective.name])
         trial.set_user_attr("latency_s", self.cost.latency(plan))
         trial.set_user_attr("kv_bytes", self.kv_bytes(plan))
+        if self.retrieval_floor is not None:  # a constraint that needs the evaluation: added before tell
+            floor = {"retrieval_floor": self.retrieval_floor - metrics["retrieval_acc"]}
+            trial.set_constraint("retrieval_floor", floor["retrieval_floor"])
+            trial.set_user_attr(FEASIBLE_ATTR, all(v <= 0 for v in {**self.constraints(plan), **floor}.values()))
         self.study.tell(trial, values)
         return True
 

@@ -34,4 +34,11 @@ def declare_objectives(settings: ObjectiveSettings) -> list[Objective]:
     objectives.append(Objective("latency_s", "minimize", "cost-model", "s"))
     if settings.memory:
         objectives.append(Objective("kv_bytes", "minimize", "cost-model", "bytes/sequence"))
+    if settings.retrieval == "objective":
+        objectives.append(Objective("retrieval_acc", "maximize", "proxy"))
     return objectives
+
+
+def needs_retrieval(settings: ObjectiveSettings) -> bool:
+    """True when the search reads `retrieval_acc` (the proxy must then plant needles)."""
+    return settings.retrieval != "off"

@@ -21,7 +21,7 @@ from layerboost_surrogates.cost_model import Workload, cost_model
 from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, fail_stale, lm_eval_scores, open_study,
                      record_lm_eval, storage_url, study_name)
 from .fidelity import climb, spread
-from .objectives import declare_objectives
+from .objectives import declare_objectives, needs_retrieval
 from .report import front_trials, write_report
 from .runner import make_runner
 from .seeds import seed_plans
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
+REFERENCE_ATTR = "all_softmax_metrics"  # study user attr: the proxy metrics of the original (floors are shares of it)
 
 
 def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
@@ -60,6 +61,9 @@ def space_needs_bank(space: SearchSpace) -> bool:
 def run_search(settings: SearchSettings, sampler) -> Path:
     """The whole search for `settings` with the Optuna `sampler`; returns the run directory."""
     objectives = declare_objectives(settings.objective)
+    if needs_retrieval(settings.objective) and not settings.workbench.proxy.needles:
+        raise UserError(f"proxy.needles: 0, but objective.retrieval={settings.objective.retrieval} reads "
+                        "retrieval_acc; set proxy.needles >= 1 or objective.retrieval=off")
     workload = settings.workload
     options = settings.workbench.options
     # The bank (minutes when cold) comes after every check that can refuse the run: the space needs only the
@@ -102,7 +106,7 @@ def run_search(settings: SearchSettings, sampler) -> Path:
                             "bytes_per_value": bench.model.dtype.itemsize}
         surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, context_for_plan)
         search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
-                           context_for_plan, surrogate)
+                           context_for_plan, surrogate, _retrieval_floor(settings, study, runner, n))
         search.run(settings.budget, progress=progress)
         _climb_fidelity_ladder(settings.fidelity, study, runner, progress)
         _score_front_with_lm_eval(settings.eval, study, runner, progress)
@@ -116,6 +120,23 @@ def run_search(settings: SearchSettings, sampler) -> Path:
     print(table)
     print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {url}")
     return run_dir
+
+
+def _retrieval_floor(settings: SearchSettings, study, runner, num_layers: int) -> float | None:
+    """The retrieval_acc plans must keep with `objective.retrieval=floor`: a share of the all-softmax plan's,
+    measured once per study (kept in its user attrs, so resumed and concurrent drivers use the same floor)."""
+    o = settings.objective
+    if o.retrieval != "floor":
+        return None
+    if REFERENCE_ATTR not in study.user_attrs:
+        runner.submit("reference", "evaluate", str(LayerPlan.uniform("softmax", num_layers)))
+        _, result = runner.next_result()
+        if "error" in result:
+            raise UserError(f"objective.retrieval: the all-softmax plan could not be evaluated ({result['error']})")
+        study.set_user_attr(REFERENCE_ATTR, result["metrics"])
+    floor = o.retrieval_floor * study.user_attrs[REFERENCE_ATTR]["retrieval_acc"]
+    log.info("retrieval floor: retrieval_acc >= %.3f (%.0f%% of all-softmax)", floor, 100 * o.retrieval_floor)
+    return floor
 
 
 def _sensitivity_options(space: SearchSpace) -> tuple[str, ...]:

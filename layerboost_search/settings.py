@@ -10,6 +10,7 @@ from layerboost_core.workbench import WorkbenchSettings
 from layerboost_surrogates.cost_model import Workload
 
 RUNNER_KINDS = ("ray", "serial")
+RETRIEVAL_MODES = ("off", "floor", "objective")
 
 
 def _at_least(name: str, value, least) -> None:
@@ -43,12 +44,18 @@ class ObjectiveSettings:
     memory: bool = False  # KV bytes per sequence as a third objective
     latency_ceiling: float | None = None  # seconds, predicted at the workload
     memory_ceiling: float | None = None  # KV bytes per sequence
+    retrieval: str = "off"  # off | floor (a constraint) | objective (retrieval_acc maximised as well)
+    retrieval_floor: float = 0.9  # floor: keep this share of the all-softmax plan's retrieval_acc
 
     def __post_init__(self):
         for name in ("latency_ceiling", "memory_ceiling"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise UserError(f"objective.{name}: {value!r} must be a positive number or null")
+        if self.retrieval not in RETRIEVAL_MODES:
+            raise UserError(f"objective.retrieval: unknown value {self.retrieval!r}; allowed: {', '.join(RETRIEVAL_MODES)}")
+        if not 0 < self.retrieval_floor <= 1:
+            raise UserError(f"objective.retrieval_floor: {self.retrieval_floor!r}; allowed: a share in (0, 1]")
 
 
 @dataclass(frozen=True)
