@@ -92,8 +92,11 @@ class RayRunner:
         if evaluator_class is None:
             from .worker import PlanEvaluator as evaluator_class
 
+        # SPREAD: one actor per node while nodes last (each holds a model: spreading spreads the memory, and a
+        # lost node takes fewer workers with it); a soft strategy, so a replacement still lands on any node left.
         self.actor_class = ray.remote(evaluator_class).options(
-            num_cpus=runner_cfg.num_cpus or 1, num_gpus=runner_cfg.num_gpus, max_restarts=0)
+            num_cpus=runner_cfg.num_cpus or 1, num_gpus=runner_cfg.num_gpus, max_restarts=0,
+            scheduling_strategy="SPREAD")
         self.actors = [self._new_actor() for _ in range(self.capacity)]
         self.idle = list(range(self.capacity))
         self.queue: deque = deque()
@@ -128,6 +131,9 @@ class RayRunner:
             except ray.exceptions.RayActorError as error:
                 log.warning("worker %d died during %s of %s (%s); replacing it", index, method, plan_text,
                             type(error).__name__)
+                # An unreachable actor may still be alive (ActorUnavailableError): kill it, or it keeps its CPU
+                # and the replacement waits for resources that never free.
+                self.ray.kill(self.actors[index])
                 self.actors[index] = self._new_actor()
                 if attempt < self.max_retries:
                     self.idle.append(index)

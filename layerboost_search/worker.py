@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import torch
@@ -45,6 +46,9 @@ class PlanEvaluator:
         metrics = self.proxy.evaluate()
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         result = {"metrics": metrics, "seconds": time.perf_counter() - started, "pid": os.getpid()}
+        node = _ray_node_id()
+        if node:
+            result["node"] = node
         if bad:
             result["error"] = f"non-finite metrics: {', '.join(bad)}"
         return result
@@ -95,3 +99,10 @@ class PlanEvaluator:
             self.bench.switcher.apply(LayerPlan.uniform("softmax", self.bench.switcher.num_layers))
             self._rungs[name] = BlockwiseProxy(self.bench.model, blocks, needles)
         return self._rungs[name]
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this actor runs on (which machine of a cluster evaluated a plan); None outside Ray.
+    Looked up without importing Ray: the serial runner must not pay for (or need) it."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
