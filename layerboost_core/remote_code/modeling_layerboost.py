@@ -87,7 +87,9 @@ class LearnedLinearParts(nn.Module):
     def _stacked_maps(self):
         """[W, -W] / [b, -b] of the q map then the k map, (Hq + Hkv, D, 2F) / (Hq + Hkv, 1, 2F); rebuilt whenever
         a parameter is replaced, moved or updated in place (keyed on storage and version counter)."""
-        params = (self.feature_q.weight, self.feature_q.bias, self.feature_k.weight, self.feature_k.bias)
+        # Plain dict lookups: nn.Module.__getattr__ would cost more than the whole cache check (every step).
+        q_params, k_params = self._modules["feature_q"]._parameters, self._modules["feature_k"]._parameters
+        params = (q_params["weight"], q_params["bias"], k_params["weight"], k_params["bias"])
         key = (params[0].dtype, *(p.data_ptr() for p in params), *(p._version for p in params))
         if self._stacked is None or self._stacked[0] != key or torch.is_grad_enabled():
             wq, bq, wk, bk = (p.detach() if not torch.is_grad_enabled() else p for p in params)
