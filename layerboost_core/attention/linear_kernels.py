@@ -162,15 +162,41 @@ def _without_sinks(fk: torch.Tensor, sinks: int) -> torch.Tensor:
     return fk * keep
 
 
+def _linear_views(v: torch.Tensor, fk: torch.Tensor, n: int, c: int):
+    """Chunk views (current, previous) of [v | 1] and of phi(k) (zero at sinks) for `_linear_sums`. The ones
+    column makes "linear weights @ v" also return the weights' row sum (the denominator)."""
+    b, hkv, s, _ = v.shape
+    vx_cur, vx_prev, _ = _chunk_views(torch.cat([v, v.new_ones(b, hkv, s, 1)], dim=-1), n, c)
+    fk_cur, fk_prev, _ = _chunk_views(fk, n, c)
+    return vx_cur, vx_prev, fk_cur, fk_prev
+
+
+def _linear_sums(fqg, fk_cur, fk_prev, vx_cur, vx_prev, old, older) -> torch.Tensor:
+    """The linear part, grouped (B, Hkv, n, G*c, D+1): numerator | denominator of every query row, over the
+    keys of the previous chunk at least W behind, then the summed state of older chunks."""
+    b, hkv, n, _, f = fqg.shape
+    d1 = vx_cur.shape[-1]
+    a = (fqg @ fk_prev.transpose(-1, -2)).mul_(old)  # (B, Hkv, n, G*c, c)
+    kv_chunk = (fk_cur.transpose(-1, -2) @ vx_cur).view(b, hkv, n, f * d1)  # (B, Hkv, n, F*(D+1))
+    kv_older = (older @ kv_chunk).view(b, hkv, n, f, d1)
+    return torch.matmul(fqg, kv_older).add_(a @ vx_prev)
+
+
 def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int = 0,
                     return_state: bool = False):
     """Linear sliding-window attention over a whole sequence.
 
     q: (B, Hq, S, D), k/v: (B, Hkv, S, D), fq: (B, Hq, S, F), fk: (B, Hkv, S, F), gate: (Hq,) in (0, 1).
     Returns y (B, Hq, S, D), and the `LinearState` after the last token when `return_state`.
+    On CUDA, when nothing is differentiated, the softmax part runs in flex_attention (flex.py): fused, no
+    score tensors.
     """
+    if q.is_cuda and not torch.is_grad_enabled():
+        from .flex import flex_prefill  # here, not at the top: flex.py builds on this module
+
+        return flex_prefill(q, k, v, fq, fk, gate, window, scale, sinks, return_state)
     b, hq, s, d = q.shape
-    hkv, f = k.shape[1], fq.shape[-1]
+    hkv = k.shape[1]
     g, c = hq // hkv, window
     n = math.ceil(s / c)
     sinks = min(sinks, s)
@@ -182,9 +208,7 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
     fqg = _group_rows(_pad_to(fq, n * c), hkv, n, c)  # (B, Hkv, n, G*c, F)
     _, _, k_pad = _chunk_views(k, n, c)
     _, _, v_pad = _chunk_views(v, n, c)
-    # A ones column on v makes "linear weights @ v" also return the weights' row sum (the denominator).
-    vx_cur, vx_prev, _ = _chunk_views(torch.cat([v, v.new_ones(b, hkv, s, 1)], dim=-1), n, c)
-    fk_cur, fk_prev, _ = _chunk_views(fk, n, c)
+    vx_cur, vx_prev, fk_cur, fk_prev = _linear_views(v, fk, n, c)
 
     # Softmax part over [previous chunk | this chunk | sinks], masked to the window and to sinks outside it.
     # With p the normalised weights, sum exp(s - max) = 1 / max(p): the fused softmax gives both pieces.
@@ -197,11 +221,7 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
     den_sm = p.amax(dim=-1, keepdim=True).reciprocal()  # (B, Hkv, n, G*c, 1); not in place: amax's backward needs it
     pv = p @ v_set  # (B, Hkv, n, G*c, D)
 
-    # Linear part: keys of the previous chunk at least W behind, then the summed state of older chunks.
-    a = (fqg @ fk_prev.transpose(-1, -2)).mul_(old)  # (B, Hkv, n, G*c, c)
-    kv_chunk = (fk_cur.transpose(-1, -2) @ vx_cur).view(b, hkv, n, f * (d + 1))  # (B, Hkv, n, F*(D+1))
-    kv_older = (older @ kv_chunk).view(b, hkv, n, f, d + 1)
-    lin = torch.matmul(fqg, kv_older).add_(a @ vx_prev)  # (B, Hkv, n, G*c, D+1): numerator | denominator
+    lin = _linear_sums(fqg, fk_cur, fk_prev, vx_cur, vx_prev, old, older)
     num_lin, den_lin = lin[..., :d], lin[..., d:]
 
     gate_rows = gate.view(1, hkv, 1, g, 1, 1).expand(1, hkv, 1, g, c, 1).reshape(1, hkv, 1, g * c, 1)
