@@ -4,6 +4,7 @@
                                    [--decode-context 16384] [--decode-batch 32] [--decode-tokens 16]
                                    [--proxy-plans 20]
 
+First the `linear` prefill's CUDA path (flex_attention, compiled) against the quadratic reference, fp32.
 Per model (SmolLM2-135M, and a Llama-3.2-1B-shaped config with random weights), bf16 on cuda:
 prefill time of all-linear against all-softmax at each prefill context (batch 1); decode tok/s at the decode
 context x batch, with the KV bytes and the peak memory (torch.cuda.max_memory_allocated) of each plan. Then
@@ -45,6 +46,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--models: unknown {', '.join(sorted(unknown))}; allowed: {', '.join(MODELS)}")
     return args
+
+
+def flex_check() -> None:
+    """Max abs difference of the CUDA prefill path (flex.py, compiled flex_attention) from naive.py, fp32,
+    at 1,024 tokens, window 64, 4 sinks, GQA 2; the CPU test runs flex eagerly, this is the compiled kernel."""
+    from layerboost_core.attention.linear_kernels import chunked_prefill
+    from layerboost_core.attention.naive import linear_sliding_window_reference
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator)
+
+    q, k, v = rand(2, 8, 1024, 64), rand(2, 4, 1024, 64), rand(2, 4, 1024, 64)
+    fq, fk = torch.softmax(rand(2, 8, 1024, 32), -1), torch.softmax(rand(2, 4, 1024, 32), -1)
+    gate = torch.rand(8, device="cuda", generator=generator) * 0.9 + 0.05
+    with torch.inference_mode():
+        got = chunked_prefill(q, k, v, fq, fk, gate, 64, 0.125, 4)  # on CUDA without grad: the flex path
+    # the reference on the CPU: its masks are built there
+    want = linear_sliding_window_reference(*(x.cpu() for x in (q, k, v, fq, fk, gate)), 64, 0.125, 4)
+    error = (got.cpu() - want).abs().max().item()
+    print(f"linear prefill, flex path vs reference (fp32): max abs difference {error:.2e} "
+          f"({'ok' if error < 1e-4 else 'ABOVE 1e-4'})")
 
 
 def load(name: str):
@@ -123,6 +147,7 @@ def main(argv=None) -> None:
 
     quiet_libraries()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    flex_check()
     for name in args.models:
         speed(name, args)
     proxy_rate(args.proxy_plans)
