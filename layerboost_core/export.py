@@ -2,9 +2,9 @@
 
 The folder holds the weights under the hybrid model's own parameter names (the `linear` layers' learned
 tensors included, `none` layers' attention left out), `config.json` naming the remote classes (`auto_map`)
-with the plan and its settings, the remote modeling code (`modeling_layerboost.py` and the project's
-`linear_kernels.py`, verbatim), the tokenizer, `plan.json`, a model card, and the manifest of content hashes
-that `load_hybrid` verifies. Written under a temporary name and renamed when complete.
+with the plan and its settings, the remote code (`modeling_layerboost.py`, plus the project's
+`linear_kernels.py` and what it imports relatively, verbatim), the tokenizer, `plan.json`, a model card, and
+the manifest of content hashes that `load_hybrid` verifies. Written under a temporary name, then renamed.
 """
 from __future__ import annotations
 
@@ -22,10 +22,18 @@ from .plan import LayerPlan, load_plan
 
 REMOTE_MODULE = "modeling_layerboost"
 _HERE = Path(__file__).parent
-# What travels into the folder: the remote model and the kernels it imports (one copy of the math).
-REMOTE_FILES = {f"{REMOTE_MODULE}.py": _HERE / "remote_code" / f"{REMOTE_MODULE}.py",
-                "linear_kernels.py": _HERE / "attention" / "linear_kernels.py"}
 CARD_FILE = "README.md"
+
+
+def remote_files() -> dict[str, Path]:
+    """Folder file name -> source of the code that travels into the folder: the remote model, the project's
+    kernels it imports, and whatever those import relatively (found as transformers will look for them)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    kernels = _HERE / "attention" / "linear_kernels.py"
+    files = {f"{REMOTE_MODULE}.py": _HERE / "remote_code" / f"{REMOTE_MODULE}.py", kernels.name: kernels}
+    files.update({Path(f).name: Path(f) for f in get_relative_import_files(str(kernels))})
+    return files
 
 
 def export_plan(spec: str, model_info: dict, settings: dict) -> tuple[LayerPlan, dict]:
@@ -61,7 +69,7 @@ def export_hybrid(switcher: PlanSwitcher, plan: LayerPlan, tokenizer, out_dir, p
     with atomic_dir(out_dir) as tmp:
         _write_weights(tmp, switcher, plan)
         _write_config(tmp, switcher.model, plan, plan_json["settings"])
-        for name, source in REMOTE_FILES.items():
+        for name, source in remote_files().items():
             shutil.copyfile(source, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -116,7 +116,7 @@ def run_without_layerboost(folder, data: dict, tmp_path) -> dict:
     return torch.load(tmp_path / "out.pt")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
 def test_plain_transformers_runs_the_exported_plan_exactly(tiny_model, model_type, tmp_path):
     model = tiny_model(model_type)
     switcher = trained_switcher(model)
