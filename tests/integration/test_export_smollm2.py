@@ -1,7 +1,7 @@
 """Export on the real SmolLM2: a half-softmax folder (linear parts at their initial weights: exactness does not
 depend on training) loads with plain transformers in a fresh interpreter with no layerboost module
 importable, gives the patched model's logits and its cached greedy tokens through plain `generate`, with
-the hybrid cache. 100 s measured on the 2-core CPU while shared with ~10 busy processes."""
+the hybrid cache. 60-100 s measured on the 2-core CPU shared with other busy processes."""
 from __future__ import annotations
 
 import os
