@@ -40,8 +40,9 @@ def config_source(model):
     return source
 
 
-def plan_memory(settings):
-    """The run's memory and time plan from the model's config and the run's settings (no weights loaded)."""
+def plan_memory(settings, device_memory_gb: float | None = None):
+    """The run's memory and time plan from the model's config and the run's settings (no weights loaded);
+    `device_memory_gb`: the device's memory when it is not this machine's (None: read it from the device)."""
     from layerboost_core.memory_plan import memory_plan
 
     w = settings.workbench
@@ -53,7 +54,8 @@ def plan_memory(settings):
     return memory_plan(config_source(w.model), name=w.model.name, device=w.model.device, dtype=w.model.dtype,
                        heldout_blocks=heldout, seq_len=w.data.heldout_seq_len or w.data.seq_len,
                        batch_size=w.proxy.batch_size, reference_top_k=w.proxy.reference_top_k,
-                       linear=w.options.get("linear"), num_workers=workers)
+                       linear=w.options.get("linear"), num_workers=workers,
+                       device_memory_bytes=None if device_memory_gb is None else int(device_memory_gb * 2**30))
 
 
 @shows("budget", "study", "storage", "runner.num_workers", "runner.address", "objective.quality",
@@ -69,7 +71,7 @@ def search(cfg) -> None:
     from layerboost_search.pipeline import run_search
 
     settings = search_settings(cfg)
-    plan = plan_memory(settings)
+    plan = plan_memory(settings, coerce(float | None, cfg.device_memory_gb, "device_memory_gb"))
     if coerce(bool, cfg.dry_run, "dry_run"):
         print(plan.table())
         return
