@@ -47,14 +47,30 @@ class Workload:
         return self.prefill + self.decode
 
 
+def softmax_cached_tokens(config, context: int) -> list[int]:
+    """Per layer, the tokens a `softmax` layer keeps after `context`: all of them, but a sliding-window layer
+    (Gemma 3's local layers, Mistral's window) only its last window - 1, as transformers' cache layers do
+    (the hybrid cache builds its softmax layers from the same layer types)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    try:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+    except AttributeError:  # a config without per-layer settings: every layer global
+        return [context] * config.num_hidden_layers
+    return [min(context, int(kwargs["sliding_window"]) - 1) if kind == "sliding_attention" and kwargs.get("sliding_window")
+            else context for kind, kwargs in zip(layer_types, layer_kwargs)]
+
+
 def kv_bytes_per_sequence(plan: LayerPlan, config, settings: dict, context: int, bytes_per_value: int) -> int:
-    """Exact cache bytes of one sequence after `context` tokens under `plan`."""
+    """Exact cache bytes of one sequence after `context` tokens under `plan`. A one-layer plan (per-option
+    figures for the solver) is priced as a global layer."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = config.num_key_value_heads
+    kept = softmax_cached_tokens(config, context) if len(plan) > 1 else [context]
     total = 0
-    for option in plan.layers:
+    for index, option in enumerate(plan.layers):
         if option == "softmax":
-            total += 2 * kv_heads * head_dim * context
+            total += 2 * kv_heads * head_dim * kept[index]
         elif option == "linear":
             linear = settings["linear"]
             features = 2 * int(linear["feature_dim"])

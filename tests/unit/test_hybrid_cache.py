@@ -148,3 +148,22 @@ def test_linear_state_cannot_be_cropped(tiny_model):
         cache.crop(-1)
     cache.reset()
     assert cache.kv_bytes() == 0 and cache.get_seq_length() == 0
+
+
+@pytest.mark.parametrize("plan", ["SSSS", "SLNS"])
+def test_kv_bytes_of_sliding_window_layers_match_the_cost_model(tiny_model, plan):
+    """Gemma 3's local softmax layers keep only their window (the tiny config: window 8, local/global
+    alternating): the cost model prices each layer by its kind, as the hybrid cache stores it."""
+    model = patched(tiny_model, "gemma3_text", plan)
+    context = 17
+    cache = HybridCache(model)
+    with torch.no_grad():
+        model(prompt(3), cache=cache)
+        rest = prompt(context)
+        for position in range(3, context):
+            model(rest[:, position:position + 1], cache=cache)
+    expected = kv_bytes_per_sequence(LayerPlan.from_string(plan), model.config, SETTINGS, context, 4) * BATCH
+    assert cache.kv_bytes() == expected
+    every_layer_global = sum(kv_bytes_per_sequence(LayerPlan((o,)), model.config, SETTINGS, context, 4)
+                             for o in LayerPlan.from_string(plan).layers) * BATCH
+    assert expected < every_layer_global  # the local layers' saving is counted
