@@ -90,3 +90,18 @@ def test_the_verb_table_names_real_functions():
 
     for name in VERBS:
         assert callable(resolve(name)), name
+
+
+def test_help_imports_no_heavy_library():
+    """The CLI's module and `layerboost --help` stay instant: torch, transformers and the verbs load only when
+    a verb runs."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from layerboost.cli import main\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "heavy = [m for m in ('torch', 'transformers', 'optuna', 'ray', 'layerboost.verbs.search') if m in sys.modules]\n"
+             "print('heavy:', heavy)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "heavy: []" in out.stdout, out.stdout
