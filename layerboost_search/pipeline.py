@@ -1,12 +1,11 @@
 """The search pipeline from typed settings: model and bank, cost model, sensitivity, seeds, the study, the
-lm-eval rung and the report (`run_search`); and re-reporting an existing study (`report_study`)."""
+fidelity ladder, lm-eval and the report (`run_search`); and re-reporting an existing study (`report_study`)."""
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 from optuna.trial import TrialState
 
