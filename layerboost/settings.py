@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 
 from layerboost_core.bench import BenchSettings
-from layerboost_core.errors import UserError
+from layerboost_core.errors import UserError, did_you_mean
 from layerboost_core.heal import HealSettings, LoraSettings
 from layerboost_core.transfer import TransferSettings
 from layerboost_core.workbench import DataSettings, ModelSettings, ProxySettings, WorkbenchSettings
@@ -86,8 +86,6 @@ def build(cls, raw, prefix: str, ignore: tuple[str, ...] = (), **given):
         if key in ignore:
             continue
         if key not in names:
-            from layerboost_core.errors import did_you_mean
-
             raise UserError(f"{prefix}.{key}: unknown setting; {did_you_mean(key, names)}")
         kwargs[key] = coerce(hints[key], value, f"{prefix}.{key}")
     kwargs.update(given)
@@ -95,7 +93,10 @@ def build(cls, raw, prefix: str, ignore: tuple[str, ...] = (), **given):
 
 
 def workbench_settings(cfg) -> WorkbenchSettings:
-    c = plain(cfg)
+    return _workbench(plain(cfg))
+
+
+def _workbench(c: dict) -> WorkbenchSettings:
     return WorkbenchSettings(
         model=build(ModelSettings, {k: v for k, v in c["model"].items() if k in ("name", "source", "fallback_source")},
                     "model", device=coerce(str, c["device"], "device"), dtype=coerce(str, c["dtype"], "dtype")),
@@ -120,13 +121,13 @@ def search_settings(cfg) -> SearchSettings:
     c = plain(cfg)
     sampler = c.get("sampler") or {}
     return SearchSettings(
-        workbench=workbench_settings(cfg),
+        workbench=_workbench(c),
         space=coerce(dict, c["space"], "space"),
         objective=build(ObjectiveSettings, c["objective"], "objective"),
         workload=build(Workload, c["workload"], "workload"),
         runner=build(RunnerSettings, c["runner"], "runner"),
         surrogate=build(SurrogateSettings, c["surrogate"], "surrogate"),
-        eval=eval_settings(cfg),
+        eval=_eval(c),
         fidelity=build(FidelitySettings, c["fidelity"], "fidelity"),
         budget=coerce(int, c["budget"], "budget"),
         study=coerce(str | None, c["study"], "study"),
@@ -138,7 +139,10 @@ def search_settings(cfg) -> SearchSettings:
 
 
 def eval_settings(cfg) -> EvalSettings:
-    c = plain(cfg)
+    return _eval(plain(cfg))
+
+
+def _eval(c: dict) -> EvalSettings:
     return build(EvalSettings, c["eval"], "eval", seed=coerce(int, c["seed"], "seed"))
 
 
