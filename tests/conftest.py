@@ -55,3 +55,15 @@ def token_ids():
     """A deterministic (2, 16) batch of token ids inside the tiny models' vocabulary."""
     generator = torch.Generator().manual_seed(1234)
     return torch.randint(3, 1000, (2, 16), generator=generator)
+
+
+# First lines of a script run in a fresh interpreter where importing any layerboost module fails, so only an
+# exported folder's own code can serve its model (the export tests).
+NO_LAYERBOOST_PRELUDE = r"""
+import sys
+class NoLayerBoost:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0].startswith("layerboost"):
+            raise ImportError(f"{name} must not be imported here")
+sys.meta_path.insert(0, NoLayerBoost())
+"""

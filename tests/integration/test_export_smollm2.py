@@ -16,19 +16,14 @@ from layerboost_core.export import export_hybrid
 from layerboost_core.models import load_model
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
+from tests.conftest import NO_LAYERBOOST_PRELUDE
 
 pytestmark = pytest.mark.integration
 
 SETTINGS = {"linear": {"window": 64, "feature_dim": 32, "sinks": 4}}  # the shipped defaults (conf/config.yaml)
 STEPS = 8
 
-SCRIPT = r"""
-import sys
-class NoLayerBoost:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0].startswith("layerboost"):
-            raise ImportError(f"{name} must not be imported here")
-sys.meta_path.insert(0, NoLayerBoost())
+SCRIPT = NO_LAYERBOOST_PRELUDE + r"""
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -22,6 +22,7 @@ from layerboost_core.models import fingerprint
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence
+from tests.conftest import NO_LAYERBOOST_PRELUDE
 
 # Window 4 + 2 sinks: the 11-token prompt already slides the window, decoding moves it further.
 SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}
@@ -34,13 +35,7 @@ CONTEXT = {"model": {"name": "tiny", "source": "tiny:llama"}, "settings": SETTIN
 
 # Runs in a fresh interpreter (-I: no PYTHONPATH, no cwd on sys.path) where importing any layerboost module
 # fails, so only the folder's own code can serve the model.
-REMOTE_SCRIPT = r"""
-import sys
-class NoLayerBoost:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0].startswith("layerboost"):
-            raise ImportError(f"{name} must not be imported here")
-sys.meta_path.insert(0, NoLayerBoost())
+REMOTE_SCRIPT = NO_LAYERBOOST_PRELUDE + r"""
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
