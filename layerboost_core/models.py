@@ -224,6 +224,24 @@ def _load_pretrained(source: str, dtype: torch.dtype):
     return model, AutoTokenizer.from_pretrained(target)
 
 
+def resolve_source(source: str, fallback_source: str | None = None) -> str:
+    """Where `source`'s config and weights are read from: a built-in is its converted folder (or
+    `fallback_source`, the same model's hub id, when its package is missing); a folder, hub id or tiny:
+    source is itself. Both loading and the memory plan (which reads only the config) go through here."""
+    if source == BUILTIN_SMOLLM2:
+        try:
+            return str(builtin_smollm2_folder())
+        except UserError:
+            if not fallback_source:
+                raise
+            return fallback_source
+    if source == BUILTIN_GEMMA3:
+        return str(builtin_gemma3_folder())
+    if source.startswith("builtin:"):
+        raise UserError(f"model.source: unknown built-in {source!r}; allowed: {BUILTIN_SMOLLM2}, {BUILTIN_GEMMA3}")
+    return source
+
+
 def load_model(name: str, source: str, device: str = "auto", dtype: str = "auto",
                fallback_source: str | None = None) -> LoadedModel:
     """Load the model named `name` from `source` (builtin:..., tiny:..., a folder or a hub id).
@@ -232,21 +250,10 @@ def load_model(name: str, source: str, device: str = "auto", dtype: str = "auto"
     """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    if source == BUILTIN_SMOLLM2:
-        try:
-            model, tokenizer = _load_pretrained(str(builtin_smollm2_folder()), torch_dtype)
-        except UserError:
-            if not fallback_source:
-                raise
-            model, tokenizer = _load_pretrained(fallback_source, torch_dtype)
-    elif source == BUILTIN_GEMMA3:
-        model, tokenizer = _load_pretrained(str(builtin_gemma3_folder()), torch_dtype)
-    elif source.startswith(TINY_PREFIX):
+    if source.startswith(TINY_PREFIX):
         model, tokenizer = _load_tiny(source)
-    elif source.startswith("builtin:"):
-        raise UserError(f"model.source: unknown built-in {source!r}; allowed: {BUILTIN_SMOLLM2}, {BUILTIN_GEMMA3}")
     else:
-        model, tokenizer = _load_pretrained(source, torch_dtype)
+        model, tokenizer = _load_pretrained(resolve_source(source, fallback_source), torch_dtype)
     family = family_of(model)
     model.to(device=torch_device, dtype=torch_dtype).eval()
     model.requires_grad_(False)

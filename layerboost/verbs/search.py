@@ -18,26 +18,14 @@ def make_sampler(cfg):
 
 
 def config_source(model):
-    """What `memory_plan` reads the model's config from, without loading weights: the tiny config, the
-    built-in model's converted folder (or its hub fallback), else the folder / hub id itself."""
+    """What `memory_plan` reads the model's config from, without loading weights: the tiny config, or where
+    loading would read it (models.resolve_source: a built-in's converted folder, a folder or a hub id)."""
     from layerboost_core import models
 
-    source = model.source
-    if source.startswith(models.TINY_PREFIX):
-        model_type, *layers = source[len(models.TINY_PREFIX):].split(":")
+    if model.source.startswith(models.TINY_PREFIX):
+        model_type, *layers = model.source[len(models.TINY_PREFIX):].split(":")
         return models.tiny_config(model_type, *(int(n) for n in layers))
-    if source == models.BUILTIN_SMOLLM2:
-        try:
-            return models.builtin_smollm2_folder()
-        except UserError:
-            if not model.fallback_source:
-                raise
-            return model.fallback_source
-    if source.startswith("builtin:"):
-        if not model.fallback_source:
-            raise UserError(f"model.source: {source!r} has no config to plan from; pass its folder or hub id")
-        return model.fallback_source
-    return source
+    return models.resolve_source(model.source, model.fallback_source)
 
 
 def plan_memory(settings, device_memory_gb: float | None = None):

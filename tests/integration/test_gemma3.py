@@ -86,3 +86,17 @@ def test_mixed_plan_runs_and_decodes(gemma, long_ids, original_logits):
     assert torch.isfinite(logits).all() and not torch.equal(logits, original_logits)
     assert tokens.shape == (1, 82)
     assert cache.kv_bytes() > 0
+
+
+def test_dry_run_plans_the_builtin_gemma(tmp_path):
+    """`python search.py model=gemma3-270m dry_run=true` reads the config where loading would (the built-in's
+    converted folder) and prints the plan, instead of refusing a built-in without a hub fallback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "search.py"
+    out = subprocess.run([sys.executable, str(script), "model=gemma3-270m", "dry_run=true",
+                          f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory plan" in out.stdout and "weights" in out.stdout
