@@ -1,7 +1,7 @@
 """How quality measurements move with context length: the bank and the single-layer sensitivities at several
 held-out block lengths, side by side in one run.
 
-    python benchmarks/bench_context.py --lengths 512 2048 4096 [overrides...]
+    python benchmarks/bench_context.py --lengths 512 2048 4096 [--bank-only] [overrides...]
 
 For each length L (held-out blocks of L tokens mixed over every built-in source, `data.blocks.heldout` of
 them): the bank's median per-layer relative MSE of the `linear` attention output, the KL of the all-`linear`
@@ -29,7 +29,7 @@ from layerboost_core.workbench import attach_bank, open_workbench
 OPTIONS = ("linear", "none")
 
 
-def measure_at(base, length: int, progress: bool) -> dict:
+def measure_at(base, length: int, progress: bool, sensitivity: bool = True) -> dict:
     """Bank quality, all-linear KL and the sensitivity table on held-out blocks of `length` tokens."""
     data = dataclasses.replace(base.data, heldout_seq_len=length, mix_sources=True)
     bench = attach_bank(open_workbench(dataclasses.replace(base, data=data)))
@@ -39,7 +39,8 @@ def measure_at(base, length: int, progress: bool) -> dict:
     bench.switcher.apply(LayerPlan.uniform("linear", bench.switcher.num_layers))
     all_linear = proxy.evaluate(["kl"])["kl"]
     bench.switcher.restore()
-    rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(), OPTIONS, progress=progress)
+    rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(), OPTIONS, progress=progress) \
+        if sensitivity else []
     return {"length": length, "blocks": int(bench.splits.heldout.shape[0]), "mse": statistics.median(errors),
             "all_linear_kl": all_linear, "seconds": time.perf_counter() - started,
             "kl": {(r["layer"], r["option"]): r["kl"] for r in rows}, "layers": bench.switcher.num_layers}
@@ -48,14 +49,18 @@ def measure_at(base, length: int, progress: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 4096])
+    parser.add_argument("--bank-only", action="store_true",
+                        help="only the bank's error and the all-linear KL (no sensitivity tables)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     quiet_libraries()
     base = workbench_settings(compose(args.overrides))
-    results = [measure_at(base, length, base.progress) for length in args.lengths]
+    results = [measure_at(base, length, base.progress, not args.bank_only) for length in args.lengths]
     print(f"\n{'held-out tokens':>16} {'blocks':>6} {'bank median rel. MSE':>21} {'all-linear KL':>14} {'seconds':>8}")
     for r in results:
         print(f"{r['length']:>16} {r['blocks']:>6} {r['mse']:>21.4f} {r['all_linear_kl']:>14.4f} {r['seconds']:>8.0f}")
+    if args.bank_only:
+        return
     print("\nSpearman of single-layer sensitivities between lengths (per option)")
     for option in OPTIONS:
         for i, a in enumerate(results):

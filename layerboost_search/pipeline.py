@@ -10,6 +10,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from layerboost_core.errors import UserError
+from layerboost_core.families import layer_kinds
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity_rows
 from layerboost_core.space import SearchSpace
@@ -113,6 +114,7 @@ def run_search(settings: SearchSettings, sampler) -> Path:
         runner.close()
 
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
+               "layer_kinds": layer_kinds(bench.model),
                "study": name, "storage": url, "softmax_latency": softmax_latency}
     table = write_report(study, objectives, run_dir, context, LATENCY_TARGETS, _rung_names(settings))
     print(f"\nPareto front of {name} ({len(front_trials(study))} plans; all-softmax latency {softmax_latency:.3f} s):")
@@ -217,7 +219,7 @@ def report_study(settings: SearchSettings) -> Path:
     cost = cost_model(bench.switcher, bench.info, options, Workload(**searched))
     run_dir = Path(settings.output_dir) / "runs" / name
     context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
-               "workload": searched, "study": name, "storage": url,
+               "workload": searched, "study": name, "storage": url, "layer_kinds": layer_kinds(bench.model),
                "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
     print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS, _rung_names(settings)))
     print(f"report: {run_dir}")

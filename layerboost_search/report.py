@@ -77,7 +77,25 @@ class Ladder:
                             self.quality: t.values[0]}, t.values[1]) for t in front}
 
 
-def trial_rows(study: optuna.Study, objectives, ladder: Ladder) -> list[dict]:
+def original_attention(kinds: list[str] | None) -> str:
+    """The original model's attention per layer as one string aligned with plan strings: `G` global, `w`
+    sliding window; "" when every layer is global (nothing to show: a plan's `S` is then always global)."""
+    if not kinds or all(k == "global" for k in kinds):
+        return ""
+    return "".join("G" if k == "global" else "w" for k in kinds)
+
+
+def kept_by_kind(plan: str, original: str) -> dict:
+    """How many of the original's global and sliding-window layers a plan keeps as softmax (`S` keeps each
+    layer's own attention, so a local layer stays local): {"softmax_global": "k/n", "softmax_local": "k/n"}."""
+    out = {}
+    for column, mark in (("softmax_global", "G"), ("softmax_local", "w")):
+        layers = [i for i, m in enumerate(original) if m == mark]
+        out[column] = f"{sum(plan[i] == 'S' for i in layers)}/{len(layers)}" if len(plan) == len(original) else ""
+    return out
+
+
+def trial_rows(study: optuna.Study, objectives, ladder: Ladder, original: str = "") -> list[dict]:
     marked = ladder.dominated()
     rows, scored = [], lm_eval_scores(study)
     for t in study.get_trials(deepcopy=False):
@@ -86,6 +104,8 @@ def trial_rows(study: optuna.Study, objectives, ladder: Ladder) -> list[dict]:
                "feasible": t.user_attrs.get(FEASIBLE_ATTR, "")}
         for i, o in enumerate(objectives):
             row[o.name] = t.values[i] if t.values else ""
+        if original:
+            row.update(kept_by_kind(row["plan"], original))
         for key, value in sorted(t.user_attrs.items()):
             if key.startswith("proxy:") or key in ("kv_bytes", "eval_seconds", "skipped", "fail_reason"):
                 row[key] = value
@@ -239,8 +259,9 @@ def pick_best(ladder: Ladder, front, objectives, reference: float | None, latenc
     return chosen, unmet
 
 
-def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict) -> str:
-    """The proxy front as a markdown table, with lm-eval scores and each rung's quality (90% interval)."""
+def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict, original: str = "") -> str:
+    """The proxy front as a markdown table, with lm-eval scores and each rung's quality (90% interval); with
+    `original` (see original_attention), a first row shows the original model's global/local layers."""
     tasks = sorted({task for scores in scored.values() for task in scores})
     rung_cols = [(rung, objectives[0].name if any(objectives[0].name in m for m in ladder.measured(rung).values())
                   else "kl") for rung in ladder.rungs]
@@ -248,6 +269,8 @@ def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict) -
              + "".join(f"lm_eval:{task} | " for task in tasks)
              + "".join(f"{rung}:{metric} [90%] | " for rung, metric in rung_cols) + "dominated_at |",
              "|---" * (7 + len(tasks) + len(rung_cols)) + "|"]
+    if original:
+        lines.append(f"| | original (G global, w sliding window) | `{original}` |" + " |" * (4 + len(tasks) + len(rung_cols)))
     for t in front:
         lm_eval = scored.get(t.number, {})
         cells = [f"{lm_eval[task]:.3f}" if task in lm_eval else "" for task in tasks]
@@ -269,7 +292,8 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     `rungs`: the fidelity rungs' names, lowest first (rungs the study holds beyond them come after)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ladder = Ladder(study, objectives, rungs)
-    rows = trial_rows(study, objectives, ladder)
+    original = original_attention(context.get("layer_kinds"))
+    rows = trial_rows(study, objectives, ladder, original)
     write_csv(run_dir / "trials.csv", rows)
     front = front_trials(study)
     numbers = {t.number for t in front}
@@ -295,7 +319,7 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     best_lines = [f"- `best/{name}.json`: trial {number} `{trials[number].user_attrs.get(PLAN_ATTR)}`"
                   + (" (knee of the proxy front: its shape, not a quality bar)" if name == "knee" else "")
                   for name, number in chosen.items()] + [f"- {line}" for line in unmet]
-    table = "\n".join([front_table(front, objectives, ladder, scored, marked), "",
+    table = "\n".join([front_table(front, objectives, ladder, scored, marked, original), "",
                        f"Best plans, picked at fidelity `{ladder.top}` (quality kept = top-1 agreement with the "
                        f"original, exp(-KL) where not measured):", *best_lines])
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
@@ -304,6 +328,9 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
                f"- model: {context['model']['name']} ({context['model']['num_layers']} layers, "
                f"fingerprint {context['model']['fingerprint']}), bank {context['bank_id']}",
                f"- workload: {context['workload']}; all-softmax predicted latency {reference:.3f} s" if reference else "",
+               (f"- original attention per layer: `{original}` (G global, w sliding window; a plan's `S` keeps "
+                f"each layer's own; `softmax_global` / `softmax_local` in trials.csv count what a plan kept)"
+                if original else ""),
                f"- storage: `{context['storage']}` (open with `optuna-dashboard {context['storage']}`)",
                f"- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
                f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"

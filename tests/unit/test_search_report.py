@@ -197,3 +197,22 @@ def test_lm_eval_scores_of_finished_trials_reach_the_report(tmp_path):
     best = json.loads((run_dir / "best" / "latency-50pct.json").read_text())
     assert best["metrics"]["lm_eval:lb_passkey"] == {"value": 0.75, "fidelity": "lm-eval"}
     assert "lm_eval:lb_passkey" in table and "0.750" in table
+
+
+def test_report_shows_which_layers_were_local_or_global_in_the_original(study, tmp_path):
+    # A Gemma-3-like original: layers 0, 1, 3 slide over a window, layer 2 is global.
+    context = {**CONTEXT, "layer_kinds": ["local:512", "local:512", "global", "local:512"]}
+    run_dir = tmp_path / "run"
+    table = write_report(study, OBJECTIVES, run_dir, context, (0.9,))
+    assert "| | original (G global, w sliding window) | `wwGw` |" in table
+    assert "original attention per layer: `wwGw`" in (run_dir / "summary.md").read_text()
+    trials = {r["plan"]: r for r in read_csv(run_dir / "trials.csv")}
+    assert (trials["SSLN"]["softmax_global"], trials["SSLN"]["softmax_local"]) == ("0/1", "2/3")
+    assert (trials["SSSL"]["softmax_global"], trials["SSSL"]["softmax_local"]) == ("1/1", "2/3")
+
+
+def test_report_of_an_all_global_model_adds_no_layer_kind_columns(study, tmp_path):
+    run_dir = tmp_path / "run"
+    table = write_report(study, OBJECTIVES, run_dir, {**CONTEXT, "layer_kinds": ["global"] * 4}, (0.9,))
+    assert "original (G global" not in table
+    assert "softmax_global" not in read_csv(run_dir / "trials.csv")[0]

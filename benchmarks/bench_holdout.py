@@ -1,0 +1,111 @@
+"""A finished search's front re-measured where the search never looked: a held-out source, a longer context.
+
+    python search.py data.source=builtin:-news                      # the search never sees the news corpus
+    python benchmarks/bench_holdout.py --study <name> --source builtin:news --factor 2 data.source=builtin:-news
+
+Every feasible plan on the study's proxy front and every paper-heuristic seed plan of the same study (the
+heuristic's plans at equal evaluations: the search evaluated them all) is re-measured on `--blocks` held-out
+blocks of `--factor` x workload.prefill tokens of `--source` (a rung of the fidelity ladder named `holdout-...`,
+kept in the study like the ladder's own rungs, so a second run measures nothing again and `layerboost report`
+shows its columns). Latency is the study's predicted latency (the cost model does not depend on text).
+
+Prints, at the proxy and at the hold-out rung: how many front plans stay non-dominated (among the front plans,
+and among front plus heuristic plans), and the hypervolume (KL vs predicted latency, reference point
+1.05 x all-softmax latency and `--max-kl`) of the search's front plans and of the heuristic's plans, with
+their ratio. Pass the search's own overrides after the options so the same model, bank and settings are used.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import optuna
+
+from layerboost.config import compose
+from layerboost.settings import search_settings
+from layerboost_core.logs import quiet_libraries
+from layerboost_core.pareto import hypervolume_2d
+from layerboost_core.workbench import attach_bank, bank_id_or_none, open_workbench
+from layerboost_search.driver import LABEL_ATTR, PLAN_ATTR, storage_url, study_name
+from layerboost_search.fidelity import climb, rung_scores
+from layerboost_search.report import front_trials
+from layerboost_search.runner import make_runner
+from layerboost_search.settings import RungSettings
+
+
+def non_dominated(points: dict[int, tuple[float, float]], among: dict[int, tuple[float, float]]) -> set[int]:
+    """Keys of `points` that no point of `among` dominates ((latency, KL), both minimised)."""
+    def beaten(p, q):
+        return q[0] <= p[0] and q[1] <= p[1] and q != p
+    return {n for n, p in points.items() if not any(beaten(p, q) for m, q in among.items() if m != n)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default=None, help="study name (default: derived from the overrides, as the search does)")
+    parser.add_argument("--source", default="builtin:news", help="held-out source the search did not use")
+    parser.add_argument("--factor", type=float, default=2.0, help="block length as a multiple of workload.prefill")
+    parser.add_argument("--blocks", type=int, default=1)
+    parser.add_argument("--needles", type=int, default=0, help="retrieval rows of that length per plan")
+    parser.add_argument("--max-kl", type=float, default=1.0,
+                        help="KL of the hypervolume's reference point (plans worse count for nothing)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    quiet_libraries()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    settings = search_settings(compose(args.overrides))
+    rung = RungSettings(name=f"holdout-{args.source.replace(':', '-')}-x{args.factor:g}", factor=args.factor,
+                        blocks=args.blocks, source=args.source, needles=args.needles)
+    settings = dataclasses.replace(settings, fidelity=dataclasses.replace(settings.fidelity, rungs=(rung,)))
+    bench = attach_bank(open_workbench(settings.workbench, with_bank=False))
+    name = args.study or study_name(settings, bench.info, bank_id_or_none(bench))
+    study = optuna.load_study(study_name=name, storage=storage_url(settings, name))
+
+    done = [t for t in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    front = front_trials(study)
+    heuristic = [t for t in done if str(t.user_attrs.get(LABEL_ATTR, "")).startswith("heuristic")]
+    softmax = [t for t in done if set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}]
+    candidates = list({t.number: t for t in [*front, *heuristic, *softmax]}.values())
+    print(f"study {name}: {len(done)} plans evaluated, {len(front)} on the proxy front, {len(heuristic)} heuristic")
+
+    started = time.perf_counter()
+    runner = make_runner(settings.evaluator(True), settings.runner, bench.bank)
+    try:
+        climb(study, runner, candidates, [rung], lambda t: t.user_attrs[PLAN_ATTR], settings.workbench.progress)
+    finally:
+        runner.close()
+    print(f"re-measured {len(candidates)} plans at {rung.name} ({rung.blocks} block(s) of "
+          f"{rung.seq_len(settings.workload.prefill)} tokens from {rung.source}) in {time.perf_counter() - started:.0f} s")
+
+    measured = rung_scores(study).get(rung.name, {})
+    latency = {t.number: t.values[1] for t in candidates}
+    fidelities = {"proxy": {t.number: (latency[t.number], t.values[0]) for t in candidates},
+                  rung.name: {n: (latency[n], measured[n]["metrics"]["kl"]) for n in latency if n in measured}}
+    front_numbers = {t.number for t in front}
+    heuristic_numbers = {t.number for t in heuristic}
+    reference = (max(latency[t.number] for t in softmax) * 1.05 if softmax else max(latency.values()) * 1.05,
+                 args.max_kl)
+    print(f"hypervolume reference: latency {reference[0]:.3f} s (1.05 x all-softmax), KL {reference[1]:g}\n")
+    print(f"{'fidelity':>28} {'front kept (front)':>19} {'front kept (+heur.)':>20} {'HV search':>10} "
+          f"{'HV heuristic':>13} {'ratio':>6}")
+    for fidelity, points in fidelities.items():
+        on_front = {n: p for n, p in points.items() if n in front_numbers}
+        alone = non_dominated(on_front, on_front)
+        with_heuristic = non_dominated(on_front, points)
+        hv_search = hypervolume_2d(list(on_front.values()), reference)
+        hv_heuristic = hypervolume_2d([p for n, p in points.items() if n in heuristic_numbers], reference)
+        ratio = hv_search / hv_heuristic if hv_heuristic else float("inf")
+        print(f"{fidelity:>28} {len(alone):>8}/{len(on_front):<3} ({len(alone) / max(len(on_front), 1):4.0%}) "
+              f"{len(with_heuristic):>8}/{len(on_front):<3} ({len(with_heuristic) / max(len(on_front), 1):4.0%}) "
+              f"{hv_search:>10.4f} {hv_heuristic:>13.4f} {ratio:>6.3f}")
+    print("\nper plan (latency s, proxy KL, hold-out KL):")
+    for t in sorted(candidates, key=lambda t: t.values[1]):
+        kind = "front" if t.number in front_numbers else ("heuristic" if t.number in heuristic_numbers else "softmax")
+        held = measured.get(t.number, {}).get("metrics", {}).get("kl", float("nan"))
+        print(f"  #{t.number:<4} {kind:9s} {t.user_attrs[PLAN_ATTR]} {t.values[1]:.3f} {t.values[0]:.4f} {held:.4f}")
+
+
+if __name__ == "__main__":
+    main()
