@@ -9,6 +9,12 @@ blocks of `--factor` x workload.prefill tokens of `--source` (a rung of the fide
 kept in the study like the ladder's own rungs, so a second run measures nothing again and `layerboost report`
 shows its columns). Latency is the study's predicted latency (the cost model does not depend on text).
 
+With `--needles N` (retrieval rows: a fact planted at a random depth of the source's held-out text, queried at
+the end) only the plans a user would pick are re-measured: at each `--targets` share of all-softmax latency,
+the search's front plan and the heuristic's plan with the least KL at or under it (KL at `--rank-by`, a rung
+already in the study, e.g. the `--factor 2` run's, else the proxy), beside all-softmax; their retrieval
+exact match and answer NLL are printed side by side.
+
 Prints, at the proxy and at the hold-out rung: how many front plans stay non-dominated (among the front plans,
 and among front plus heuristic plans), and the hypervolume (KL vs predicted latency, reference point
 1.05 x all-softmax latency and `--max-kl`) of the search's front plans and of the heuristic's plans, with
@@ -41,6 +47,42 @@ def non_dominated(points: dict[int, tuple[float, float]], among: dict[int, tuple
     return {n for n, p in points.items() if not any(beaten(p, q) for m, q in among.items() if m != n)}
 
 
+def picks_at_targets(study, front, heuristic, softmax, targets, rank_by):
+    """[(target, "search" | "heuristic" | "all-softmax", trial)]: per latency target, the front plan and the
+    heuristic plan with the least KL at `rank_by` (or the highest-factor holdout rung measured) at or under it."""
+    scores = rung_scores(study)
+    holdouts = sorted((r for r in scores if r.startswith("holdout-")),
+                      key=lambda r: next(iter(scores[r].values()))["settings"]["factor"])
+    rank_by = rank_by or (holdouts[-1] if holdouts else None)
+    print(f"plans picked by KL at {rank_by or 'proxy'}")
+
+    def kl(t):
+        got = scores.get(rank_by, {}).get(t.number) if rank_by else None
+        return got["metrics"]["kl"] if got else t.values[0]
+    reference = min(t.values[1] for t in softmax)
+    picks = [(1.0, "all-softmax", softmax[0])]
+    for target in targets:
+        for kind, pool in (("search", front), ("heuristic", heuristic)):
+            under = [t for t in pool if t.values[1] <= target * reference]
+            if under:
+                picks.append((target, kind, min(under, key=kl)))
+            else:
+                print(f"  no {kind} plan at or under {target:g} x all-softmax latency")
+    return picks
+
+
+def print_retrieval(picks, measured) -> None:
+    base = measured.get(picks[0][2].number, {}).get("metrics", {})
+    print(f"\n{'target':>6} {'plan from':>10} {'trial':>6} {'latency':>8} {'KL':>7} {'retrieval_acc':>14} "
+          f"{'kept':>6} {'retrieval_nll':>14}  plan")
+    for target, kind, t in picks:
+        m = measured.get(t.number, {}).get("metrics", {})
+        acc, nll = m.get("retrieval_acc", float("nan")), m.get("retrieval_nll", float("nan"))
+        kept = acc / base["retrieval_acc"] if base.get("retrieval_acc") else float("nan")
+        print(f"{target:>6g} {kind:>10} {t.number:>6} {t.values[1]:>8.3f} {m.get('kl', float('nan')):>7.4f} "
+              f"{acc:>14.3f} {kept:>6.0%} {nll:>14.3f}  {t.user_attrs[PLAN_ATTR]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default=None, help="study name (default: derived from the overrides, as the search does)")
@@ -48,6 +90,11 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=2.0, help="block length as a multiple of workload.prefill")
     parser.add_argument("--blocks", type=int, default=1)
     parser.add_argument("--needles", type=int, default=0, help="retrieval rows of that length per plan")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.8, 0.7],
+                        help="shares of all-softmax latency for the retrieval comparison (with --needles)")
+    parser.add_argument("--rank-by", default=None,
+                        help="rung whose KL picks the plans at each target (default: the highest-factor holdout rung "
+                             "in the study, else the proxy)")
     parser.add_argument("--max-kl", type=float, default=1.0,
                         help="KL of the hypervolume's reference point (plans worse count for nothing)")
     parser.add_argument("overrides", nargs="*")
@@ -69,6 +116,9 @@ def main() -> None:
     softmax = [t for t in done if set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}]
     candidates = list({t.number: t for t in [*front, *heuristic, *softmax]}.values())
     print(f"study {name}: {len(done)} plans evaluated, {len(front)} on the proxy front, {len(heuristic)} heuristic")
+    if args.needles:
+        picks = picks_at_targets(study, front, heuristic, softmax, args.targets, args.rank_by)
+        candidates = list({t.number: t for _, _, t in picks}.values())
 
     started = time.perf_counter()
     runner = make_runner(settings.evaluator(True), settings.runner, bench.bank)
@@ -80,6 +130,9 @@ def main() -> None:
           f"{rung.seq_len(settings.workload.prefill)} tokens from {rung.source}) in {time.perf_counter() - started:.0f} s")
 
     measured = rung_scores(study).get(rung.name, {})
+    if args.needles:
+        print_retrieval(picks, measured)
+        return
     latency = {t.number: t.values[1] for t in candidates}
     fidelities = {"proxy": {t.number: (latency[t.number], t.values[0]) for t in candidates},
                   rung.name: {n: (latency[n], measured[n]["metrics"]["kl"]) for n in latency if n in measured}}

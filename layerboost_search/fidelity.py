@@ -32,13 +32,14 @@ def rung_inputs(tokenizer, rung, seq_len: int, data):
     from layerboost_core.errors import UserError
     from layerboost_core.needles import make_needles
 
+    source = rung.source or data.source
     # One block of the other splits: they are not used, and tokenizing the whole train split costs seconds.
-    splits = make_splits(tokenizer, rung.source, seq_len=seq_len, fractions=data.fractions,
+    splits = make_splits(tokenizer, source, seq_len=seq_len, fractions=data.fractions,
                          blocks={"calibration": 1, "train": 1, "heldout": rung.blocks}, text_field=data.text_field,
                          heldout_seq_len=seq_len, mix_sources=True)
     if splits.heldout.shape[0] < rung.blocks:
         raise UserError(f"fidelity.rungs: rung {rung.name!r} asks for {rung.blocks} block(s) of {seq_len} tokens; "
-                        f"the held-out text of {rung.source!r} gives {splits.heldout.shape[0]}")
+                        f"the held-out text of {source!r} gives {splits.heldout.shape[0]}")
     needles = (make_needles(tokenizer, splits.documents["heldout"], context=seq_len, n_examples=rung.needles)
                if rung.needles else None)
     return splits.heldout, needles

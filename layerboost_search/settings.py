@@ -106,13 +106,13 @@ class EvalSettings:
 @dataclass(frozen=True)
 class RungSettings:
     """One rung of the fidelity ladder: the proxy's metrics on `blocks` held-out blocks of `factor` x the
-    workload's prefill tokens each, cut from `source` (mixed over its sub-sources; see fidelity.py), and the
-    retrieval metrics on `needles` planted-fact rows of that length (0: none)."""
+    workload's prefill tokens each, cut from `source` (None: the search's `data.source`; mixed over its
+    sub-sources, see fidelity.py), and the retrieval metrics on `needles` planted-fact rows of that length."""
 
     name: str = "long"
     factor: float = 2.0
     blocks: int = 1
-    source: str = "builtin"
+    source: str | None = None  # None: the search's own data.source
     needles: int = 0
 
     def __post_init__(self):

@@ -51,7 +51,8 @@ def evaluator(tmp_path_factory):
                               progress=False)
     rungs = (RungSettings("long", factor=2, blocks=3, source=source),
              RungSettings("huge", factor=2, blocks=10**6, source=source),
-             RungSettings("needles", factor=4, blocks=1, source=source, needles=2))
+             RungSettings("needles", factor=4, blocks=1, source=source, needles=2),
+             RungSettings("own", factor=2, blocks=3))  # no source: the search's data.source
     return PlanEvaluator(EvaluatorSettings(bench, with_bank=False, rungs=rungs, prefill=16))
 
 
@@ -65,6 +66,10 @@ def test_a_rung_gives_per_block_values_and_their_mean(evaluator):
     assert set(changed["per_block"]) == set(changed["metrics"])
     assert evaluator._rungs["long"].evaluators[0][0].blocks.shape == (1, 32)  # factor 2 x prefill 16 tokens
     assert evaluator.evaluate_at("long|SSSS")["per_block"]["kl"] == [0.0, 0.0, 0.0]  # the reference is still all-softmax
+
+
+def test_a_rung_without_a_source_reads_the_searchs_own_data(evaluator):
+    assert evaluator.evaluate_at("own|SNNS")["per_block"] == evaluator.evaluate_at("long|SNNS")["per_block"]
 
 
 def test_a_rung_with_needles_gives_retrieval_per_row(evaluator):
