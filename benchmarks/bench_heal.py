@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
         cfg.heal.out = str(Path(cfg.output_dir) / "bench_heal" / plan.id)
     print(f"model {bench.info['name']}, plan {plan} ({why}): " +
           ", ".join(f"{o} x{plan.count(o)}" for o in sorted(set(plan.layers))))
-    print(f"heal: {int(cfg.heal.tokens)} tokens, batch {cfg.heal.batch_size} x seq {cfg.heal.seq_len or cfg.data.seq_len}, "
+    print(f"heal: {int(cfg.heal.tokens)} tokens, batch {cfg.heal.batch_size} x seq {cfg.heal.seq_len or cfg.data.seq_len or cfg.workload.prefill}, "
           f"lr {cfg.heal.lr}, lora {'on' if cfg.heal.lora.enabled else 'off'}; held-out "
           f"{tuple(bench.splits.heldout.shape)} blocks")
     out, result = heal_to_folder(bench, plan, heal_settings(cfg), Path(cfg.heal.out), source=str(plan))

@@ -108,10 +108,18 @@ def _workbench(c: dict) -> WorkbenchSettings:
         progress=coerce(bool, c["progress"], "progress"))
 
 
+def data_block_length(c: dict) -> int:
+    """Tokens per calibration/train block: `data.seq_len`, or the workload's prefill length when null (the bank
+    is trained, and plans healed, at the context they serve: README, "Proxy at the workload context")."""
+    if c["data"].get("seq_len") is None:
+        return coerce(int, c["workload"]["prefill"], "workload.prefill")
+    return coerce(int, c["data"]["seq_len"], "data.seq_len")
+
+
 def data_settings(c: dict) -> DataSettings:
-    """`data:` settings; `data.heldout_seq_len: null` means the workload's prefill length (quality is measured
-    at the context latency is predicted for)."""
-    section = dict(c["data"])
+    """`data:` settings; `data.seq_len` and `data.heldout_seq_len` null mean the workload's prefill length
+    (quality is measured, and the bank trained, at the context latency is predicted for)."""
+    section = dict(c["data"], seq_len=data_block_length(c))
     if section.get("heldout_seq_len") is None:
         section["heldout_seq_len"] = coerce(int, c["workload"]["prefill"], "workload.prefill")
     return build(DataSettings, section, "data")
@@ -155,7 +163,7 @@ def heal_settings(cfg) -> HealSettings:
     """`heal:` settings; `heal.seq_len: null` means the data's block length, and it cannot exceed it."""
     c = plain(cfg)
     section = dict(c["heal"])
-    data_seq_len = coerce(int, c["data"]["seq_len"], "data.seq_len")
+    data_seq_len = data_block_length(c)
     seq_len = coerce(int | None, section.pop("seq_len"), "heal.seq_len")
     seq_len = data_seq_len if seq_len is None else seq_len
     if seq_len > data_seq_len:
