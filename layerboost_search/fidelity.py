@@ -94,6 +94,36 @@ def spread(front: list, k: int) -> list:
     return [front[round(i * step)] for i in range(k)]
 
 
+def proxy_metrics(trial) -> dict:
+    """The proxy's metrics a trial recorded ({name: value}, from its `proxy:<name>` user attrs)."""
+    return {k.removeprefix("proxy:"): v for k, v in trial.user_attrs.items() if k.startswith("proxy:")}
+
+
+def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float | None) -> list:
+    """Up to `k` trials of the latency-sorted proxy `front` worth re-measuring: the plans the best-plan files can
+    name. In order: all-softmax (the reference every "kept" share and retrieval is read against), for each
+    quality bar the fastest plan keeping it at the proxy (see `retained`), for each latency target (a share of
+    all-softmax latency) the plan keeping the most under it, then plans spread over the front. Spreading alone
+    spent most re-measurements on plans far past any bar a user accepts."""
+    picks: list = []
+
+    def add(trial) -> None:
+        if trial is not None and trial not in picks and len(picks) < k:
+            picks.append(trial)
+
+    kept = {t.number: retained(proxy_metrics(t)) or 0.0 for t in front}
+    add(next((t for t in front if set(t.user_attrs.get("plan", "")) == {"S"}), None))
+    for bar in bars:
+        add(next((t for t in front if kept[t.number] >= bar), None))  # front is sorted fastest first
+    if softmax_latency:
+        for target in targets:
+            under = [t for t in front if t.values[1] <= target * softmax_latency]
+            add(max(under, key=lambda t: kept[t.number]) if under else None)
+    for trial in [*spread(front, k), *front]:
+        add(trial)
+    return picks
+
+
 def record_rung(study, rung, number: int, result: dict) -> None:
     """Keep `result` of trial `number` at `rung` (its settings too: a rung re-declared under the same name with
     other settings is measured again, not mixed with the old numbers)."""

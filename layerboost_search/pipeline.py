@@ -20,9 +20,9 @@ from layerboost_surrogates.cost_model import Workload, cost_model
 
 from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, fail_stale, lm_eval_scores, open_study,
                      record_lm_eval, storage_url, study_name)
-from .fidelity import climb, spread
+from .fidelity import climb, ladder_candidates
 from .objectives import declare_objectives, needs_retrieval
-from .report import front_trials, write_report
+from .report import KEEP_BARS, front_trials, write_report
 from .runner import make_runner
 from .seeds import seed_plans
 from .settings import EvalSettings, FidelitySettings, SearchSettings
@@ -108,8 +108,8 @@ def run_search(settings: SearchSettings, sampler) -> Path:
         search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
                            context_for_plan, surrogate, _retrieval_floor(settings, study, runner, n))
         search.run(settings.budget, progress=progress)
-        _climb_fidelity_ladder(settings.fidelity, study, runner, progress)
-        _score_front_with_lm_eval(settings.eval, study, runner, progress)
+        _climb_fidelity_ladder(settings.fidelity, study, runner, softmax_latency, progress)
+        _score_front_with_lm_eval(settings.eval, study, runner, softmax_latency, progress)
     finally:
         runner.close()
 
@@ -163,20 +163,22 @@ def _rung_names(settings: SearchSettings) -> tuple[str, ...]:
     return tuple(r.name for r in settings.fidelity.rungs)
 
 
-def _climb_fidelity_ladder(f: FidelitySettings, study, runner, progress: bool) -> None:
-    """Higher fidelities: the top-k proxy-front candidates (spread over the front) re-measured at every rung
-    (resumable: what the study already holds is skipped)."""
+def _climb_fidelity_ladder(f: FidelitySettings, study, runner, softmax_latency: float, progress: bool) -> None:
+    """Higher fidelities: the top-k proxy-front candidates a best-plan file could name (fidelity.ladder_candidates)
+    re-measured at every rung (resumable: what the study already holds is skipped)."""
     if f.top_k <= 0 or not f.rungs:
         return
-    climb(study, runner, spread(front_trials(study), f.top_k), f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+    candidates = ladder_candidates(front_trials(study), f.top_k, KEEP_BARS, LATENCY_TARGETS, softmax_latency)
+    climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
 
 
-def _score_front_with_lm_eval(e: EvalSettings, study, runner, progress: bool) -> None:
+def _score_front_with_lm_eval(e: EvalSettings, study, runner, softmax_latency: float, progress: bool) -> None:
     """lm-eval tasks for the top-k front candidates not scored yet (resumable)."""
     top_k, tasks = e.top_k, list(e.tasks)
     if top_k <= 0 or not tasks:
         return
-    front = spread(front_trials(study), top_k)  # its ends and evenly between
+    # the reference and the plans the best-plan files can name first (as the ladder)
+    front = ladder_candidates(front_trials(study), top_k, KEEP_BARS, LATENCY_TARGETS, softmax_latency)
     scored = lm_eval_scores(study)
     todo = [t for t in front if t.number not in scored]
     if not todo:

@@ -14,8 +14,8 @@ from optuna.trial import create_trial
 
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
-from layerboost_search.fidelity import (bootstrap_interval, climb, dominated_at, fastest_keeping, record_rung,
-                                        rung_scores, spread)
+from layerboost_search.fidelity import (bootstrap_interval, climb, dominated_at, fastest_keeping, ladder_candidates,
+                                        record_rung, rung_scores, spread)
 from layerboost_search.objectives import Objective
 from layerboost_search.report import write_report
 from layerboost_search.settings import RungSettings
@@ -148,6 +148,22 @@ def test_climb_measures_only_what_the_study_lacks(tmp_path):
 def test_spread_keeps_the_ends_of_the_front():
     assert spread(list(range(10)), 3) == [0, 4, 9]  # round(4.5) is 4 (banker's rounding)
     assert spread([1, 2], 6) == [1, 2]
+
+
+def test_ladder_candidates_are_the_plans_a_best_plan_file_can_name():
+    def trial(number, plan, agreement, latency):
+        t = create_trial(values=[1 - agreement, latency], user_attrs={"plan": plan, "proxy:top1_agreement": agreement})
+        t.number = number
+        return t
+    # latency-sorted front, fastest first; all-softmax at 1.0 s
+    front = [trial(0, "NNNN", 0.10, 0.20), trial(1, "LNNN", 0.50, 0.40), trial(2, "LLNS", 0.80, 0.60),
+             trial(3, "LLSS", 0.91, 0.75), trial(4, "LSSS", 0.96, 0.85), trial(5, "SSSL", 0.995, 0.95),
+             trial(6, "SSSS", 1.0, 1.0)]
+    picks = ladder_candidates(front, 6, (0.99, 0.95, 0.9), (0.9, 0.8, 0.7), softmax_latency=1.0)
+    # all-softmax; keep 99% -> 5, 95% -> 4, 90% -> 3; latency 0.9 -> 4 (taken), 0.8 -> 3 (taken), 0.7 -> 2
+    assert [t.number for t in picks] == [6, 5, 4, 3, 2, 0]  # then the spread's first end
+    assert [t.number for t in ladder_candidates(front, 2, (0.99,), (), 1.0)] == [6, 5]
+    assert len(ladder_candidates(front, 20, (0.99,), (0.5,), 1.0)) == 7  # every plan once, no more
 
 
 # --- reading the ladder ---------------------------------------------------------------------------------------
