@@ -110,7 +110,7 @@ def main() -> None:
     name = args.study or study_name(settings, bench.info, bank_id_or_none(bench))
     study = optuna.load_study(study_name=name, storage=storage_url(settings, name))
 
-    done = [t for t in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
     front = front_trials(study)
     heuristic = [t for t in done if str(t.user_attrs.get(LABEL_ATTR, "")).startswith("heuristic")]
     softmax = [t for t in done if set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}]
