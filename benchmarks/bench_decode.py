@@ -1,10 +1,11 @@
 """Cached decode speed and KV memory of all-linear and half-softmax plans as ratios to all-softmax.
 
     python benchmarks/bench_decode.py [--contexts 4096] [--batches 1,8] [--decode-tokens 32]
-                                      [--budget-gb 8] [--no-bank] [overrides...]   e.g. model=qwen2.5-0.5b device=cuda
+                                      [--budget-gb 8] [--no-bank] [--plans LABEL=SSLN... ...]
+                                      [overrides...]   e.g. model=qwen2.5-0.5b device=cuda
 
 All three plans (all-softmax, all-linear, half-softmax = S/L alternating) are measured in one run, taking
-turns inside each (context, batch): one prefill of `context` tokens into a HybridCache, then timed
+turns inside each (context, batch), plus any `--plans` (e.g. a search's best plans, `keep-90=LSSS...`): one prefill of `context` tokens into a HybridCache, then timed
 one-token decode steps (see layerboost_core/bench.py for what every number means). Also prints, per plan,
 the largest batch whose KV cache fits the memory budget next to the weights and the decode throughput
 there (measured when that batch was measured, else estimated from the measured step times).
@@ -48,6 +49,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--budget-gb", type=float, default=8.0, help="GiB for weights + KV cache")
     parser.add_argument("--no-bank", action="store_true", help="do not look for the cached bank")
+    parser.add_argument("--plans", nargs="+", default=[], metavar="LABEL=PLAN",
+                        help="more compact plans to measure beside the three, each as label=plan")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=... device=cuda")
     args = parser.parse_args()
     quiet_libraries()
@@ -58,6 +61,9 @@ def main() -> None:
     n = bench.switcher.num_layers
     plans = {BASELINE: LayerPlan.uniform("softmax", n), "all-linear": LayerPlan.uniform("linear", n),
              "half-softmax": LayerPlan(tuple("softmax" if i % 2 == 0 else "linear" for i in range(n)))}
+    for item in args.plans:
+        label, _, text = item.rpartition("=")
+        plans[label or text] = LayerPlan.from_string(text)
     settings = BenchSettings(args.contexts, args.batches, args.decode_tokens, args.budget_gb, int(cfg.seed))
     linear = cfg.attention.linear
     print(f"{bench.info['name']} ({n} layers) on {bench.loaded.device}, {str(bench.loaded.dtype).replace('torch.', '')}, "
