@@ -370,6 +370,16 @@ def _data_error(name: str, error: Exception) -> UserError:
                      f"built-in tasks need the network or their data cached; offline tasks: {', '.join(OFFLINE_TASKS)}")
 
 
+# lm-eval's HFLM holds a batch's full logits (batch x tokens x vocabulary floats) and their log-softmax: with
+# Gemma 3's 262k vocabulary, 8 rows of 1,024 tokens are 8.6 GB each, and two workers were killed for memory.
+LOGITS_BYTES_PER_BATCH = 1 << 30
+
+
+def batch_for_vocabulary(batch_size: int, vocabulary: int, tokens: int, bytes_per_value: int = 4) -> int:
+    """`batch_size`, lowered so one batch's logits of `tokens` tokens fit LOGITS_BYTES_PER_BATCH (at least 1)."""
+    return max(1, min(batch_size, LOGITS_BYTES_PER_BATCH // max(tokens * vocabulary * bytes_per_value, 1)))
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str], include_path: Path | None, batch_size: int = 8,
                    limit: int | None = None) -> dict[str, float]:
     """Accuracy per task of `model` as it is in memory (patched or not), scored by lm-eval; nothing is saved.

@@ -140,6 +140,12 @@ class RayRunner:
                     self.submit(key, method, plan_text, attempt + 1)
                     continue
                 result = {"error": f"worker died {attempt + 1} times"}
+            except ray.exceptions.OutOfMemoryError as error:
+                # Ray killed the actor to save the node: the same job would be killed again, so no retry
+                log.warning("worker %d was killed for memory during %s of %s; replacing it", index, method, plan_text)
+                self.ray.kill(self.actors[index])
+                self.actors[index] = self._new_actor()
+                result = {"error": f"killed for memory: {str(error).strip().splitlines()[0]}"}
             except ray.exceptions.RayTaskError as error:
                 result = {"error": str(error).strip().splitlines()[-1]}
             self.idle.append(index)

@@ -64,8 +64,11 @@ class PlanEvaluator:
                 None, self.bench.splits.documents["heldout"], self.bench.loaded.tokenizer, e.task_settings())
         started = time.perf_counter()
         self.bench.switcher.apply(LayerPlan.from_string(plan_text))
+        # the longest offline request is the passkey context (logits counted as float32: lm-eval log-softmaxes them)
+        batch = lm_eval_tasks.batch_for_vocabulary(e.batch_size, self.bench.model.config.vocab_size,
+                                                   e.passkey_context)
         scores = lm_eval_tasks.evaluate_tasks(self.bench.model, self.bench.loaded.tokenizer, list(e.tasks),
-                                              self._task_dir, batch_size=e.batch_size, limit=e.limit)
+                                              self._task_dir, batch_size=batch, limit=e.limit)
         return {"scores": scores, "seconds": time.perf_counter() - started}
 
     def evaluate_at(self, job: str) -> dict:

@@ -171,3 +171,12 @@ def test_settings_and_documents_are_validated(tmp_path, documents, tokenizer):
     with pytest.raises(UserError, match="no held-out documents"):
         write_offline_tasks(tmp_path, ["", "  "], tokenizer, SETTINGS)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_lm_eval_batch_shrinks_for_large_vocabularies():
+    from layerboost_core.lm_eval_tasks import LOGITS_BYTES_PER_BATCH, batch_for_vocabulary
+
+    # SmolLM2 (49,152) at 1,024 tokens: 201 MB of logits a row -> 5 rows fit the budget; Gemma 3 (262,144): 1
+    assert batch_for_vocabulary(8, 49152, 1024) == LOGITS_BYTES_PER_BATCH // (1024 * 49152 * 4) == 5
+    assert batch_for_vocabulary(8, 262144, 1024) == 1
+    assert batch_for_vocabulary(2, 1000, 128) == 2  # never above the configured batch
