@@ -1,7 +1,9 @@
 """How quality measurements move with context length: the bank and the single-layer sensitivities at several
 held-out block lengths, side by side in one run.
 
-    python benchmarks/bench_context.py --lengths 512 2048 4096 [--bank-only] [overrides...]
+    python benchmarks/bench_context.py [overrides...] --lengths 512 2048 4096 [--bank-only]
+
+(overrides first: `--lengths` takes every number after it)
 
 For each length L (held-out blocks of L tokens mixed over every built-in source, `data.blocks.heldout` of
 them): the bank's median per-layer relative MSE of the `linear` attention output, the KL of the all-`linear`
