@@ -74,14 +74,30 @@ def storage_url(settings: SearchSettings, name: str) -> str:
     return f"sqlite:///{path.resolve()}"
 
 
+def _rdb_storage(url: str, heartbeat_interval: int, grace_period: int, attempts: int = 5):
+    """Optuna's RDBStorage at `url`. Drivers started together on a new database race to create its schema (the
+    loser gets "table ... already exists", or a duplicate alembic_version row); it retries and finds the schema
+    in place. Other errors (a bad URL or path) are raised at once."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
+                                                  grace_period=grace_period,
+                                                  heartbeat_stale_trial_callback=StaleRequeue())
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as error:
+            lost_race = "already exists" in str(error) or "alembic_version" in str(error)
+            if not lost_race or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * 0.3 * (attempt + 1))
+
+
 def open_study(url: str, name: str, objectives, sampler, heartbeat_interval: int, grace_period: int) -> optuna.Study:
     """The study at `url`, its storage recording trial heartbeats (see `Heartbeat`, `fail_stale`)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
-                                                 grace_period=grace_period,
-                                                 heartbeat_stale_trial_callback=StaleRequeue())
+        storage = _rdb_storage(url, heartbeat_interval, grace_period)
         study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, load_if_exists=True,
                                     directions=[o.direction for o in objectives])
     except ValueError as error:
