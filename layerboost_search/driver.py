@@ -282,6 +282,20 @@ class SearchRun:
         for plan in self.surrogate.propose(done, completed, {t.user_attrs[PLAN_ATTR] for t in claims}):
             self.study.enqueue_trial(self.space.params_of(plan), user_attrs={LABEL_ATTR: "surrogate"})
 
+    def _tell_once(self, number: int, result: dict) -> bool:
+        """`_tell`, unless another driver finished the trial first: Optuna on sqlite can hand one waiting
+        (enqueued) trial to two drivers started at the same moment, and both evaluate it. The second result is
+        a duplicate; it is dropped (the study already holds the plan once) and the search goes on."""
+        trial_id = self.in_flight[number][0]._trial_id
+        try:
+            return self._tell(number, result)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as error:
+            if not self.study._storage.get_trial(trial_id).state.is_finished():
+                raise
+            log.warning("trial %d was finished by another driver; this driver's duplicate result is dropped (%s)",
+                        number, error)
+            return False
+
     def _tell(self, number: int, result: dict) -> bool:
         trial, plan = self.in_flight.pop(number)
         self.heartbeat.discard(trial._trial_id)
@@ -336,7 +350,7 @@ class SearchRun:
                         raise UserError(f"budget: {budget} distinct plans could not be found in the space after "
                                         f"{skips} consecutive duplicate/invalid proposals (space too small?)")
                 if self.in_flight:
-                    self._tell(*self.runner.next_result())
+                    self._tell_once(*self.runner.next_result())
                     if progress:  # reads every trial back from storage: only when someone sees the bar
                         bar.set_postfix(front=len(self.study.best_trials), failed=len(self.study.get_trials(
                             deepcopy=False, states=(TrialState.FAIL,))))
