@@ -16,7 +16,7 @@ from layerboost_core.plan import LayerPlan
 from layerboost_core.tables import write_csv
 
 from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
-from .fidelity import bootstrap_interval, dominated_at, fastest_keeping, retained, rung_scores
+from .fidelity import bootstrap_interval, dominated_at, fastest_keeping, proxy_metrics, retained, rung_scores
 
 PROXY = "proxy"  # the lowest fidelity: what every trial was measured at during the search
 KEEP_BARS = (0.99, 0.95, 0.9)  # best/keep-<pct>.json: the fastest plan keeping this share of the original
@@ -73,8 +73,7 @@ class Ladder:
         if self.rungs:
             return {n: (m, self.latency[n]) for n, m in self.measured(self.top).items()}
         # the objective itself too: it may be an lm-eval task, and then it ranks the proxy front, as searched
-        return {t.number: ({**{k.removeprefix("proxy:"): v for k, v in t.user_attrs.items() if k.startswith("proxy:")},
-                            self.quality: t.values[0]}, t.values[1]) for t in front}
+        return {t.number: ({**proxy_metrics(t), self.quality: t.values[0]}, t.values[1]) for t in front}
 
 
 def original_attention(kinds: list[str] | None) -> str:
