@@ -65,12 +65,12 @@ H100_80GB = DeviceSpeed("H100-80GB SXM bf16", 989e12 * 0.40, 3.35e12 * 0.60,
 
 
 @functools.lru_cache(maxsize=1)
-def measure_cpu_speed(size: int = 1024, repeats: int = 3) -> DeviceSpeed:
-    """This machine's achieved fp32 matmul FLOP/s and copy bandwidth, best of `repeats` (about a second).
+def measure_cpu_speed(dtype: torch.dtype = torch.float32, size: int = 1024, repeats: int = 3) -> DeviceSpeed:
+    """This machine's achieved matmul FLOP/s at `dtype` and copy bandwidth, best of `repeats` (about a second).
 
     Measured with torch's current thread count, i.e. what an actor with those threads gets; cached per process.
     """
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     big = torch.empty(32 * 2**20 // 4)  # 32 MiB: well past the caches, so the copy measures memory
     out = torch.empty_like(big)
     matmul_s = copy_s = math.inf
@@ -82,7 +82,7 @@ def measure_cpu_speed(size: int = 1024, repeats: int = 3) -> DeviceSpeed:
         out.copy_(big)
         copy_s = min(copy_s, time.perf_counter() - started)
     flops, moved = 2 * size**3 / matmul_s, 2 * big.numel() * 4 / copy_s  # a copy reads and writes
-    return DeviceSpeed(f"this CPU ({torch.get_num_threads()} threads, fp32)", flops, moved,
+    return DeviceSpeed(f"this CPU ({torch.get_num_threads()} threads, {_dtype_name(dtype)})", flops, moved,
                        f"measured: {flops / 1e9:.0f} GFLOP/s matmul, {moved / 1e9:.1f} GB/s copy")
 
 
@@ -323,11 +323,11 @@ def memory_plan(source, *, name: str | None = None, device: str = "cpu", dtype: 
     """The memory and time plan of a search over the model of `source` (see `load_config`).
 
     `device` is what the actors run on (it need not be this machine's: plan a GPU box from a laptop);
-    `dtype` as in the config ("auto": bfloat16 on cuda, float32 on cpu). `heldout_blocks` x `seq_len` are the
+    `dtype` as in the config ("auto": see models.resolve_dtype). `heldout_blocks` x `seq_len` are the
     held-out proxy blocks, evaluated `batch_size` at a time (ProxyEvaluator's default 4); `reference_top_k`
     is proxy.reference_top_k (None: exact distributions, the conservative default; pass the run's setting).
     `linear` is the option's settings (default the project's). Memory defaults to this machine's device
-    (`detect_device_memory`), speed to `measure_cpu_speed()` on cpu and `A100_80GB` on cuda.
+    (`detect_device_memory`), speed to `measure_cpu_speed(dtype)` on cpu and `A100_80GB` on cuda.
     """
     if reference_top_k is not None and reference_top_k < 1:
         raise UserError(f"proxy.reference_top_k: {reference_top_k!r} must be a positive integer or null")
@@ -358,7 +358,7 @@ def memory_plan(source, *, name: str | None = None, device: str = "cpu", dtype: 
         rows=rows, driver_bytes=weights.bytes + bank.bytes + runtime.bytes, device_memory_bytes=device_memory_bytes,
         num_workers=num_workers, num_devices=num_devices, heldout_blocks=heldout_blocks, seq_len=seq_len,
         reference_top_k=reference_top_k, flops_per_evaluation=flops, bytes_per_evaluation=moved,
-        speed=speed or (A100_80GB if kind == "cuda" else measure_cpu_speed()))
+        speed=speed or (A100_80GB if kind == "cuda" else measure_cpu_speed(torch_dtype)))
 
 
 def _refuse_whole_model(plan: MemoryPlan, fixed: int) -> None:

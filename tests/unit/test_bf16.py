@@ -58,3 +58,18 @@ def test_bf16_model_scores_like_fp32_with_fp32_metric_passes(monkeypatch):
     assert got["nll"] == pytest.approx(want["nll"], abs=NLL_ABS)
     assert got["nll_delta"] == pytest.approx(want["nll_delta"], abs=NLL_ABS)
     assert got["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=AGREE_ABS)
+
+
+def test_auto_dtype_is_bf16_only_where_the_device_computes_it(monkeypatch):
+    from layerboost_core import models
+
+    assert models.cpu_has_native_bf16("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile") is True
+    assert models.cpu_has_native_bf16("flags\t\t: fpu sse amx_bf16 amx_tile") is True
+    # a flag's prefix or a lookalike is not the flag; no cpuinfo (macOS, Windows): emulated, fp32
+    assert models.cpu_has_native_bf16("flags\t\t: fpu sse avx512f avx512_bf16x avx512_fp16") is False
+    assert models.cpu_has_native_bf16("") is False
+    for native, cpu_dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda native=native: native)
+        assert models.resolve_dtype("auto", torch.device("cpu")) == cpu_dtype
+        assert models.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+        assert models.resolve_dtype("float32", torch.device("cpu")) == torch.float32

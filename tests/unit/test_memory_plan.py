@@ -92,7 +92,7 @@ def test_check_fits_names_the_dtype_when_fp32_weights_alone_do_not_fit():
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_tiny_model_estimate_matches_its_real_tensors(model_type):
-    plan = memory_plan(tiny_config(model_type), device="cpu", linear=LINEAR_SETTINGS["linear"])
+    plan = memory_plan(tiny_config(model_type), device="cpu", dtype="float32", linear=LINEAR_SETTINGS["linear"])
     model = build_tiny_model(model_type)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()]}
