@@ -195,6 +195,7 @@ class SearchRun:
         self.space, self.objectives, self.study = space, objectives, study
         self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
+        self.dtypes_seen: set[str] = set()  # the dtypes evaluations of this run came back at
 
     def completed(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -296,6 +297,18 @@ class SearchRun:
                         number, error)
             return False
 
+    def _note_dtype(self, dtype: str) -> None:
+        """Warn once per new dtype when this run's evaluations come back at more than one: each worker resolves
+        `dtype=auto` on its own device (a GPU, a CPU with or without bf16 instructions), and a plan's KL at
+        bf16 reads 1-2% above fp32 (README, "Float32 or bfloat16 on a CPU"), so mixed trials do not compare
+        exactly."""
+        if dtype in self.dtypes_seen:
+            return
+        self.dtypes_seen.add(dtype)
+        if len(self.dtypes_seen) > 1:
+            log.warning("plans of this run were evaluated at %s: workers resolved dtype=auto differently; set "
+                        "dtype= explicitly so every worker scores alike", " and ".join(sorted(self.dtypes_seen)))
+
     def _tell(self, number: int, result: dict) -> bool:
         trial, plan = self.in_flight.pop(number)
         self.heartbeat.discard(trial._trial_id)
@@ -310,6 +323,9 @@ class SearchRun:
         trial.set_user_attr("eval_seconds", result["seconds"])
         if "node" in result:  # the Ray node that evaluated it (a cluster's nodes can differ in speed)
             trial.set_user_attr("node", result["node"])
+        if "dtype" in result:
+            trial.set_user_attr("dtype", result["dtype"])
+            self._note_dtype(result["dtype"])
         values = []
         for objective in self.objectives:
             if objective.name == "latency_s":

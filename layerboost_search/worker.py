@@ -45,7 +45,8 @@ class PlanEvaluator:
         self.bench.switcher.apply(LayerPlan.from_string(plan_text))
         metrics = self.proxy.evaluate()
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        result = {"metrics": metrics, "seconds": time.perf_counter() - started, "pid": os.getpid()}
+        result = {"metrics": metrics, "seconds": time.perf_counter() - started, "pid": os.getpid(),
+                  "dtype": str(self.bench.loaded.dtype).removeprefix("torch.")}  # `auto` resolves per worker
         node = _ray_node_id()
         if node:
             result["node"] = node

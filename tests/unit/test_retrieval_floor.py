@@ -80,3 +80,30 @@ def test_latency_ceiling_is_a_named_optuna_constraint(tmp_path):
         fits = trial.user_attrs["plan"].count("S") <= 2  # FlatCost: 1 s + 1 s per softmax layer
         assert trial.user_attrs[FEASIBLE_ATTR] is fits
         assert (trial.system_attrs["constraints:latency_ceiling"] <= 0) is fits
+
+
+class MixedDtypes(RetrievalByCount):
+    """Workers that resolved `dtype=auto` differently: every other result comes back at float32."""
+
+    def next_result(self):
+        key, result = super().next_result()
+        self.count = getattr(self, "count", 0) + 1
+        return key, {**result, "dtype": "float32" if self.count % 2 else "bfloat16"}
+
+
+def test_evaluations_at_more_than_one_dtype_are_recorded_and_warned_about(tmp_path, caplog):
+    objective = ObjectiveSettings()
+    objectives = declare_objectives(objective)
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "dtypes", objectives,
+                       optuna.samplers.RandomSampler(seed=0), heartbeat_interval=5, grace_period=10)
+    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
+    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), objectives, study, FlatCost(),
+                    MixedDtypes(), context)
+    run.kv_bytes = lambda plan: 0
+    with caplog.at_level("WARNING", logger="layerboost_search.driver"):
+        run.run(6, progress=False)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted({t.user_attrs["dtype"] for t in done}) == ["bfloat16", "float32"]
+    warnings = [r.getMessage() for r in caplog.records if "dtype=auto" in r.getMessage()]
+    assert warnings == ["plans of this run were evaluated at bfloat16 and float32: workers resolved dtype=auto "
+                        "differently; set dtype= explicitly so every worker scores alike"]
