@@ -37,16 +37,22 @@ class FlatCost:
         return 1.0 + plan.count("softmax")
 
 
-def test_plans_below_the_floor_are_infeasible(tmp_path):
-    objective = ObjectiveSettings(retrieval="floor", retrieval_floor=0.5)
+def small_run(tmp_path, name: str, objective: ObjectiveSettings, runner, seed: int,
+              retrieval_floor: float | None = None) -> tuple[SearchRun, optuna.Study]:
+    """A search over 4 layers of softmax/none with FlatCost latency and `runner`'s metrics, in a new study."""
     objectives = declare_objectives(objective)
-    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "floor", objectives,
-                       optuna.samplers.RandomSampler(seed=0), heartbeat_interval=5, grace_period=10)
-    space = SearchSpace(4, ("softmax", "none"))
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", name, objectives,
+                       optuna.samplers.RandomSampler(seed=seed), heartbeat_interval=5, grace_period=10)
     context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
-    run = SearchRun(objective, 16, space, objectives, study, FlatCost(), RetrievalByCount(), context,
-                    retrieval_floor=0.5)
-    run.kv_bytes = lambda plan: 0  # no model config here; KV bytes are not what this test is about
+    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), objectives, study, FlatCost(), runner,
+                    context, retrieval_floor=retrieval_floor)
+    run.kv_bytes = lambda plan: 0  # no model config here; KV bytes are not what these tests are about
+    return run, study
+
+
+def test_plans_below_the_floor_are_infeasible(tmp_path):
+    run, study = small_run(tmp_path, "floor", ObjectiveSettings(retrieval="floor", retrieval_floor=0.5),
+                           RetrievalByCount(), seed=0, retrieval_floor=0.5)
     run.run(8, progress=False)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 8
@@ -67,14 +73,7 @@ def test_retrieval_settings_are_checked():
 
 def test_latency_ceiling_is_a_named_optuna_constraint(tmp_path):
     """Known before evaluation: recorded at ask time (Optuna 5 takes constraints one name at a time)."""
-    objective = ObjectiveSettings(latency_ceiling=3.0)
-    objectives = declare_objectives(objective)
-    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "ceiling", objectives,
-                       optuna.samplers.RandomSampler(seed=1), heartbeat_interval=5, grace_period=10)
-    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
-    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), objectives, study, FlatCost(),
-                    RetrievalByCount(), context)
-    run.kv_bytes = lambda plan: 0
+    run, study = small_run(tmp_path, "ceiling", ObjectiveSettings(latency_ceiling=3.0), RetrievalByCount(), seed=1)
     run.run(8, progress=False)
     for trial in (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE):
         fits = trial.user_attrs["plan"].count("S") <= 2  # FlatCost: 1 s + 1 s per softmax layer
@@ -85,21 +84,18 @@ def test_latency_ceiling_is_a_named_optuna_constraint(tmp_path):
 class MixedDtypes(RetrievalByCount):
     """Workers that resolved `dtype=auto` differently: every other result comes back at float32."""
 
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
     def next_result(self):
         key, result = super().next_result()
-        self.count = getattr(self, "count", 0) + 1
+        self.count += 1
         return key, {**result, "dtype": "float32" if self.count % 2 else "bfloat16"}
 
 
 def test_evaluations_at_more_than_one_dtype_are_recorded_and_warned_about(tmp_path, caplog):
-    objective = ObjectiveSettings()
-    objectives = declare_objectives(objective)
-    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "dtypes", objectives,
-                       optuna.samplers.RandomSampler(seed=0), heartbeat_interval=5, grace_period=10)
-    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
-    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), objectives, study, FlatCost(),
-                    MixedDtypes(), context)
-    run.kv_bytes = lambda plan: 0
+    run, study = small_run(tmp_path, "dtypes", ObjectiveSettings(), MixedDtypes(), seed=0)
     with caplog.at_level("WARNING", logger="layerboost_search.driver"):
         run.run(6, progress=False)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
