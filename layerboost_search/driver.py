@@ -7,6 +7,7 @@ driver that stopped beating for the grace period are failed and re-queued. A pla
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -111,6 +112,32 @@ def open_study(url: str, name: str, objectives, sampler, heartbeat_interval: int
     return study
 
 
+def waiting_trial_lock(url: str | None):
+    """A lock every driver of a sqlite study holds while it asks for a trial, so that one enqueued (waiting)
+    trial goes to one driver. Optuna pops a waiting trial by reading its state and then setting it to RUNNING;
+    on server databases the row is locked for update between the two, but sqlite's Python driver does not open
+    the transaction until the write, so two drivers asking at the same moment both read WAITING and both
+    evaluate the trial. The lock is a file next to the database (drivers on one machine; a sqlite file on a
+    network share is not safe for several writers anyway: use a server database there). Other storages: none
+    needed."""
+    import sqlalchemy.engine
+
+    if url is None:
+        return contextlib.nullcontext()
+    parsed = sqlalchemy.engine.make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{parsed.database}.ask.lock")
+
+
+def storage_url_of(study: optuna.Study) -> str | None:
+    """The database URL of a study on an RDB storage (Optuna wraps it in a caching layer), else None."""
+    backend = getattr(study._storage, "_backend", study._storage)
+    return getattr(backend, "url", None)
+
+
 class StaleRequeue:
     """The storage's heartbeat-stale callback: the plan of a trial whose driver stopped goes back in the queue
     with its label (`requeued_from` points to the failed trial); the numbers are kept for the log."""
@@ -196,6 +223,7 @@ class SearchRun:
         self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
         self.dtypes_seen: set[str] = set()  # the dtypes evaluations of this run came back at
+        self.ask_lock = waiting_trial_lock(storage_url_of(study))
 
     def completed(self) -> int:
         return len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -237,7 +265,7 @@ class SearchRun:
     def _ask(self, budget: int) -> str:
         """Ask one trial and submit it: "submitted", "skipped" (duplicate or outside the space) or "backed off"
         (the last budget slot went to another driver; a queued plan goes back in the queue)."""
-        with warnings.catch_warnings():  # ask/tell with our own heartbeat thread, not Study.optimize
+        with warnings.catch_warnings(), self.ask_lock:  # ask/tell with our own heartbeat thread, not optimize
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = self.study.ask(distributions(self.space))
         self.heartbeat.add(trial._trial_id)
@@ -284,9 +312,10 @@ class SearchRun:
             self.study.enqueue_trial(self.space.params_of(plan), user_attrs={LABEL_ATTR: "surrogate"})
 
     def _tell_once(self, number: int, result: dict) -> bool:
-        """`_tell`, unless another driver finished the trial first: Optuna on sqlite can hand one waiting
-        (enqueued) trial to two drivers started at the same moment, and both evaluate it. The second result is
-        a duplicate; it is dropped (the study already holds the plan once) and the search goes on."""
+        """`_tell`, unless another driver finished the trial first: a storage where `waiting_trial_lock` does
+        not hold (a sqlite file on a network share) can hand one waiting trial to two drivers, and both
+        evaluate it. The second result is a duplicate; it is dropped (the study already holds the plan once)
+        and the search goes on."""
         trial_id = self.in_flight[number][0]._trial_id
         try:
             return self._tell(number, result)

@@ -27,17 +27,16 @@ def test_concurrent_drivers_share_the_budget_without_duplicates_or_failures(tmp_
                              f"storage={storage}")
     started = time.monotonic()
     processes = []
-    for _ in range(drivers):
-        # A second terminal starts seconds later; drivers started in the same instant on a new study can
-        # still both pop one enqueued trial (Optuna on sqlite): README, "Scale out" (known race).
+    for _ in range(drivers):  # all in the same instant: they race for the schema and for the seeded trials
         processes.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                           env=env(), cwd=tmp_path))
-        time.sleep(2)
     errors = [p.communicate(timeout=400)[1] for p in processes]
     seconds = time.monotonic() - started
     for process, stderr in zip(processes, errors):
         assert process.returncode == 0, stderr[-4000:]
         assert "Traceback" not in stderr, stderr[-4000:]
+        # one waiting trial handed to two drivers (driver.waiting_trial_lock) shows up as this warning
+        assert "finished by another driver" not in stderr, stderr[-4000:]
 
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
