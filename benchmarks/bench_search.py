@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import optuna
+from tqdm.auto import tqdm
 
 from layerboost.config import compose
 from layerboost_core.logs import quiet_libraries
@@ -114,7 +115,7 @@ def main() -> None:
 
     results: dict[str, dict[int, float]] = {}
     started = time.perf_counter()
-    for budget in args.budgets:
+    for budget in tqdm(args.budgets, desc="paper heuristic", unit="budget"):
         plans = [p for _, p in heuristic_sweep(rows, n, budget)]
         results.setdefault("paper heuristic", {})[budget] = hypervolume_2d(points_of(plans), reference)
     print(f"heuristic done ({time.perf_counter() - started:.0f} s, {len(runner.cache)} plans evaluated so far)")
@@ -136,7 +137,8 @@ def main() -> None:
                 if name == "ours (default)" else None)
         run = SearchRun(settings.objective, settings.workload.context, space, objectives, study, cost, runner, context,
                         feed)
-        run.run(top, progress=False)
+        print(f"{name} ...", flush=True)
+        run.run(top, progress=True)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for budget in args.budgets:
             first = done[:budget]

@@ -171,15 +171,21 @@ class Heartbeat:
 
     def __init__(self, study: optuna.Study):
         self.storage = study._storage  # Optuna's own fail_stale_trials reaches the storage the same way
-        self.interval = self.storage.get_heartbeat_interval()
+        # None: a study without heartbeats (in memory: one process, nothing can go stale; or a database opened
+        # without a heartbeat interval): nothing is recorded and no trial is ever failed as stale.
+        interval = getattr(self.storage, "get_heartbeat_interval", None)
+        self.interval = interval() if interval is not None else None
         self.trial_ids: set[int] = set()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
-        self.thread.start()
+        if self.interval is not None:
+            self.thread.start()
 
     def add(self, trial_id: int) -> None:
         """Start beating for a trial (the first beat at once: a trial without any is never considered stale)."""
+        if self.interval is None:
+            return
         self.storage.record_heartbeat(trial_id)
         with self.lock:
             self.trial_ids.add(trial_id)
@@ -200,7 +206,8 @@ class Heartbeat:
 
     def close(self) -> None:
         self.stopped.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 class SearchRun:
@@ -381,7 +388,7 @@ class SearchRun:
         try:
             while (done := self.completed()) < budget:
                 bar.update(min(done, budget) - bar.n)
-                if time.monotonic() - last_stale_check > interval:  # trials of drivers that stopped
+                if interval is not None and time.monotonic() - last_stale_check > interval:  # stopped drivers
                     fail_stale(self.study)
                     last_stale_check = time.monotonic()
                 if self.surrogate is not None and self.surrogate.due(done):
