@@ -31,7 +31,6 @@ from layerboost_core.workbench import attach_bank, open_workbench
 
 DTYPES = ("float32", "bfloat16")
 OPTIONS = ("linear", "none")
-CODES = {"S": "softmax", "L": "linear", "N": "none"}
 
 
 def default_plans(layers: int, count: int = 12, seed: int = 0) -> list[str]:
@@ -59,7 +58,7 @@ def measure(base, dtype: str, plans: list[str] | None, sensitivity: bool) -> dic
     proxy = bench.proxy_evaluator()
     scores = {}
     for text in plans:
-        bench.switcher.apply(LayerPlan(tuple(CODES[c] for c in text)))
+        bench.switcher.apply(LayerPlan.from_string(text))
         scores[text] = proxy.evaluate(["kl", "top1_agreement"])
         bench.switcher.restore()
     rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(), OPTIONS,

@@ -25,7 +25,7 @@ from .attention import OPTIONS
 from .errors import UserError
 from .families import family_of
 from .metrics import POSITIONS_PER_PASS
-from .models import hub_reachable, resolve_device, resolve_dtype
+from .models import dtype_name, hub_reachable, resolve_device, resolve_dtype
 
 GB = 1e9  # decimal gigabytes: the unit device vendors quote, so "80 GB" reads as the card's label
 
@@ -82,7 +82,7 @@ def measure_cpu_speed(dtype: torch.dtype = torch.float32, size: int = 1024, repe
         out.copy_(big)
         copy_s = min(copy_s, time.perf_counter() - started)
     flops, moved = 2 * size**3 / matmul_s, 2 * big.numel() * 4 / copy_s  # a copy reads and writes
-    return DeviceSpeed(f"this CPU ({torch.get_num_threads()} threads, {_dtype_name(dtype)})", flops, moved,
+    return DeviceSpeed(f"this CPU ({torch.get_num_threads()} threads, {dtype_name(dtype)})", flops, moved,
                        f"measured: {flops / 1e9:.0f} GFLOP/s matmul, {moved / 1e9:.1f} GB/s copy")
 
 
@@ -130,10 +130,6 @@ def meta_model(config, dtype: torch.dtype):
     return model.to(dtype)  # as models.load_model does: floating buffers (RoPE) follow the dtype too
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _gb(size: float) -> str:
     return f"{size / GB:.1f} GB"
 
@@ -144,7 +140,7 @@ def tensor_bytes(tensors) -> dict[str, int]:
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))
-            name = _dtype_name(t.dtype)
+            name = dtype_name(t.dtype)
             totals[name] = totals.get(name, 0) + t.numel() * t.element_size()
     return totals
 
@@ -307,7 +303,7 @@ def _fixed_rows(model, kind: str, dtype: torch.dtype, linear: dict) -> tuple[Mem
     copies = 2 if kind == "cpu" else 1
     bank = bank_bytes_per_layer(model, linear) * layers * copies
     return (
-        MemoryRow("weights", weights, f"{parameters / 1e9:.3f}e9 parameters at {_dtype_name(dtype)}"),
+        MemoryRow("weights", weights, f"{parameters / 1e9:.3f}e9 parameters at {dtype_name(dtype)}"),
         MemoryRow("bank (linear)", bank, f"{layers} layers x feature maps + gates"
                   + (", module + host copy" if copies == 2 else "")),
         MemoryRow("runtime", RUNTIME_OVERHEAD_BYTES[kind], "CUDA context + allocator slack" if kind == "cuda"
@@ -353,7 +349,7 @@ def memory_plan(source, *, name: str | None = None, device: str = "cpu", dtype: 
         device_memory_bytes = detect_device_memory(str(where))
     return MemoryPlan(
         model=name or getattr(config, "_name_or_path", "") or config.model_type, device=str(where),
-        dtype=_dtype_name(torch_dtype), parameters=parameters,
+        dtype=dtype_name(torch_dtype), parameters=parameters,
         weights_by_dtype=tuple(sorted(tensor_bytes([*model.parameters(), *model.buffers()]).items())),
         rows=rows, driver_bytes=weights.bytes + bank.bytes + runtime.bytes, device_memory_bytes=device_memory_bytes,
         num_workers=num_workers, num_devices=num_devices, heldout_blocks=heldout_blocks, seq_len=seq_len,

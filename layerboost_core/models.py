@@ -57,6 +57,11 @@ def resolve_device(name: str) -> torch.device:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config's name of a torch dtype ('bfloat16' for torch.bfloat16)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """True when this CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo).
 

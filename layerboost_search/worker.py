@@ -39,6 +39,7 @@ class PlanEvaluator:
 
     def evaluate(self, plan_text: str) -> dict:
         """Proxy metrics of one plan. Non-finite metrics come back as an error, not as numbers."""
+        from layerboost_core.models import dtype_name
         from layerboost_core.plan import LayerPlan
 
         started = time.perf_counter()
@@ -46,7 +47,7 @@ class PlanEvaluator:
         metrics = self.proxy.evaluate()
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         result = {"metrics": metrics, "seconds": time.perf_counter() - started, "pid": os.getpid(),
-                  "dtype": str(self.bench.loaded.dtype).removeprefix("torch.")}  # `auto` resolves per worker
+                  "dtype": dtype_name(self.bench.loaded.dtype)}  # `auto` resolves per worker
         node = _ray_node_id()
         if node:
             result["node"] = node

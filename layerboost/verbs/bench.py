@@ -14,6 +14,7 @@ def bench(cfg) -> None:
 
     from layerboost_core.bench import BASELINE, format_table, measure_plans, write_html
     from layerboost_core.hybrid_folder import plan_is_folder
+    from layerboost_core.models import dtype_name
     from layerboost_core.plan import LayerPlan, load_plan
     from layerboost_core.tables import write_csv
     from layerboost_core.workbench import attach_bank, needs_bank, open_hybrid_workbench, open_workbench
@@ -36,7 +37,7 @@ def bench(cfg) -> None:
     rows = measure_plans(bench_.switcher, plans, settings, progress=workbench.progress)
     out = Path(cfg.output_dir) / "bench" / f"{bench_.info['name'].replace('/', '--')}-{plan.id}"
     write_csv(out / "bench.csv", rows)
-    dtype = str(bench_.loaded.dtype).replace("torch.", "")
+    dtype = dtype_name(bench_.loaded.dtype)
     write_html(rows, out / "bench.html",
                f"{bench_.info['name']}: plan {plan} vs all-softmax ({bench_.loaded.device.type}, {dtype})")
     print(f"model {bench_.info['name']} on {bench_.loaded.device} ({dtype}), plan {plan}, "

@@ -37,17 +37,22 @@ class FlatCost:
         return 1.0 + plan.count("softmax")
 
 
+def search_over(study: optuna.Study, objective: ObjectiveSettings, runner,
+                retrieval_floor: float | None = None) -> SearchRun:
+    """A search of `study` over 4 layers of softmax/none with FlatCost latency and `runner`'s metrics."""
+    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
+    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), declare_objectives(objective), study,
+                    FlatCost(), runner, context, retrieval_floor=retrieval_floor)
+    run.kv_bytes = lambda plan: 0  # no model config here; KV bytes are not what these tests are about
+    return run
+
+
 def small_run(tmp_path, name: str, objective: ObjectiveSettings, runner, seed: int,
               retrieval_floor: float | None = None) -> tuple[SearchRun, optuna.Study]:
-    """A search over 4 layers of softmax/none with FlatCost latency and `runner`'s metrics, in a new study."""
-    objectives = declare_objectives(objective)
-    study = open_study(f"sqlite:///{tmp_path / 's.db'}", name, objectives,
+    """`search_over` a new sqlite study."""
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", name, declare_objectives(objective),
                        optuna.samplers.RandomSampler(seed=seed), heartbeat_interval=5, grace_period=10)
-    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
-    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), objectives, study, FlatCost(), runner,
-                    context, retrieval_floor=retrieval_floor)
-    run.kv_bytes = lambda plan: 0  # no model config here; KV bytes are not what these tests are about
-    return run, study
+    return search_over(study, objective, runner, retrieval_floor), study
 
 
 def test_plans_below_the_floor_are_infeasible(tmp_path):

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import optuna
 
-from layerboost_core.space import SearchSpace
-from layerboost_search.driver import Heartbeat, SearchRun
+from layerboost_search.driver import Heartbeat
 from layerboost_search.objectives import declare_objectives
 from layerboost_search.settings import ObjectiveSettings
-from tests.unit.test_retrieval_floor import FlatCost, RetrievalByCount, small_run
+from tests.unit.test_retrieval_floor import RetrievalByCount, search_over, small_run
 
 
 def test_a_search_on_an_in_memory_study_runs_to_its_budget():
     objective = ObjectiveSettings()
-    objectives = declare_objectives(objective)
-    study = optuna.create_study(directions=[o.direction for o in objectives],
+    study = optuna.create_study(directions=[o.direction for o in declare_objectives(objective)],
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
-    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), objectives, study, FlatCost(),
-                    RetrievalByCount(), context)
-    run.kv_bytes = lambda plan: 0
+    run = search_over(study, objective, RetrievalByCount())
     run.run(6, progress=False)
     done = [t.user_attrs["plan"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 6 == len(set(done))
