@@ -4,8 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,15 +23,36 @@ def content_hash(*parts) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _fresh_beside(path: Path, make) -> Path:
+    """Create a new hidden sibling of `path` with `make(name)`; retry on the rare name collision."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+        try:
+            make(tmp)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+# The temporary file/folder is created with the ordinary default mode (0o666 / 0o777) and the kernel applies
+# the process umask (or the folder's default ACL) at creation, exactly as for any file the user writes; the
+# rename keeps that mode. tempfile.mkstemp/mkdtemp would force 0600/0700 and leave every artifact private.
+def _new_file(tmp: Path) -> None:
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
 @contextmanager
 def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    The file ends with the user's default mode (0o666 less the umask), like any file they write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = _fresh_beside(path, _new_file)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -40,10 +61,13 @@ def atomic_path(path: Path):
 
 @contextmanager
 def atomic_dir(path: Path):
-    """Like `atomic_path` for a folder: written under a temporary name, renamed when complete."""
+    """Like `atomic_path` for a folder: written under a temporary name, renamed when complete.
+
+    The folder ends with the user's default mode (0o777 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = _fresh_beside(path, lambda p: os.mkdir(p, 0o777))
     try:
         yield tmp
         if path.exists():
