@@ -29,6 +29,7 @@ from .cache import HybridCache
 from .cache_dir import atomic_path
 from .errors import UserError
 from .plan import LayerPlan
+from .timing import time_rounds
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +64,23 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@torch.inference_mode()
-def measure_one(model, ids: torch.Tensor, decode_tokens: int) -> dict:
-    """Prefill `ids` (B, S) into a fresh HybridCache for the plan in place, then greedy cached decode steps."""
-    device = ids.device
+def _release(device: torch.device) -> None:
+    """Free what the previous plan's cache held (and, on CUDA, reset the peak) before the next plan runs."""
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def prefill_into_cache(model, ids: torch.Tensor) -> tuple[HybridCache, torch.Tensor]:
+    """`ids` (B, S) prefilled into a fresh HybridCache for the plan in place: (cache, last logits (B, 1, V))."""
     cache = HybridCache(model)
-    _sync(device)
-    start = time.perf_counter()
-    logits = model(ids, cache=cache, logits_to_keep=1).logits  # (B, 1, V): no full-vocab logits per token
-    _sync(device)
-    prefill = time.perf_counter() - start
+    return cache, model(ids, cache=cache, logits_to_keep=1).logits  # no full-vocab logits per token
+
+
+def decode_steps(model, cache: HybridCache, logits: torch.Tensor, decode_tokens: int) -> dict:
+    """Greedy cached one-token steps after a prefill, each timed; what the cache holds at the end."""
+    device = logits.device
     steps = []
     for _ in range(decode_tokens):
         token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
@@ -84,21 +89,32 @@ def measure_one(model, ids: torch.Tensor, decode_tokens: int) -> dict:
         logits = model(token, cache=cache, logits_to_keep=1).logits
         _sync(device)
         steps.append(time.perf_counter() - start)
-    result = {"prefill_s": prefill, "decode_step_s": statistics.median(steps), "kv_bytes": cache.kv_bytes(),
+    result = {"decode_step_s": statistics.median(steps), "kv_bytes": cache.kv_bytes(),
               "tokens_cached": cache.get_seq_length()}
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    del cache, logits
-    gc.collect()
     return result
 
 
-def _warm_up(model, switcher, plans: dict[str, LayerPlan], vocab: int, device) -> None:
-    """One small run per plan: first calls pay for allocations and kernel selection, not the plan."""
-    ids = torch.randint(3, vocab, (1, 64), device=device)
-    for plan in plans.values():
-        switcher.apply(plan)
-        measure_one(model, ids, 2)
+def measure_turns(switcher, plans: dict[str, LayerPlan], ids: torch.Tensor, decode_tokens: int) -> dict[str, dict]:
+    """Per plan label: the prefill of `ids` (timed by the shared timing helper, plans taking turns) and then,
+    untimed by it, `decode_tokens` timed decode steps of that plan before the next plan's prefill."""
+    model, device = switcher.model, ids.device
+    measured: dict[str, dict] = {}
+
+    def after(label, state):
+        measured[label] = decode_steps(model, *state, decode_tokens)
+
+    def before(label):
+        switcher.apply(plans[label])
+        _release(device)
+
+    with torch.inference_mode():
+        times = time_rounds({label: (lambda: prefill_into_cache(model, ids)) for label in plans}, rounds=1,
+                            warmup=0, before=before, after=after, device=device)
+    for label, seconds in times.items():
+        measured[label]["prefill_s"] = seconds[0]
+    return measured
 
 
 def step_time_at(batch: int, measured: dict[int, float]) -> float:
@@ -124,15 +140,16 @@ def measure_plans(switcher, plans: dict[str, LayerPlan], settings: BenchSettings
     weights = weight_bytes(model)
     budget = int(settings.memory_budget_gb * 1024**3)
     generator = torch.Generator().manual_seed(settings.seed)
-    _warm_up(model, switcher, plans, vocab, device)
+    # One small untimed round first: first calls pay for allocations and kernel selection, not the plan.
+    measure_turns(switcher, plans, torch.randint(3, vocab, (1, 64), device=device), 2)
     rows = []
     for context in settings.contexts:
         for batch in settings.batches:
             ids = torch.randint(3, vocab, (batch, context), generator=generator).to(device)
+            started = time.perf_counter()
+            measured = measure_turns(switcher, plans, ids, settings.decode_tokens)
             for label, plan in plans.items():
-                switcher.apply(plan)
-                started = time.perf_counter()
-                m = measure_one(model, ids, settings.decode_tokens)
+                m = measured[label]
                 per_sequence = m["kv_bytes"] // batch
                 rows.append({
                     "plan_label": label, "plan": str(plan), "context": context, "batch": batch,
@@ -143,8 +160,9 @@ def measure_plans(switcher, plans: dict[str, LayerPlan], settings: BenchSettings
                     "peak_bytes": m.get("peak_bytes", weights + m["kv_bytes"]),
                     "peak_source": "cuda max_memory_allocated" if "peak_bytes" in m else "weights + kv (cpu estimate)",
                 })
-                if progress:
-                    log.info("bench %s ctx %d batch %d: %.1f s", label, context, batch, time.perf_counter() - started)
+            if progress:
+                log.info("bench ctx %d batch %d: %.1f s for %d plans", context, batch, time.perf_counter() - started,
+                         len(plans))
     switcher.restore()
     _add_max_batch(rows, budget, weights)
     return rows
