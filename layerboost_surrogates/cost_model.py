@@ -14,7 +14,6 @@ import json
 import logging
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from layerboost_core.cache_dir import cache_root, content_hash, write_json
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
+from layerboost_core.timing import time_plans
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +126,9 @@ def run_request(model, ids: torch.Tensor, decode: int) -> None:
 def measure_uniform(switcher, workload: Workload, options, device) -> dict[str, float]:
     """Median time of one request (prefill + decode steps) under each all-`option` plan, timed round-robin."""
     ids = torch.randint(0, switcher.model.config.vocab_size, (workload.batch, workload.prefill), device=device)
-    times = {o: [] for o in options}
-    with torch.inference_mode():
-        for round_index in range(workload.repeats + 1):  # round 0 warms up
-            for option in options:
-                switcher.apply(LayerPlan.uniform(option, switcher.num_layers))
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                run_request(switcher.model, ids, workload.decode)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if round_index:
-                    times[option].append(time.perf_counter() - start)
-    switcher.restore()
+    plans = {o: LayerPlan.uniform(o, switcher.num_layers) for o in options}
+    times = time_plans(switcher, plans, lambda model: run_request(model, ids, workload.decode),
+                       rounds=workload.repeats, warmup=1)
     return {o: statistics.median(t) for o, t in times.items()}
 
 
