@@ -17,7 +17,9 @@ def conf_dir() -> Path:
 
 
 def group_choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+    from .schema import registered_choices
+
+    return sorted({p.stem for p in (conf_dir() / group).glob("*.yaml")} | set(registered_choices(group)))
 
 
 def config_groups() -> list[str]:
@@ -52,6 +54,9 @@ def compose(overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from .schema import register
+
+    register()
     for item in overrides:
         if "=" not in item:
             raise UserError(f"argument: {item!r} is not key=value; see `layerboost <verb> --help`")

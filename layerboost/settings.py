@@ -16,9 +16,11 @@ from layerboost_core.errors import UserError, did_you_mean
 from layerboost_core.heal import HealSettings, LoraSettings
 from layerboost_core.transfer import TransferSettings
 from layerboost_core.workbench import DataSettings, ModelSettings, ProxySettings, WorkbenchSettings
+from layerboost_core.workload import Workload
 from layerboost_search.settings import (EvalSettings, FidelitySettings, ObjectiveSettings, RunnerSettings,
                                         SearchSettings, SurrogateSettings)
-from layerboost_surrogates.cost_model import Workload
+
+from .schema import MODEL_FIELDS
 
 
 def plain(cfg) -> dict:
@@ -97,10 +99,13 @@ def workbench_settings(cfg) -> WorkbenchSettings:
 
 
 def _workbench(c: dict) -> WorkbenchSettings:
+    """The workbench settings of the config `c` (lengths left null are derived by WorkbenchSettings itself)."""
+    model = {k: v for k, v in c["model"].items() if k in MODEL_FIELDS}
     return WorkbenchSettings(
-        model=build(ModelSettings, {k: v for k, v in c["model"].items() if k in ("name", "source", "fallback_source")},
-                    "model", device=coerce(str, c["device"], "device"), dtype=coerce(str, c["dtype"], "dtype")),
-        data=data_settings(c),
+        model=build(ModelSettings, model, "model", device=coerce(str, c["device"], "device"),
+                    dtype=coerce(str, c["dtype"], "dtype")),
+        data=build(DataSettings, c["data"], "data"),
+        workload=build(Workload, c["workload"], "workload"),
         options=coerce(dict, c["attention"], "attention"),
         proxy=build(ProxySettings, c["proxy"], "proxy"),
         transfer=build(TransferSettings, c["transfer"], "transfer", ignore=("rebuild",)),
@@ -108,31 +113,14 @@ def _workbench(c: dict) -> WorkbenchSettings:
         progress=coerce(bool, c["progress"], "progress"))
 
 
-def data_block_length(c: dict) -> int:
-    """Tokens per calibration/train block: `data.seq_len`, or the workload's prefill length when null (the bank
-    is trained, and plans healed, at the context they serve: README, "Proxy at the workload context")."""
-    if c["data"].get("seq_len") is None:
-        return coerce(int, c["workload"]["prefill"], "workload.prefill")
-    return coerce(int, c["data"]["seq_len"], "data.seq_len")
-
-
-def data_settings(c: dict) -> DataSettings:
-    """`data:` settings; `data.seq_len` and `data.heldout_seq_len` null mean the workload's prefill length
-    (quality is measured, and the bank trained, at the context latency is predicted for)."""
-    section = dict(c["data"], seq_len=data_block_length(c))
-    if section.get("heldout_seq_len") is None:
-        section["heldout_seq_len"] = coerce(int, c["workload"]["prefill"], "workload.prefill")
-    return build(DataSettings, section, "data")
-
-
 def search_settings(cfg) -> SearchSettings:
     c = plain(cfg)
-    sampler = c.get("sampler") or {}
     return SearchSettings(
         workbench=_workbench(c),
         space=coerce(dict, c["space"], "space"),
         objective=build(ObjectiveSettings, c["objective"], "objective"),
-        workload=build(Workload, c["workload"], "workload"),
+        sampler=coerce(dict, c.get("sampler") or {}, "sampler"),
+        seed=coerce(int, c["seed"], "seed"),
         runner=build(RunnerSettings, c["runner"], "runner"),
         surrogate=build(SurrogateSettings, c["surrogate"], "surrogate"),
         eval=_eval(c),
@@ -142,8 +130,7 @@ def search_settings(cfg) -> SearchSettings:
         storage=coerce(str | None, c["storage"], "storage"),
         output_dir=coerce(str, c["output_dir"], "output_dir"),
         heartbeat_interval=coerce(int, c["heartbeat_interval"], "heartbeat_interval"),
-        grace_period=coerce(int, c["grace_period"], "grace_period"),
-        sampler_name=str(sampler.get("_target_", "")))
+        grace_period=coerce(int, c["grace_period"], "grace_period"))
 
 
 def eval_settings(cfg) -> EvalSettings:
@@ -160,17 +147,10 @@ def bench_settings(cfg) -> BenchSettings:
 
 
 def heal_settings(cfg) -> HealSettings:
-    """`heal:` settings; `heal.seq_len: null` means the data's block length, and it cannot exceed it."""
-    c = plain(cfg)
-    section = dict(c["heal"])
-    data_seq_len = data_block_length(c)
-    seq_len = coerce(int | None, section.pop("seq_len"), "heal.seq_len")
-    seq_len = data_seq_len if seq_len is None else seq_len
-    if seq_len > data_seq_len:
-        raise UserError(f"heal.seq_len: {seq_len} is longer than the data blocks; allowed: <= data.seq_len "
-                        f"({data_seq_len})")
+    """`heal:` settings (`heal.seq_len: null` is the train blocks' own length, decided by the heal itself)."""
+    section = dict(plain(cfg)["heal"])
     lora = build(LoraSettings, section.pop("lora"), "heal.lora")
-    return build(HealSettings, section, "heal", ignore=("out",), seq_len=seq_len, lora=lora)
+    return build(HealSettings, section, "heal", ignore=("out",), lora=lora)
 
 
 def plan_spec(cfg, what: str) -> str:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -39,11 +39,13 @@ CHECKPOINT_FORMAT = "layerboost.heal-checkpoint/v1"
 class LoraSettings:
     """LoRA adapters (peft) on the modules named in `modules` (matched by name suffix, e.g. q_proj)."""
 
-    enabled: bool = False
+    enabled: bool = True  # merged into the saved weights (False: only the `linear` parts are trained)
     r: int = 8
     alpha: int = 16
     modules: tuple[str, ...] = ("q_proj", "v_proj", "o_proj")
-    lr: float = 1e-4  # peak learning rate of the adapters (pretrained weights move less than new feature maps)
+    # Peak learning rate of the adapters (heal.lr is that of the feature maps and gates); 1e-3 closed a third of
+    # the KL gap in the default budget (RESULTS.md, healing).
+    lr: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,9 @@ class HealSettings:
     """How a plan is healed. Every field goes into the run key (a checkpoint of other settings is not resumed)."""
 
     tokens: int = 65536  # training tokens in all (steps = ceil(tokens / (batch_size * seq_len)))
-    lr: float = 3e-3  # peak learning rate of the `linear` parts
-    batch_size: int = 2
-    seq_len: int = 512  # train blocks are cut to this length (<= data.seq_len)
+    lr: float = 3e-3  # peak learning rate of the `linear` feature maps and gates (warm-up, then cosine)
+    batch_size: int = 1  # blocks per step
+    seq_len: int | None = None  # train blocks are cut to this length (<= data.seq_len); None: the blocks' own
     eval_every: int = 8192  # tokens between held-out evaluations (the KL-vs-tokens curve)
     checkpoint_every: int = 8192  # tokens between checkpoints
     seed: int = 0
@@ -61,17 +63,27 @@ class HealSettings:
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
-        for name in ("tokens", "batch_size", "seq_len", "eval_every", "checkpoint_every"):
+        for name in ("tokens", "batch_size", "eval_every", "checkpoint_every"):
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise UserError(f"heal.{name}: {value!r} must be a positive integer")
-        if self.seq_len < 2:
+        if self.seq_len is not None and self.seq_len < 2:
             raise UserError(f"heal.seq_len: {self.seq_len} is too short; allowed: >= 2")
         if not self.lr > 0:
             raise UserError(f"heal.lr: {self.lr!r} must be > 0")
         if self.lora.enabled and (self.lora.r < 1 or not self.lora.modules or not self.lora.lr > 0):
             raise UserError(f"heal.lora: r={self.lora.r}, modules={list(self.lora.modules)}, lr={self.lora.lr}; "
                             "allowed: r >= 1, at least one module name (e.g. q_proj), lr > 0")
+
+    def for_blocks(self, length: int) -> "HealSettings":
+        """These settings with `seq_len` None made the train blocks' own `length` (the workload's prefill by
+        default: plans are healed at the context they serve); a longer `seq_len` is refused."""
+        if self.seq_len is None:
+            return replace(self, seq_len=length)
+        if self.seq_len > length:
+            raise UserError(f"heal.seq_len: {self.seq_len} is longer than the data blocks; allowed: <= data.seq_len "
+                            f"({length})")
+        return self
 
     @property
     def tokens_per_step(self) -> int:
@@ -190,6 +202,7 @@ def heal_plan(switcher: PlanSwitcher, plan: LayerPlan, train_blocks: torch.Tenso
     """
     model = switcher.model
     plan.check_layers(switcher.num_layers)
+    settings = settings.for_blocks(train_blocks.shape[1])
     linear_layers = [i for i, option in enumerate(plan.layers) if option == "linear"]
     if not linear_layers and not settings.lora.enabled:
         raise UserError(f"plan: {plan} has no `linear` layer and heal.lora.enabled is false: nothing to train; "
@@ -347,6 +360,7 @@ def heal_to_folder(bench, plan: LayerPlan, settings: HealSettings, out: Path, so
 
     if bench.bank is None and needs_bank(plan.layers):
         attach_bank(bench)
+    settings = settings.for_blocks(bench.splits.train.shape[1])
     options = bench.settings.options
     bank_id = bank_id_or_none(bench)
     key = run_key(settings, plan, bench.info["fingerprint"], bank_id, options,

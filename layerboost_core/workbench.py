@@ -3,14 +3,16 @@ it) the bank. Settings come in as typed values; reading a config file is the app
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .attention import OPTIONS
 from .data import DataSplits, make_splits
 from .errors import UserError
+from .metrics import DEFAULT_TOP_K
 from .models import LoadedModel, load_model
 from .patch import PlanSwitcher
 from .transfer import Bank, TransferSettings, load_or_build_bank
+from .workload import Workload
 
 log = logging.getLogger(__name__)
 
@@ -20,30 +22,39 @@ class ModelSettings:
     """Which model, from where, on which device and dtype (`auto`: cuda + bfloat16 when present)."""
 
     name: str = "smollm2-135m"
-    source: str = "builtin:smollm2-135m"
-    fallback_source: str | None = None  # tried when the built-in package is missing
-    device: str = "auto"
+    source: str = "builtin:smollm2-135m"  # builtin:<name>, a hub id (org/name) or a local folder
+    fallback_source: str | None = "HuggingFaceTB/SmolLM2-135M-Instruct"  # tried when the built-in package is missing
+    device: str = "auto"  # auto | cpu | cuda | cuda:N   (auto: cuda when present)
+    # auto | float32 | bfloat16 | float16. auto: bfloat16 on cuda and on CPUs with bf16 instructions
+    # (avx512_bf16 / amx_bf16: ~2x faster there, same ranking of plans), float32 elsewhere.
     dtype: str = "auto"
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    """Text source and split sizes (see data.make_splits)."""
+    """Text source and split sizes (see data.make_splits). Lengths left None are the workload's prefill, decided
+    in `WorkbenchSettings` (quality is measured, and the bank trained, at the context latency is priced for)."""
 
+    # builtin | builtin:<news|wiki|pydoc>[,...] | builtin:-<one of them> | text:<file> | jsonl:<file> | hf:<dataset>[:<config>]
     source: str = "builtin"
-    text_field: str = "text"
-    seq_len: int = 512
+    text_field: str = "text"  # field of jsonl / hf records
+    # Tokens per calibration/train block (the bank's attention transfer, healing); None: workload.prefill.
+    seq_len: int | None = None
     fractions: dict = field(default_factory=lambda: {"calibration": 0.1, "train": 0.6, "heldout": 0.3})
-    blocks: dict = field(default_factory=lambda: {"calibration": 8, "train": None, "heldout": 2})
-    heldout_seq_len: int | None = None  # held-out block length (None: seq_len); the CLI sets the workload's
-    mix_sources: bool = False  # held-out blocks drawn across every source of the split, not its first documents
+    # Cap per split (None: all). Held-out blocks are the proxy's, at the workload's context: one 2,048-token
+    # block is the least text at that context (RESULTS.md, search wall time); use more blocks on a GPU.
+    blocks: dict = field(default_factory=lambda: {"calibration": 8, "train": None, "heldout": 1})
+    heldout_seq_len: int | None = None  # tokens per held-out block; None: workload.prefill
+    mix_sources: bool = True  # held-out blocks drawn across every source of the whole split, not its first documents
 
 
 @dataclass(frozen=True)
 class ProxySettings:
     """How plans are scored against the original model (see metrics.ProxyEvaluator)."""
 
-    reference_top_k: int | None = 128  # the original's top-k per position plus the rest (None: exact, B x S x V)
+    # The original's top-k probabilities per position plus the rest (None: exact, B x S x V floats: 16.8 GB at
+    # 16 x 2,048 tokens of Llama-3); KL is then a lower bound of the exact one, 2% short on SmolLM2 at k=1024.
+    reference_top_k: int | None = DEFAULT_TOP_K
     needles: int = 0  # retrieval rows (a fact planted in held-out text, queried at the end); 0: no retrieval metric
     needle_seed: int = 0
     batch_size: int = 4
@@ -57,17 +68,32 @@ class ProxySettings:
             raise UserError(f"proxy.batch_size: {self.batch_size}; allowed: an integer >= 1")
 
 
+def default_option_settings() -> dict:
+    """Option name -> its default settings (window, feature_dim, ...), as each option declares them."""
+    return {name: dict(OPTIONS.get(name).defaults) for name in OPTIONS if OPTIONS.get(name).defaults}
+
+
 @dataclass(frozen=True)
 class WorkbenchSettings:
-    """Everything needed to open a workbench; plain values, so it pickles to Ray workers."""
+    """Everything needed to open a workbench; plain values, so it pickles to Ray workers.
+
+    The workload is here because quality is measured where latency is priced: data lengths left None become
+    `workload.prefill` in `__post_init__`, the one place that derived value is decided."""
 
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
-    options: dict = field(default_factory=dict)  # option name -> its settings (window, feature_dim, ...)
+    workload: Workload = field(default_factory=Workload)
+    options: dict = field(default_factory=default_option_settings)  # option name -> its settings
     proxy: ProxySettings = field(default_factory=ProxySettings)
     transfer: TransferSettings = field(default_factory=TransferSettings)
-    rebuild_bank: bool = False
-    progress: bool = True
+    rebuild_bank: bool = False  # True: retrain the bank even when a cached one exists
+    progress: bool = True  # progress bars on long work
+
+    def __post_init__(self):
+        data, prefill = self.data, self.workload.prefill
+        if data.seq_len is None or data.heldout_seq_len is None:
+            object.__setattr__(self, "data", replace(data, seq_len=data.seq_len or prefill,
+                                                     heldout_seq_len=data.heldout_seq_len or prefill))
 
 
 @dataclass

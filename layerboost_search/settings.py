@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from layerboost_core.errors import UserError
 from layerboost_core.lm_eval_tasks import OFFLINE_TASKS
 from layerboost_core.workbench import WorkbenchSettings
-from layerboost_surrogates.cost_model import Workload
+from layerboost_core.workload import Workload
 
 RUNNER_KINDS = ("ray", "serial")
 RETRIEVAL_MODES = ("off", "floor", "objective")
@@ -83,10 +83,12 @@ class EvalSettings:
     """lm-eval fidelity: which tasks, how many examples, how many front candidates."""
 
     tasks: tuple[str, ...] = OFFLINE_TASKS
-    top_k: int = 3
-    limit: int | None = None
+    # Front candidates scored with lm-eval after the search, the reference and the plans a best-plan file can
+    # name first (0: none). 2 on the laptop: one round of the 2 workers (a third runs alone and adds as much).
+    top_k: int = 2
+    limit: int | None = None  # examples per task (None: all generated)
     batch_size: int = 8
-    n_examples: int = 24
+    n_examples: int = 24  # per task; raise on a GPU
     passkey_context: int = 1024
     seed: int = 0
 
@@ -132,8 +134,9 @@ class FidelitySettings:
     """The fidelity ladder after the search: the `top_k` front candidates (spread over the front) re-measured
     at each rung, lowest fidelity first."""
 
-    top_k: int = 6
-    rungs: tuple[RungSettings, ...] = (RungSettings(),)
+    top_k: int = 6  # front candidates re-measured (0: no ladder)
+    rungs: tuple[RungSettings, ...] = (RungSettings("retrieval", factor=1, blocks=1, needles=2),  # workload context
+                                       RungSettings("long", factor=2, blocks=1))  # 2 x the workload context
 
     def __post_init__(self):
         _at_least("fidelity.top_k", self.top_k, 0)
@@ -151,15 +154,35 @@ class EvaluatorSettings:
     with_bank: bool
     eval: EvalSettings = field(default_factory=EvalSettings)
     rungs: tuple[RungSettings, ...] = ()
-    prefill: int = 2048
+
+    @property
+    def prefill(self) -> int:
+        return self.workbench.workload.prefill
+
+
+# The default sampler: TPE over the joint distribution of layers (Optuna 5: multivariate=True). Any Optuna sampler
+# class path works as `_target_` with its keyword arguments; `seed` is the search's own unless given.
+DEFAULT_SAMPLER = {"_target_": "optuna.samplers.TPESampler", "multivariate": True, "n_startup_trials": 10}
+
+
+def default_space() -> dict:
+    """Every layer may take any option (`SearchSpace.from_mapping` reads this mapping)."""
+    return {"options": ["softmax", "linear", "none"],  # allowed options (order = how the sampler sees them)
+            "pinned": {},  # layer index -> option, e.g. {0: softmax, 29: softmax}
+            "min_count": {},  # option -> at least this many layers, e.g. {softmax: 4}
+            "max_count": {}}  # option -> at most this many layers, e.g. {none: 10}
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    workbench: WorkbenchSettings
-    space: dict = field(default_factory=lambda: {"options": ["softmax", "linear", "none"]})  # SearchSpace.from_mapping
+    """Everything a search needs. `SearchSettings()` is the CLI's `python search.py` with no arguments (a test
+    composes the default config and compares)."""
+
+    workbench: WorkbenchSettings = field(default_factory=WorkbenchSettings)
+    space: dict = field(default_factory=default_space)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
-    workload: Workload = field(default_factory=Workload)
+    sampler: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLER))
+    seed: int = 0  # the sampler's seed (the CLI's top-level `seed`)
     runner: RunnerSettings = field(default_factory=RunnerSettings)
     surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -168,7 +191,6 @@ class SearchSettings:
     study: str | None = None  # None: derived from what the study measures
     storage: str | None = None  # None: sqlite at <output_dir>/studies/<study>.db
     output_dir: str = "outputs"
-    sampler_name: str = ""  # the sampler's class path: part of the derived study name
     # Liveness of drivers sharing a study: each records a heartbeat for its running trials every
     # `heartbeat_interval` s; a running trial without one for `grace_period` s is failed and its plan re-queued.
     heartbeat_interval: int = 10
@@ -184,6 +206,32 @@ class SearchSettings:
         if self.grace_period <= self.heartbeat_interval:
             raise UserError(f"grace_period: {self.grace_period} must be longer than heartbeat_interval "
                             f"({self.heartbeat_interval}), or live drivers' trials would be failed")
+        if not isinstance(self.sampler.get("_target_"), str):
+            raise UserError(f"sampler._target_: {self.sampler.get('_target_')!r}; allowed: an Optuna sampler class "
+                            "path, e.g. optuna.samplers.TPESampler")
+
+    @property
+    def workload(self) -> Workload:
+        """The workload latency is priced for (and quality measured at): the workbench's."""
+        return self.workbench.workload
 
     def evaluator(self, with_bank: bool) -> EvaluatorSettings:
-        return EvaluatorSettings(self.workbench, with_bank, self.eval, self.fidelity.rungs, self.workload.prefill)
+        return EvaluatorSettings(self.workbench, with_bank, self.eval, self.fidelity.rungs)
+
+    def build_sampler(self):
+        """The Optuna sampler of `sampler` (`_target_` class path plus keyword arguments; `seed` added unless
+        set). One line naming the setting when the class cannot be imported or built."""
+        import importlib
+        import inspect
+
+        spec = dict(self.sampler)
+        target = spec.pop("_target_")
+        module, _, name = target.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+            if "seed" not in spec and "seed" in inspect.signature(cls).parameters:
+                spec["seed"] = self.seed
+            return cls(**spec)
+        except Exception as error:  # import errors, unknown arguments, bad values
+            raise UserError(f"sampler._target_: cannot build {target!r} ({type(error).__name__}: "
+                            f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None

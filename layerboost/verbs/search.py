@@ -6,17 +6,6 @@ from layerboost_core.errors import UserError
 from . import shows
 
 
-def make_sampler(cfg):
-    """The Optuna sampler of `sampler:` (by `_target_`, e.g. optuna.samplers.TPESampler)."""
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(cfg.sampler)
-    except Exception as error:  # hydra wraps import and argument errors
-        raise UserError(f"sampler._target_: cannot build {cfg.sampler.get('_target_')!r} "
-                        f"({str(error).strip().splitlines()[0]})") from None
-
-
 def config_source(model):
     """What `memory_plan` reads the model's config from, without loading weights: the tiny config, or where
     loading would read it (models.resolve_source: a built-in's converted folder, a folder or a hub id)."""
@@ -64,4 +53,4 @@ def search(cfg) -> None:
         print(plan.table())
         return
     check_fits(plan)  # an impossible setting is refused here, before minutes of loading weights
-    run_search(settings, make_sampler(cfg))
+    run_search(settings)

@@ -5,7 +5,7 @@ arguments as the family's attention module and returns `(output, None)`, so the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
@@ -18,13 +18,15 @@ class AttentionOption:
     """A registered option: its name, its one-letter code in plan strings, and how to build it.
 
     `build(attn, family, settings)` returns the module that replaces `attn` (the layer's original attention).
-    `trainable` options own parameters that attention transfer trains and the bank stores.
+    `trainable` options own parameters that attention transfer trains and the bank stores. `defaults`: the
+    option's settings (`attention.<name>.*`) when none are given: the one place they are written.
     """
 
     name: str
     code: str
     build: Callable[..., nn.Module]
     trainable: bool = False
+    defaults: dict = field(default_factory=dict)
 
 
 OPTIONS: Registry[AttentionOption] = Registry("attention option")

@@ -14,6 +14,7 @@ from optuna.trial import create_trial
 
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
+from layerboost_core.workload import Workload
 from layerboost_search.fidelity import (bootstrap_interval, climb, dominated_at, fastest_keeping, ladder_candidates,
                                         record_rung, rung_scores, spread)
 from layerboost_search.objectives import Objective
@@ -48,12 +49,12 @@ def evaluator(tmp_path_factory):
     bench = WorkbenchSettings(model=ModelSettings(name="tiny", source="tiny:llama", device="cpu", dtype="float32"),
                               data=DataSettings(source=source, seq_len=16, blocks={"calibration": 1, "train": 1,
                                                                                    "heldout": 1}),
-                              progress=False)
+                              workload=Workload(prefill=16), progress=False)
     rungs = (RungSettings("long", factor=2, blocks=3, source=source),
              RungSettings("huge", factor=2, blocks=10**6, source=source),
              RungSettings("needles", factor=4, blocks=1, source=source, needles=2),
              RungSettings("own", factor=2, blocks=3))  # no source: the search's data.source
-    return PlanEvaluator(EvaluatorSettings(bench, with_bank=False, rungs=rungs, prefill=16))
+    return PlanEvaluator(EvaluatorSettings(bench, with_bank=False, rungs=rungs))
 
 
 def test_a_rung_gives_per_block_values_and_their_mean(evaluator):

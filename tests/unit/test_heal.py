@@ -54,7 +54,8 @@ def setup():
 
 
 def settings(**changes) -> HealSettings:
-    base = dict(tokens=12 * 128, lr=5e-2, batch_size=4, seq_len=32, eval_every=512, checkpoint_every=256)
+    base = dict(tokens=12 * 128, lr=5e-2, batch_size=4, seq_len=32, eval_every=512, checkpoint_every=256,
+                lora=LoraSettings(enabled=False))  # the linear parts alone unless a test asks for adapters
     return HealSettings(**{**base, **changes})
 
 
