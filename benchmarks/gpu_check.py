@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def flex_check() -> None:
     """Max abs difference of the CUDA prefill path (flex.py, compiled flex_attention) from naive.py, fp32,
     at 1,024 tokens, window 64, 4 sinks, GQA 2; the CPU test runs flex eagerly, this is the compiled kernel."""
-    from layerboost_core.attention.linear_kernels import chunked_prefill
+    from layerboost_core.inference.linear_kernels import chunked_prefill
     from layerboost_core.attention.naive import linear_sliding_window_reference
 
     generator = torch.Generator(device="cuda").manual_seed(0)

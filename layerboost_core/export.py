@@ -2,8 +2,8 @@
 
 The folder holds the weights under the hybrid model's own parameter names (the `linear` layers' learned
 tensors included, `none` layers' attention left out), `config.json` naming the remote classes (`auto_map`)
-with the plan and its settings, the remote code (`modeling_layerboost.py`, plus the project's
-`linear_kernels.py` and what it imports relatively, verbatim), the tokenizer, `plan.json`, a model card, and
+with the plan and its settings, the remote code (`modeling_layerboost.py` plus the project's `inference/`
+modules it imports, verbatim: one source, no retyped twin), the tokenizer, `plan.json`, a model card, and
 the manifest of content hashes that `load_hybrid` verifies. Written under a temporary name, then renamed.
 """
 from __future__ import annotations
@@ -26,13 +26,17 @@ CARD_FILE = "README.md"
 
 
 def remote_files() -> dict[str, Path]:
-    """Folder file name -> source of the code that travels into the folder: the remote model, the project's
-    kernels it imports, and whatever those import relatively (found as transformers will look for them)."""
-    from transformers.dynamic_module_utils import get_relative_import_files
+    """Folder file name -> source of the code that travels into the folder: the remote model, the `inference/`
+    modules it imports and whatever those import relatively (found as transformers will look for them: the
+    folder is flat, so `from .x import` in any of them means `x.py` next to it)."""
+    from transformers.dynamic_module_utils import get_relative_import_files, get_relative_imports
 
-    kernels = _HERE / "attention" / "linear_kernels.py"
-    files = {f"{REMOTE_MODULE}.py": _HERE / "remote_code" / f"{REMOTE_MODULE}.py", kernels.name: kernels}
-    files.update({Path(f).name: Path(f) for f in get_relative_import_files(str(kernels))})
+    remote = _HERE / "remote_code" / f"{REMOTE_MODULE}.py"
+    files = {remote.name: remote}
+    for name in sorted(get_relative_imports(str(remote))):
+        module = _HERE / "inference" / f"{name}.py"
+        files[module.name] = module
+        files.update({Path(f).name: Path(f) for f in get_relative_import_files(str(module))})
     return files
 
 
@@ -64,6 +68,7 @@ def export_hybrid(switcher: PlanSwitcher, plan: LayerPlan, tokenizer, out_dir, p
     if "settings" not in plan_context:
         raise ValueError("plan_context needs the option settings ('settings')")
     plan.check_layers(switcher.num_layers)
+    remote_class_names(switcher.model)  # an unexportable family is refused before anything is written
     out_dir = Path(out_dir)
     plan_json = _json(plan.to_json(**plan_context))
     with atomic_dir(out_dir) as tmp:
@@ -104,8 +109,16 @@ def _write_weights(tmp: Path, switcher: PlanSwitcher, plan: LayerPlan) -> None:
 
 
 def remote_class_names(model) -> tuple[str, str]:
-    """(config class, model class) names in modeling_layerboost.py for the family of `model`."""
-    return f"LayerBoost{type(model.config).__name__}", f"LayerBoost{type(model).__name__}"
+    """(config class, model class) names in modeling_layerboost.py for the family of `model`; a family its
+    class table lacks is refused (one UserError line)."""
+    from .remote_code.modeling_layerboost import CLASSES
+
+    model_type = model.config.model_type
+    if model_type not in CLASSES:
+        raise UserError(f"model family: {model_type!r} cannot be exported (no remote classes in "
+                        f"{REMOTE_MODULE}.py); exportable families: {', '.join(sorted(CLASSES))}")
+    config_class, model_class = CLASSES[model_type]
+    return config_class.__name__, model_class.__name__
 
 
 def _write_config(tmp: Path, model, plan: LayerPlan, settings: dict) -> None:

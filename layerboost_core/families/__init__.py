@@ -10,19 +10,10 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..inference.qkv import project_qkv
 from ..registry import Registry
 
 FAMILIES: Registry["Family"] = Registry("model family (config.model_type)")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding as every supported family applies it; x: (B, H, S, D), cos/sin: (B, S, D)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -33,16 +24,9 @@ class Family:
     qk_norm: bool = False  # Qwen3 normalises q and k per head before RoPE
 
     def project_qkv(self, attn: nn.Module, hidden: torch.Tensor, position_embeddings):
-        """hidden (B, S, hidden) -> q (B, Hq, S, D), k and v (B, Hkv, S, D), RoPE applied to q and k."""
-        batch, seq = hidden.shape[:2]
-        head_dim = attn.head_dim
-        q = attn.q_proj(hidden).view(batch, seq, -1, head_dim)
-        k = attn.k_proj(hidden).view(batch, seq, -1, head_dim)
-        v = attn.v_proj(hidden).view(batch, seq, -1, head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = position_embeddings
-        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v
+        """hidden (B, S, hidden) -> q (B, Hq, S, D), k and v (B, Hkv, S, D), RoPE applied to q and k
+        (`inference.qkv.project_qkv`, the path exported folders run, with this family's `qk_norm`)."""
+        return project_qkv(attn, hidden, position_embeddings, self.qk_norm)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The decoder layers of a *ForCausalLM model of this family."""

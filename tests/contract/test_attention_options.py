@@ -162,8 +162,8 @@ def test_linear_attend_state_round_trip(tiny_model, model_type, prefix, sinks):
     assert module.sinks == sinks
     hidden = hidden_states(model)
     positions = torch.arange(SEQ).unsqueeze(0)
-    position_embeddings = module.family.position_embeddings(model, hidden, positions, LAYER)
-    q, k, v = module.family.project_qkv(module, hidden, position_embeddings)
+    position_embeddings = family_of(model).position_embeddings(model, hidden, positions, LAYER)
+    q, k, v = module.project_qkv(hidden, position_embeddings)
     full = module.attend(q, k, v)
     head, state = module.attend(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], return_state=True)
     tail, state = module.attend(q[:, :, prefix:], k[:, :, prefix:], v[:, :, prefix:], state, return_state=True)

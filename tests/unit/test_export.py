@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,17 +17,21 @@ from transformers import DynamicCache
 from layerboost_core import load_hybrid
 from layerboost_core.cache import HybridCache
 from layerboost_core.errors import UserError
-from layerboost_core.export import CARD_FILE, export_hybrid, export_plan
+from layerboost_core.export import CARD_FILE, export_hybrid, export_plan, remote_files
+from layerboost_core.families import FAMILIES
 from layerboost_core.hybrid_folder import METRICS_FILE, save_hybrid
 from layerboost_core.models import fingerprint
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
-from layerboost_surrogates.cost_model import kv_bytes_per_sequence
-from tests.conftest import NO_LAYERBOOST_PRELUDE
+from layerboost_core.remote_code import modeling_layerboost
+from layerboost_surrogates.cost_model import kv_bytes_per_sequence, softmax_cached_tokens
+from tests.conftest import MODEL_TYPES, NO_LAYERBOOST_PRELUDE
 
 # Window 4 + 2 sinks: the 11-token prompt already slides the window, decoding moves it further.
 SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}
 PLAN = LayerPlan.from_string("SLNL")  # all three options, softmax and linear layers both holding a cache
+# Gemma 3's tiny layers alternate local (window 8, shorter than the prompt) and global: a softmax layer of each.
+FAMILY_PLANS = {"gemma3_text": LayerPlan.from_string("SSLN")}
 STEPS = 6
 CONTEXT = {"model": {"name": "tiny", "source": "tiny:llama"}, "settings": SETTINGS, "bank_id": "bank123",
            "metrics": {"kl": {"value": 0.1234, "fidelity": "proxy"},
@@ -71,8 +76,8 @@ torch.save(out, out_path)
 """
 
 
-def trained_switcher(model) -> PlanSwitcher:
-    """A switcher whose `linear` parts are away from their init (as a trained bank's are), `PLAN` applied."""
+def trained_switcher(model, plan: LayerPlan = PLAN) -> PlanSwitcher:
+    """A switcher whose `linear` parts are away from their init (as a trained bank's are), `plan` applied."""
     switcher = PlanSwitcher(model, SETTINGS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
@@ -81,7 +86,7 @@ def trained_switcher(model) -> PlanSwitcher:
             for part in switcher.trainable_parts("linear"):
                 for parameter in part.parameters():
                     parameter.add_(0.3 * torch.randn_like(parameter))
-    switcher.apply(PLAN)
+    switcher.apply(plan)
     return switcher
 
 
@@ -111,11 +116,12 @@ def run_without_layerboost(folder, data: dict, tmp_path) -> dict:
     return torch.load(tmp_path / "out.pt")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_plain_transformers_runs_the_exported_plan_exactly(tiny_model, model_type, tmp_path):
     model = tiny_model(model_type)
-    switcher = trained_switcher(model)
-    folder = export_hybrid(switcher, PLAN, None, tmp_path / "export", CONTEXT)
+    plan = FAMILY_PLANS.get(model_type, PLAN)
+    switcher = trained_switcher(model, plan)
+    folder = export_hybrid(switcher, plan, None, tmp_path / "export", CONTEXT)
     ids = prompt()
     with torch.no_grad():
         expected_logits = model(ids, use_cache=False).logits
@@ -131,11 +137,42 @@ def test_plain_transformers_runs_the_exported_plan_exactly(tiny_model, model_typ
     assert out["cache_type"] == "LayerBoostCache"
     seen = ids.shape[1] + STEPS - 1  # the last token generated is never fed back
     sinks, window = SETTINGS["linear"]["sinks"], SETTINGS["linear"]["window"]
-    assert out["linear_kv_lengths"] == {1: sinks + window, 3: sinks + window}  # not the whole sequence
-    assert out["softmax_kv_lengths"] == {0: seen}
-    assert out["cache_bytes"] == ids.shape[0] * kv_bytes_per_sequence(PLAN, model.config, SETTINGS, seen, 4)
+    kept = softmax_cached_tokens(model.config, seen)  # a local softmax layer keeps only its window
+    assert out["linear_kv_lengths"] == {i: sinks + window for i, o in enumerate(plan.layers) if o == "linear"}
+    assert out["softmax_kv_lengths"] == {i: kept[i] for i, o in enumerate(plan.layers) if o == "softmax"}
+    assert out["cache_bytes"] == ids.shape[0] * kv_bytes_per_sequence(plan, model.config, SETTINGS, seen, 4)
     for call in ("generate", "forward"):
         assert "needs its own cache" in out[f"wrong_cache_{call}"] and "DynamicCache" in out[f"wrong_cache_{call}"]
+
+
+def test_the_remote_class_table_covers_every_family():
+    """One row per registered family, with the family's q/k norms; auto_map finds each class by its name."""
+    table = modeling_layerboost.CLASSES
+    assert sorted(table) == sorted(FAMILIES.names())
+    for model_type, (config_class, model_class) in table.items():
+        assert model_class.qk_norm == FAMILIES.get(model_type).qk_norm, model_type
+        assert config_class.model_type == f"layerboost_{model_type}"
+        assert getattr(modeling_layerboost, config_class.__name__) is config_class
+        assert getattr(modeling_layerboost, model_class.__name__) is model_class
+
+
+def test_the_folder_ships_the_inference_modules_verbatim():
+    """The remote file and the inference modules it imports, found as transformers looks for them (relative
+    imports resolved next to each file in the flat folder); nothing else of the project."""
+    files = remote_files()
+    inference = Path(modeling_layerboost.__file__).parents[1] / "inference"
+    assert files.pop("modeling_layerboost.py") == Path(modeling_layerboost.__file__)
+    assert all(source.parent == inference for source in files.values())
+    assert {"hybrid_cache.py", "linear_attention.py", "no_attention.py", "linear_kernels.py", "flex.py",
+            "qkv.py"} <= set(files)
+
+
+def test_a_family_without_remote_classes_is_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.delitem(modeling_layerboost.CLASSES, "mistral")
+    with pytest.raises(UserError, match=r"^model family: 'mistral' cannot be exported \(no remote classes in "
+                                        r"modeling_layerboost.py\); exportable families: gemma3_text, llama, "):
+        export_hybrid(trained_switcher(tiny_model("mistral")), PLAN, None, tmp_path / "export", CONTEXT)
+    assert not (tmp_path / "export").exists()
 
 
 def test_load_hybrid_verifies_and_generates_with_the_hybrid_cache(tiny_model, tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import GPT2Config
 
-from layerboost_core.attention.linear import LinearSlidingWindowAttention
+from layerboost_core.inference.linear_attention import LinearSlidingWindowAttention
 from layerboost_core.errors import UserError
-from layerboost_core.families import FAMILIES, Family, family_of
+from layerboost_core.families import FAMILIES, family_of
 from layerboost_core.models import tiny_config
 
 from ..conftest import MODEL_TYPES
@@ -54,7 +54,7 @@ def test_linear_with_window_covering_sequence_reproduces_original_attention(mode
     attn = model.model.layers[layer].self_attn
     hidden, position_embeddings = attention_inputs(model, seq=12, layer=layer)
     expected, _ = attn(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
-    linear = LinearSlidingWindowAttention(attn, family_of(model), window=12, feature_dim=8)
+    linear = LinearSlidingWindowAttention(attn, window=12, feature_dim=8, qk_norm=family_of(model).qk_norm)
     got, second = linear(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
     assert second is None
     assert got.shape == expected.shape
@@ -68,7 +68,7 @@ def test_qwen3_check_is_sensitive_to_qk_norm(tiny_model):
     attn = model.model.layers[1].self_attn
     hidden, position_embeddings = attention_inputs(model, seq=12, layer=1)
     expected, _ = attn(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
-    linear = LinearSlidingWindowAttention(attn, Family("qwen3", qk_norm=False), window=12, feature_dim=8)
+    linear = LinearSlidingWindowAttention(attn, window=12, feature_dim=8, qk_norm=False)
     got, _ = linear(hidden_states=hidden, position_embeddings=position_embeddings, attention_mask=None)
     assert (got - expected).abs().max().item() > 1e-4
 

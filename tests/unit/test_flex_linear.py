@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerboost_core.attention.flex import flex_prefill
-from layerboost_core.attention.linear_kernels import chunked_prefill
+from layerboost_core.inference.flex import flex_prefill
+from layerboost_core.inference.linear_kernels import chunked_prefill
 from layerboost_core.attention.naive import linear_sliding_window_reference
 from tests.unit.test_linear_kernels import SCALE, TOL, make_inputs
 

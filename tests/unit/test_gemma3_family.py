@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerboost_core.attention.linear import LinearSlidingWindowAttention
+from layerboost_core.inference.linear_attention import LinearSlidingWindowAttention
 from layerboost_core.cache import HybridCache
 from layerboost_core.errors import UserError
 from layerboost_core.families import family_of, layer_kinds

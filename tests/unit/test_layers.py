@@ -3,6 +3,7 @@ core never reads the Hydra config, the CLI is a leaf, and every package ships in
 from __future__ import annotations
 
 import ast
+import sys
 import tomllib
 from pathlib import Path
 
@@ -59,6 +60,32 @@ def test_the_import_checker_sees_violations(tmp_path):
     finally:
         bad.unlink()
     assert (2, "layerboost_search") in found and (3, "layerboost_core.plan") in found
+
+
+INFERENCE = ROOT / "layerboost_core" / "inference"
+PORTABLE_TOPS = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+
+
+@pytest.mark.parametrize("path", sorted(INFERENCE.glob("*.py")), ids=lambda p: p.name)
+def test_inference_modules_are_portable(path):
+    """Exported folders carry these files flat and run them without LayerBoost: each imports only torch,
+    transformers, the standard library and sibling files (`from .sibling import ...`: one dot, a module name,
+    which is also what transformers' own relative-import scan finds and copies)."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    siblings = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.level == 1 and node.module and (INFERENCE / f"{node.module}.py").is_file(), (
+                f"{path.name}:{node.lineno} imports from {'.' * node.level}{node.module or ''}: only sibling "
+                "modules of inference/ travel with it")
+            siblings.add(node.module)
+            continue
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) else [])
+        for name in names:
+            assert name.split(".")[0] in PORTABLE_TOPS, f"{path.name}:{node.lineno} imports {name}"
+    assert siblings == set(get_relative_imports(str(path)))
 
 
 def test_core_never_reads_the_hydra_config():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerboost_core.attention.linear import LearnedLinearParts
-from layerboost_core.attention.linear_kernels import chunked_prefill, decode_step, empty_state
+from layerboost_core.inference.linear_attention import LearnedLinearParts
+from layerboost_core.inference.linear_kernels import chunked_prefill, decode_step, empty_state
 
 D, FEAT, HKV, BATCH, GROUPS = 8, 6, 2, 3, 3
 SCALE = D**-0.5

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layerboost_core.attention.linear_kernels import LinearState, chunked_prefill, decode_step, empty_state
+from layerboost_core.inference.linear_kernels import LinearState, chunked_prefill, decode_step, empty_state
 from layerboost_core.attention.naive import linear_sliding_window_reference
 
 D, FEAT, HKV, BATCH = 8, 6, 2, 2
@@ -187,7 +187,7 @@ def test_sinks_change_the_output_once_they_leave_the_window():
 
 def test_masks_built_under_inference_mode_still_serve_training():
     """The kernel's mask cache is shared: an evaluation under inference mode must not poison training."""
-    from layerboost_core.attention import linear_kernels
+    from layerboost_core.inference import linear_kernels
 
     linear_kernels._masks.cache_clear()
     g = torch.Generator().manual_seed(7)

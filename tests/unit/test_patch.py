@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerboost_core.attention.linear import LinearSlidingWindowAttention
-from layerboost_core.attention.none import NoAttention
+from layerboost_core.inference.linear_attention import LinearSlidingWindowAttention
+from layerboost_core.inference.no_attention import NoAttention
 from layerboost_core.errors import UserError
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan

@@ -10,7 +10,8 @@ gate g mixes the two (m_i: the row max of the softmax scores):
 `chunked_prefill` uses chunks of W tokens, so the window of chunk c lies in chunks c-1 and c and everything
 older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built.
 `decode_step` is the recurrent form, on a fixed-size ring-buffer state (`LinearState`) that it updates in
-place once full. `naive.py` holds the quadratic reference both are tested against.
+place once full. The project's `attention/naive.py` holds the quadratic reference both are tested against
+(references are not shipped in exported folders).
 GQA is kept grouped: the G query heads that share one kv head are stacked as rows, never repeat_kv'd.
 """
 from __future__ import annotations
