@@ -33,7 +33,7 @@ from layerboost.settings import search_settings
 from layerboost_core.logs import quiet_libraries
 from layerboost_core.pareto import hypervolume_2d
 from layerboost_core.workbench import attach_bank, bank_id_or_none, open_workbench
-from layerboost_search.driver import LABEL_ATTR, PLAN_ATTR, storage_url, study_name
+from layerboost_search.study import LABEL_ATTR, PLAN_ATTR, storage_url, study_name
 from layerboost_search.fidelity import climb, rung_scores
 from layerboost_search.report import front_trials
 from layerboost_search.runner import make_runner

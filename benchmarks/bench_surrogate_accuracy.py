@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
 from layerboost_core.plan import LayerPlan
-from layerboost_search.driver import PLAN_ATTR
+from layerboost_search.study import PLAN_ATTR
 from layerboost_surrogates.accuracy import InteractionPredictor, SensitivityTable
 
 

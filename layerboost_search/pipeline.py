@@ -18,14 +18,14 @@ from layerboost_core.tables import write_csv
 from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
 from layerboost_surrogates.cost_model import Workload, cost_model
 
-from .driver import (PLAN_ATTR, SearchRun, enqueue_seeds, fail_stale, lm_eval_scores, open_study,
-                     record_lm_eval, storage_url, study_name)
+from .driver import SearchRun, enqueue_seeds
 from .fidelity import climb, ladder_candidates
 from .objectives import declare_objectives, needs_retrieval
 from .report import KEEP_BARS, front_trials, write_report
 from .runner import make_runner
 from .seeds import seed_plans
 from .settings import EvalSettings, FidelitySettings, SearchSettings
+from .study import PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_eval, storage_url, study_name
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from layerboost_core.cache_dir import atomic_path, write_json, write_text
 from layerboost_core.plan import LayerPlan
 from layerboost_core.tables import write_csv
 
-from .driver import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
+from .study import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
 from .fidelity import bootstrap_interval, dominated_at, fastest_keeping, proxy_metrics, retained, rung_scores
 
 PROXY = "proxy"  # the lowest fidelity: what every trial was measured at during the search

@@ -20,7 +20,7 @@ from layerboost_core.plan import LayerPlan
 from layerboost_core.tables import write_csv
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence
 
-from .driver import LABEL_ATTR, PLAN_ATTR
+from .study import LABEL_ATTR, PLAN_ATTR
 from .surrogate_feed import SUPPORTED_METRICS
 
 log = logging.getLogger(__name__)

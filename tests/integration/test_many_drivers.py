@@ -35,7 +35,7 @@ def test_concurrent_drivers_share_the_budget_without_duplicates_or_failures(tmp_
     for process, stderr in zip(processes, errors):
         assert process.returncode == 0, stderr[-4000:]
         assert "Traceback" not in stderr, stderr[-4000:]
-        # one waiting trial handed to two drivers (driver.waiting_trial_lock) shows up as this warning
+        # one waiting trial handed to two drivers (study.waiting_trial_lock) shows up as this warning
         assert "finished by another driver" not in stderr, stderr[-4000:]
 
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials(deepcopy=False)

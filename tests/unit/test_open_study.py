@@ -7,7 +7,7 @@ import optuna
 import pytest
 import sqlalchemy.exc
 
-from layerboost_search import driver
+from layerboost_search.study import open_study
 from layerboost_search.objectives import Objective
 
 OBJECTIVES = [Objective("kl", "minimize", "proxy"), Objective("latency_s", "minimize", "cost-model", "s")]
@@ -25,7 +25,7 @@ def test_a_driver_that_loses_the_schema_race_retries(monkeypatch, tmp_path):
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
     url = f"sqlite:///{tmp_path / 'race.db'}"
-    study = driver.open_study(url, "race", OBJECTIVES, optuna.samplers.RandomSampler(), 10, 30)
+    study = open_study(url, "race", OBJECTIVES, optuna.samplers.RandomSampler(), 10, 30)
     assert len(calls) == 2 and study.study_name == "race"
 
 
@@ -33,13 +33,13 @@ def test_other_storage_errors_are_one_clear_line(tmp_path):
     from layerboost_core.errors import UserError
 
     with pytest.raises(UserError, match="storage: cannot open"):
-        driver.open_study(f"sqlite:///{tmp_path}/no/such/folder/x.db", "x", OBJECTIVES, None, 10, 30)
+        open_study(f"sqlite:///{tmp_path}/no/such/folder/x.db", "x", OBJECTIVES, None, 10, 30)
 
 
 def _open(args):
     url, barrier = args
     barrier.wait()
-    driver.open_study(url, "together", OBJECTIVES, optuna.samplers.RandomSampler(), 10, 30)
+    open_study(url, "together", OBJECTIVES, optuna.samplers.RandomSampler(), 10, 30)
     return True
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from layerboost_core.errors import UserError
 from layerboost_core.space import SearchSpace
-from layerboost_search.driver import FEASIBLE_ATTR, SearchRun, open_study
+from layerboost_search.driver import SearchRun
+from layerboost_search.study import FEASIBLE_ATTR, open_study
 from layerboost_search.objectives import declare_objectives
 from layerboost_search.settings import ObjectiveSettings
 

@@ -180,7 +180,7 @@ def test_write_report_is_repeatable(study, tmp_path):
 
 def test_lm_eval_scores_of_finished_trials_reach_the_report(tmp_path):
     # Optuna refuses to change a finished trial (in RDB storage); lm-eval scores come after the trial.
-    from layerboost_search.driver import lm_eval_scores, record_lm_eval
+    from layerboost_search.study import lm_eval_scores, record_lm_eval
 
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="unit-report", storage=storage, directions=["minimize", "minimize"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optuna
 
-from layerboost_search.driver import Heartbeat
+from layerboost_search.study import Heartbeat
 from layerboost_search.objectives import declare_objectives
 from layerboost_search.settings import ObjectiveSettings
 from tests.unit.test_retrieval_floor import RetrievalByCount, search_over, small_run

@@ -8,7 +8,8 @@ from optuna.trial import TrialState
 
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
-from layerboost_search.driver import LABEL_ATTR, enqueue_seeds
+from layerboost_search.driver import enqueue_seeds
+from layerboost_search.study import LABEL_ATTR
 from layerboost_search.seeds import heuristic_plan, heuristic_sweep, interleaved_plans, seed_plans
 from layerboost_core.space import SearchSpace, layer_param
 from layerboost_search.space import distributions, suggest

@@ -13,7 +13,7 @@ from collections import Counter
 import optuna
 from filelock import FileLock
 
-from layerboost_search.driver import storage_url_of, waiting_trial_lock
+from layerboost_search.study import storage_url_of, waiting_trial_lock
 
 WAITING, PROCESSES = 60, 4
 
@@ -21,7 +21,7 @@ WAITING, PROCESSES = 60, 4
 ASKER = textwrap.dedent("""
     import logging, sys, time
     import optuna
-    from layerboost_search.driver import waiting_trial_lock
+    from layerboost_search.study import waiting_trial_lock
     optuna.logging.set_verbosity(logging.WARNING)
     url, start = sys.argv[1], float(sys.argv[2])
     study = optuna.load_study(study_name="queue", storage=url)
