@@ -16,7 +16,8 @@ from layerboost_core.sensitivity import cached_sensitivity_rows
 from layerboost_core.space import SearchSpace
 from layerboost_core.tables import write_csv
 from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
-from layerboost_surrogates.cost_model import Workload, cost_model
+from layerboost_core.workload import Workload
+from layerboost_surrogates.cost_model import cost_model
 
 from .driver import SearchRun, enqueue_seeds
 from .fidelity import climb, ladder_candidates
@@ -58,9 +59,11 @@ def space_needs_bank(space: SearchSpace) -> bool:
     return needs_bank([*space.options, *space.pinned.values()])
 
 
-def run_search(settings: SearchSettings, sampler) -> Path:
-    """The whole search for `settings` with the Optuna `sampler`; returns the run directory."""
+def run_search(settings: SearchSettings) -> Path:
+    """The whole search for `settings` (its Optuna sampler built from `settings.sampler`); returns the run
+    directory."""
     objectives = declare_objectives(settings.objective)
+    sampler = settings.build_sampler()  # a bad sampler is refused before minutes of loading and training
     if needs_retrieval(settings.objective) and not settings.workbench.proxy.needles:
         raise UserError(f"proxy.needles: 0, but objective.retrieval={settings.objective.retrieval} reads "
                         "retrieval_acc; set proxy.needles >= 1 or objective.retrieval=off")
