@@ -1,29 +1,28 @@
 """Latency cost model against measured end-to-end forward time, and KV bytes against the hybrid cache.
 
-    python benchmarks/bench_cost_model.py [--plans 10] [--workloads 512:0,2048:0,1024:16] [--repeats 3] [overrides...]
+    python benchmarks/bench_cost_model.py [--plans 10] [--workloads 512:0,2048:0,1024:16] [--repeats 3]
+                                          [--seed 0] [--runs 1] [key=value ...]
 
-For each workload (prefill length : cached decode steps after it, batch 1) the additive cost model is built from the three uniform plans
-(as the search does), then random plans it was not built from are timed end to end (median of `repeats`,
-measured round-robin so drift hits every plan alike) and compared with the prediction: absolute percentage
-error per plan and its median. KV bytes: the model's formula against the bytes the hybrid cache really
-holds after a prefill of that length (`HybridCache.kv_bytes()`), which must agree exactly.
+Model, device, dtype and option settings are the CLI's (`key=value` overrides). For each workload (prefill
+length : cached decode steps after it, batch 1) the additive cost model is built from the three uniform plans
+(as the search does), then random plans it was not built from are timed end to end (median of `repeats`
+rounds, measured round-robin with the shared timing helper so drift hits every plan alike) and compared with
+the prediction: absolute percentage error per plan and its median. KV bytes: the model's formula against the
+bytes the hybrid cache really holds after a prefill of that length (`HybridCache.kv_bytes()`), which must
+agree exactly.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
-import time
 
 import torch
 
+from harness import Script, open_model, run
 from layerboost_core.cache import HybridCache
-from layerboost.config import compose
-from layerboost.settings import workbench_settings
-from layerboost_core.logs import quiet_libraries
 from layerboost_core.plan import LayerPlan
-from layerboost_core.workbench import open_workbench
-from layerboost_surrogates.cost_model import Workload, run_request, kv_bytes_per_sequence, measure_uniform
+from layerboost_core.timing import time_plans
+from layerboost_surrogates.cost_model import Workload, kv_bytes_per_sequence, measure_uniform, run_request
 
 OPTIONS = ("softmax", "linear", "none")
 
@@ -39,20 +38,6 @@ def random_plans(rng: random.Random, n_layers: int, count: int) -> list[LayerPla
     return plans
 
 
-def time_plans(switcher, plans: list[LayerPlan], ids: torch.Tensor, decode: int, repeats: int) -> list[float]:
-    times: list[list[float]] = [[] for _ in plans]
-    with torch.inference_mode():
-        for round_index in range(repeats + 1):  # round 0 warms up
-            for i, plan in enumerate(plans):
-                switcher.apply(plan)
-                start = time.perf_counter()
-                run_request(switcher.model, ids, decode)  # exactly what the cost model times
-                if round_index:
-                    times[i].append(time.perf_counter() - start)
-    switcher.restore()
-    return [statistics.median(t) for t in times]
-
-
 def measured_kv_bytes(model, switcher, plan: LayerPlan, ids: torch.Tensor) -> int:
     switcher.apply(plan)
     cache = HybridCache(model)
@@ -62,43 +47,71 @@ def measured_kv_bytes(model, switcher, plan: LayerPlan, ids: torch.Tensor) -> in
     return cache.kv_bytes()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", type=int, default=10)
-    parser.add_argument("--workloads", default="512:0,2048:0,1024:16", help="prefill:decode,...")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    quiet_libraries()
-    cfg = compose(args.overrides)
-    bench = open_workbench(workbench_settings(cfg), with_bank=False)  # timing and cache sizes do not depend on trained weights
-    switcher, model = bench.switcher, bench.model
-    plans = random_plans(random.Random(args.seed), switcher.num_layers, args.plans)
-    settings = bench.settings.options
-    print(f"{model.config.model_type}, {switcher.num_layers} layers, {args.plans} random plans, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    summary = []
-    for spec in args.workloads.split(","):
-        prefill, decode = (int(x) for x in spec.split(":"))
-        workload = Workload(prefill=prefill, decode=decode, batch=1, repeats=args.repeats)
-        ids = torch.randint(0, model.config.vocab_size, (1, prefill))
-        uniform = measure_uniform(switcher, workload, OPTIONS, ids.device)
+def workloads(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in spec.split(":")) for spec in text.split(",")]
+
+
+def measure(loaded, switcher, options: dict, plans: list[LayerPlan], specs, repeats: int) -> dict:
+    """One run: per workload, the uniform plans' times, every plan's predicted and measured seconds, APE."""
+    model = loaded.model
+    out = {}
+    for prefill, decode in specs:
+        workload = Workload(prefill=prefill, decode=decode, batch=1, repeats=repeats)
+        ids = torch.randint(0, model.config.vocab_size, (1, prefill), device=loaded.device)
+        uniform = measure_uniform(switcher, workload, OPTIONS, loaded.device)
         per_layer = {o: (t - uniform["none"]) / switcher.num_layers for o, t in uniform.items()}
         predicted = [uniform["none"] + sum(per_layer[o] for o in p.layers) for p in plans]
-        measured = time_plans(switcher, plans, ids, decode, args.repeats)
+        rounds = time_plans(switcher, {str(p): p for p in plans}, lambda m: run_request(m, ids, decode),
+                            rounds=repeats, warmup=1)
+        measured = [statistics.median(rounds[str(p)]) for p in plans]
         errors = [abs(p - m) / m * 100 for p, m in zip(predicted, measured)]
-        kv_exact = all(kv_bytes_per_sequence(p, model.config, settings, prefill, model.dtype.itemsize)
+        kv_exact = all(kv_bytes_per_sequence(p, model.config, options, prefill, model.dtype.itemsize)
                        == measured_kv_bytes(model, switcher, p, ids) for p in plans)
-        print(f"\nprefill {prefill}, decode {decode}, batch 1: uniform " + ", ".join(f"{o} {t * 1000:.0f} ms" for o, t in uniform.items()))
-        print(f"  {'plan':32s} {'predicted ms':>12s} {'measured ms':>12s} {'APE %':>7s}")
-        for plan, p, m, e in zip(plans, predicted, measured, errors):
-            print(f"  {str(plan):32s} {p * 1000:12.1f} {m * 1000:12.1f} {e:7.2f}")
-        summary.append((spec, statistics.median(errors), max(errors), kv_exact))
-    print("\nprefill:decode  median APE %   max APE %   KV bytes exact (after the prefill)")
-    for spec, median, worst, exact in summary:
-        print(f"{spec:15s} {median:12.2f} {worst:11.2f}   {'yes' if exact else 'NO'}")
+        out[f"{prefill}:{decode}"] = {
+            "uniform_s": uniform, "median_ape_pct": statistics.median(errors), "max_ape_pct": max(errors),
+            "kv_bytes_exact": kv_exact, "predicted_s": predicted, "measured_s": measured, "ape_pct": errors,
+            "rounds_s": rounds}
+    return out
+
+
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="cost_model", title="Cost model against measured latency", runs=True)
+    script.parser.add_argument("--plans", type=int, default=10, help="random plans timed end to end")
+    script.parser.add_argument("--workloads", type=workloads, default=workloads("512:0,2048:0,1024:16"),
+                               help="prefill:decode,...")
+    script.parser.add_argument("--repeats", type=int, default=3, help="counted rounds per timing")
+    script.parser.add_argument("--seed", type=int, default=0, help="seed of the random plans")
+    args, cfg = script.parse(argv)
+    loaded, switcher, settings = open_model(cfg)  # timing and cache sizes do not depend on trained weights
+    plans = random_plans(random.Random(args.seed), switcher.num_layers, args.plans)
+    print(f"{loaded.info['name']} ({loaded.info['model_type']}), {switcher.num_layers} layers, {args.plans} random "
+          f"plans, {torch.get_num_threads()} threads, median of {args.repeats}, {args.runs} run(s)")
+    results = script.results()
+    results.describe(loaded.device, loaded.dtype)
+    for index in range(args.runs):
+        results.add_run({"plans": [str(p) for p in plans],
+                         **measure(loaded, switcher, settings.options, plans, args.workloads, args.repeats)})
+        print(f"run {index + 1}/{args.runs} done")
+
+    last = results.runs[-1]
+    for prefill, decode in args.workloads:
+        key = f"{prefill}:{decode}"
+        w = last[key]
+        results.table(f"prefill {prefill}, decode {decode}, batch 1 (last run): predicted against measured",
+                      ["plan", "predicted ms", "measured ms", "APE %"],
+                      [[str(p), pr * 1000, me * 1000, e]
+                       for p, pr, me, e in zip(plans, w["predicted_s"], w["measured_s"], w["ape_pct"])],
+                      note="uniform plans: " + ", ".join(f"{o} {t * 1000:.1f} ms" for o, t in w["uniform_s"].items()))
+    rows = [[f"{p}:{d}", results.median(f"{p}:{d} / median_ape_pct"), results.median(f"{p}:{d} / max_ape_pct"),
+             "yes" if all(r[f"{p}:{d}"]["kv_bytes_exact"] for r in results.runs) else "NO"]
+            for p, d in args.workloads]
+    results.table(f"Summary (median over {args.runs} run(s))",
+                  ["prefill:decode", "median APE %", "max APE %", "KV bytes exact (after the prefill)"], rows)
+    p, d = args.workloads[0]
+    results.headline(f"cost model median latency error, {args.plans} random plans, prefill {p} + decode {d}",
+                     round(results.median(f"{p}:{d} / median_ape_pct"), 1), "%")
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,23 +1,26 @@
 """Prefill speed of all-softmax, all-linear, all-none and a core-free ceiling, measured side by side.
 
-    python benchmarks/bench_prefill.py [--lengths 1024,4096] [--repeats 5] [--window 64] [--feature-dim 32]
+    python benchmarks/bench_prefill.py [--lengths 1024,4096] [--repeats 5] [--runs 1] [key=value ...]
+                                       e.g. attention.linear.window=128 model=qwen2.5-0.5b device=cuda
 
-Core-free keeps every layer's q/k/v/o projections and RoPE but skips the attention computation itself:
-the ceiling any replacement of the attention core could reach. Variants are timed round-robin (one
-forward each per round, median over rounds) so machine noise hits them alike.
+Model, device, dtype and the `linear` settings (window, feature map, sinks) are the CLI's, from the same
+`key=value` overrides. Core-free keeps every layer's q/k/v/o projections and RoPE but skips the attention
+computation itself: the ceiling any replacement of the attention core could reach. Variants are timed
+round-robin (one forward of batch 1 each per round, one warm-up round first, `--repeats` rounds counted) so
+machine noise hits them alike; speed-ups are the median of per-round ratios to all-softmax.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
 
-from layerboost_core.models import load_model
-from layerboost_core.patch import PlanSwitcher
+from harness import Script, ints, open_model, run
 from layerboost_core.plan import LayerPlan
+from layerboost_core.timing import round_ratios, time_rounds
+
+VARIANTS = ("softmax", "linear", "none", "core-free")
 
 
 class CoreFreeAttention(nn.Module):
@@ -32,18 +35,9 @@ class CoreFreeAttention(nn.Module):
         return self.attn.o_proj(q.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)), None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=lambda t: [int(x) for x in t.split(",")], default=[1024, 4096],
-                        help="comma-separated, e.g. 1024,4096")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--feature-dim", type=int, default=32)
-    args = parser.parse_args()
-
-    lm = load_model("smollm2-135m", "builtin:smollm2-135m", device="cpu", dtype="float32")
-    switcher = PlanSwitcher(lm.model, {"linear": {"window": args.window, "feature_dim": args.feature_dim}})
-    n = switcher.num_layers
+def measure(loaded, switcher, lengths, repeats: int) -> dict:
+    """One run: per length, every round's seconds per variant, their medians and per-round speed-ups."""
+    model, n = loaded.model, switcher.num_layers
     core_free = [CoreFreeAttention(attn, switcher.family) for attn in switcher.original]
 
     def use(variant: str) -> None:
@@ -54,31 +48,56 @@ def main() -> None:
         else:
             switcher.apply(LayerPlan.uniform(variant, n))
 
-    variants = ["softmax", "linear", "none", "core-free"]
-    print(f"threads={torch.get_num_threads()} window={args.window} feature_dim={args.feature_dim} "
-          f"repeats={args.repeats} (median seconds of one forward, batch 1)")
-    for length in args.lengths:
-        ids = torch.randint(0, lm.model.config.vocab_size, (1, length))
-        times = {v: [] for v in variants}
+    out = {}
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, length), device=loaded.device)
         with torch.inference_mode():
-            for variant in variants:  # warm-up
-                use(variant)
-                lm.model.model(ids)
-            for _ in range(args.repeats):
-                for variant in variants:
-                    use(variant)
-                    start = time.perf_counter()
-                    lm.model.model(ids)
-                    times[variant].append(time.perf_counter() - start)
-        t = {v: statistics.median(x) for v, x in times.items()}
-        ceiling = t["softmax"] - t["core-free"]
-        gained = (t["softmax"] - t["linear"]) / ceiling if ceiling > 0 else float("nan")
-        print(f"\nprefill {length} tokens: " + "  ".join(f"T({v})={t[v]:.3f}s" for v in variants))
-        print(f"  speed-up vs softmax: linear {t['softmax'] / t['linear']:.2f}x, none {t['softmax'] / t['none']:.2f}x, "
-              f"core-free {t['softmax'] / t['core-free']:.2f}x")
-        print(f"  (T(softmax) - T(linear)) / (T(softmax) - T(core-free)) = {gained:.2f}")
-    switcher.restore()
+            times = time_rounds({v: (lambda: model.model(ids)) for v in VARIANTS}, rounds=repeats, warmup=1,
+                                before=use, device=loaded.device)
+        switcher.restore()
+        median = {v: statistics.median(t) for v, t in times.items()}
+        ceiling = median["softmax"] - median["core-free"]
+        out[str(length)] = {
+            "median_s": median,
+            "speedup": {v: statistics.median(1 / r for r in ratios)
+                        for v, ratios in round_ratios(times, "softmax").items() if v != "softmax"},
+            "share_of_ceiling": (median["softmax"] - median["linear"]) / ceiling if ceiling > 0 else float("nan"),
+            "rounds_s": times,
+        }
+    return out
+
+
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="prefill", title="Prefill speed", runs=True)
+    script.parser.add_argument("--lengths", type=ints, default=(1024, 4096), help="comma-separated, e.g. 1024,4096")
+    script.parser.add_argument("--repeats", type=int, default=5, help="counted rounds per run")
+    args, cfg = script.parse(argv)
+    loaded, switcher, settings = open_model(cfg)
+    print(f"{loaded.name} on {loaded.device}, {loaded.dtype}, threads={torch.get_num_threads()}, "
+          f"linear {settings.options.get('linear')}, {args.repeats} rounds x {args.runs} run(s)")
+    results = script.results()
+    results.describe(loaded.device, loaded.dtype)
+    for index in range(args.runs):
+        results.add_run(measure(loaded, switcher, args.lengths, args.repeats))
+        print(f"run {index + 1}/{args.runs} done")
+
+    rows = []
+    for length in args.lengths:
+        m = {v: results.median(f"{length} / median_s / {v}") for v in VARIANTS}
+        s = {v: results.median(f"{length} / speedup / {v}") for v in VARIANTS[1:]}
+        rows.append([length, *(m[v] for v in VARIANTS), *(s[v] for v in VARIANTS[1:]),
+                     results.median(f"{length} / share_of_ceiling")])
+    results.table(f"Prefill seconds of one forward (batch 1; median of {args.repeats} rounds, median over "
+                  f"{args.runs} run(s)) and speed-up over all-softmax (median of per-round ratios)",
+                  ["tokens", *(f"{v} s" for v in VARIANTS), *(f"{v} speed-up" for v in VARIANTS[1:]),
+                   "(T(softmax) - T(linear)) / (T(softmax) - T(core-free))"], rows)
+    longest = max(args.lengths)
+    results.headline(f"all-linear prefill speed-up over all-softmax at {longest:,} tokens",
+                     round(results.median(f"{longest} / speedup / linear"), 2), "x")
+    results.note(f"{loaded.info['name']} ({switcher.num_layers} layers), linear settings "
+                 f"{settings.options.get('linear')}, torch threads {torch.get_num_threads()}")
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -201,6 +201,19 @@ def git_state(root: Path = ROOT) -> dict:
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if not status.returncode else None}
 
 
+def open_model(cfg):
+    """(LoadedModel, PlanSwitcher, WorkbenchSettings): the config's model on its device and dtype with its
+    option settings, without data splits or bank (for timings on random tokens: speed does not depend on them)."""
+    from layerboost.settings import workbench_settings
+    from layerboost_core.models import load_model
+    from layerboost_core.patch import PlanSwitcher
+
+    settings = workbench_settings(cfg)
+    m = settings.model
+    loaded = load_model(m.name, m.source, m.device, m.dtype, m.fallback_source)
+    return loaded, PlanSwitcher(loaded.model, settings.options), settings
+
+
 def describe_device(device) -> str:
     """A torch device as the cost model names it ('NVIDIA H100 80GB HBM3', 'cpu:x86_64:2threads'); text as is."""
     import torch
@@ -280,6 +293,10 @@ class Results:
         out = {k: spread([leaf[k] for leaf in leaves if k in leaf]) for k in keys}
         out.update(self.summary)
         return out
+
+    def median(self, key: str):
+        """The median over runs of one summarised number (a key of `spread_over_runs`), None when absent."""
+        return self.spread_over_runs().get(key, {}).get("median")
 
     def document(self) -> dict:
         import torch
