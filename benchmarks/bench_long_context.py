@@ -1,35 +1,31 @@
-"""Quality at the workload's context on SmolLM2: top-k KL against exact KL, retrieval, evaluation overhead.
+"""Quality at the workload's context: top-k KL against exact KL, retrieval, evaluation overhead.
 
-    python benchmarks/bench_long_context.py [--context 2048] [--blocks 2] [--needles 8] [--top-k 128 512 1024 2048]
-                                            [--plans SSS... LLL...]
+    python benchmarks/bench_long_context.py [--needles 8] [--top-k 128,512,1024,2048] [--plans SSS... LLL...]
+                                            [key=value ...]     e.g. workload.prefill=4096 data.blocks.heldout=2
 
-Held-out blocks of `--context` tokens drawn from every source of the whole held-out split
-(make_splits(heldout_seq_len=..., mix_sources=True)); the bank is the default one (`layerboost transfer`),
-loaded (or trained) only when a plan has a `linear` layer.
-Prints, per plan: exact KL, each top-k KL and its error (top-k is a lower bound), retrieval exact match and
-answer NLL on `--needles` needle rows, and the time of the forwards against that of the metric passes.
-The original model's logits are computed once and every reference is built from them, so each plan costs
-one forward per block and per needle row.
+The same settings as the CLI: held-out blocks of the workload's context (`data.heldout_seq_len`, null: the
+workload's prefill), `data.blocks.heldout` of them, drawn from every source of the whole held-out split
+(`data.mix_sources`); the bank is the search's (`layerboost transfer`), loaded (or trained) only when a plan has
+a `linear` layer. Per plan: exact KL, each top-k KL and its error (top-k is a lower bound), retrieval exact
+match and answer NLL on `--needles` needle rows as long as a held-out block, and the time of the forwards
+against that of the metric passes. The original model's logits are computed once and every reference is built
+from them, so each plan costs one forward per block and per needle row. Default plans: all-linear, plus two
+mixed SmolLM2 plans when the model has their 30 layers.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import time
 
 import torch
 
-from layerboost_core.data import make_splits
+from harness import Script, ints, run
+from layerboost.settings import workbench_settings
 from layerboost_core.metrics import DEFAULT_TOP_K, needle_stats, reference_of, token_stats
-from layerboost_core.models import load_model
 from layerboost_core.needles import make_needles
-from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
-from layerboost_core.transfer import TransferSettings, load_or_build_bank
+from layerboost_core.workbench import attach_bank, open_workbench
 
-# The default config's attention settings (conf/config.yaml): the bank is keyed on them.
-OPTION_SETTINGS = {"linear": {"window": 64, "feature_dim": 32, "sinks": 4}}
-MIXED = ("LLSSSSSLSSSLLLSSLSSLSSLSLLLLLL", "SSSSSNNNNSSSSSSSSNSSSSSSSNNSSN")
+MIXED = ("LLSSSSSLSSSLLLSSLSSLSSLSLLLLLL", "SSSSSNNNNSSSSSSSSNSSSSSSSNNSSN")  # SmolLM2's 30 layers
 
 
 def block_logits(model, blocks: torch.Tensor):
@@ -74,30 +70,25 @@ def kl_by_reference(model, blocks, references, top_ks) -> tuple[dict, float, dic
     return {k: s / count for k, s in sums.items()}, forward, passes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--needles", type=int, default=8)
-    parser.add_argument("--top-k", type=int, nargs="+", default=[128, 512, 1024, 2048])
-    parser.add_argument("--plans", nargs="+", default=None, help="compact plans (default: all-linear and two mixed)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
-    loaded = load_model("smollm2-135m", "builtin:smollm2-135m", "cpu", "float32", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    model, tokenizer = loaded.model, loaded.tokenizer
-    splits = make_splits(tokenizer, blocks={"calibration": 8, "train": None, "heldout": args.blocks},
-                         heldout_seq_len=args.context, mix_sources=True)
-    switcher = PlanSwitcher(model, OPTION_SETTINGS)
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="long_context", title="Proxy at the workload context")
+    script.parser.add_argument("--needles", type=int, default=8, help="retrieval rows per plan")
+    script.parser.add_argument("--top-k", type=ints, default=(128, 512, 1024, 2048), help="comma-separated")
+    script.parser.add_argument("--plans", nargs="+", default=None,
+                               help="compact plans (default: all-linear, and two mixed plans on a 30-layer model)")
+    args, cfg = script.parse(argv)
+    bench = open_workbench(workbench_settings(cfg))
+    model, tokenizer, switcher, splits = bench.model, bench.loaded.tokenizer, bench.switcher, bench.splits
     n = switcher.num_layers
-    plans = args.plans or ["L" * n, *MIXED]
+    plans = args.plans or ["L" * n, *(m for m in MIXED if len(m) == n)]
     bank = "none (no linear layer in the plans)"
     if any("L" in text for text in plans):  # training the bank takes minutes: only when a plan uses it
-        bank = load_or_build_bank(switcher, loaded.info, splits, OPTION_SETTINGS, TransferSettings(), progress=False).id
-    needles = make_needles(tokenizer, splits.documents["heldout"], context=args.context, n_examples=args.needles)
+        bank = attach_bank(bench).bank.id
+    context = int(splits.heldout.shape[1])
+    needles = make_needles(tokenizer, splits.documents["heldout"], context=context, n_examples=args.needles)
     top_ks = [None, *args.top_k]
     print(f"bank {bank}; held-out {tuple(splits.heldout.shape)} (hash {splits.hashes['heldout']}); "
-          f"{args.needles} needle rows of {args.context} tokens (hash {needles.hash}); default top-k {DEFAULT_TOP_K}")
+          f"{args.needles} needle rows of {context} tokens (hash {needles.hash}); default top-k {DEFAULT_TOP_K}")
 
     switcher.restore()
     references, build = [], {k: 0.0 for k in top_ks}
@@ -108,29 +99,51 @@ def main() -> None:
             per_block[k] = reference_of(logits, targets, k)
             build[k] += time.perf_counter() - started
         references.append(per_block)
-    print("reference build s: " + ", ".join(f"{k or 'exact'} {s:.2f}" for k, s in build.items()))
-    acc, nll, _ = needle_scores(model, needles)
-    print(f"\n{'S' * n}  retrieval_acc {acc:.3f}  retrieval_nll {nll:.3f}")
+    base_acc, base_nll, _ = needle_scores(model, needles)
 
-    errors: dict[int, list[float]] = {k: [] for k in args.top_k}
+    per_plan = []
     for text in plans:
         switcher.apply(LayerPlan.from_string(text))
         kl, forward, passes = kl_by_reference(model, splits.heldout, references, top_ks)
         acc, nll, needle_forward = needle_scores(model, needles)
-        exact = kl[None]
-        print(f"{text}  retrieval_acc {acc:.3f}  retrieval_nll {nll:.3f}  kl exact {exact:.4f}")
-        for k in args.top_k:
-            errors[k].append(exact - kl[k])
-            print(f"    top-{k:<4d} kl {kl[k]:.4f}  error {exact - kl[k]:.2e} ({(exact - kl[k]) / exact:.2%})")
-        default = passes[DEFAULT_TOP_K] if DEFAULT_TOP_K in passes else float("nan")
-        print(f"    seconds: forwards {forward + needle_forward:.1f} (blocks {forward:.1f}, needles {needle_forward:.1f}); "
-              f"KL passes exact {passes[None]:.2f}, top-{DEFAULT_TOP_K} {default:.2f}; "
-              f"full evaluation / bare forwards {(forward + needle_forward + default) / (forward + needle_forward):.3f}")
+        default = passes.get(DEFAULT_TOP_K, float("nan"))
+        per_plan.append({
+            "plan": text, "retrieval_acc": acc, "retrieval_nll": nll, "kl_exact": kl[None],
+            "kl_top_k": {str(k): kl[k] for k in args.top_k}, "error_top_k": {str(k): kl[None] - kl[k] for k in args.top_k},
+            "forward_s": forward, "needle_forward_s": needle_forward, "kl_pass_exact_s": passes[None],
+            "kl_pass_default_s": default,
+            "evaluation_over_forwards": (forward + needle_forward + default) / (forward + needle_forward)})
+        print(f"{text}: done")
     switcher.restore()
-    print("\nerror |KL_topk - KL_exact| over the plans, nats/token:")
-    for k, values in errors.items():
-        print(f"    top-{k:<4d} max {max(values):.2e}  mean {sum(values) / len(values):.2e}")
+
+    results = script.results()
+    results.describe(bench.loaded.device, bench.loaded.dtype)
+    results.add_run({
+        "max_error_top_k": {str(k): max(p["error_top_k"][str(k)] for p in per_plan) for k in args.top_k},
+        "mean_error_top_k": {str(k): sum(p["error_top_k"][str(k)] for p in per_plan) / len(per_plan)
+                             for k in args.top_k},
+        "all_softmax": {"retrieval_acc": base_acc, "retrieval_nll": base_nll},
+        "reference_build_s": {str(k or "exact"): s for k, s in build.items()},
+        "per_plan": per_plan})
+    results.table(f"Per plan ({splits.heldout.shape[0]} held-out block(s) of {context} tokens, {args.needles} needle "
+                  "rows)", ["plan", "KL exact", *(f"top-{k} KL error %" for k in args.top_k), "retrieval_acc",
+                            "retrieval_nll", "forwards s", f"full evaluation / bare forwards (top-{DEFAULT_TOP_K})"],
+                  [["S" * n, 0.0, *(None for _ in args.top_k), base_acc, base_nll, None, None]]
+                  + [[p["plan"], p["kl_exact"], *(100 * p["error_top_k"][str(k)] / p["kl_exact"] if p["kl_exact"]
+                                                  else None for k in args.top_k),
+                      p["retrieval_acc"], p["retrieval_nll"], p["forward_s"] + p["needle_forward_s"],
+                      p["evaluation_over_forwards"]] for p in per_plan])
+    results.table("Error KL_exact - KL_top-k over the plans, nats/token", ["top-k", "max", "mean"],
+                  [[k, results.median(f"max_error_top_k / {k}"), results.median(f"mean_error_top_k / {k}")]
+                   for k in args.top_k])
+    if DEFAULT_TOP_K in args.top_k:
+        worst = max((100 * p["error_top_k"][str(DEFAULT_TOP_K)] / p["kl_exact"] for p in per_plan if p["kl_exact"]),
+                    default=float("nan"))
+        results.headline(f"top-{DEFAULT_TOP_K} KL below exact KL at {context:,} tokens, worst plan",
+                         round(worst, 1), "%")
+    results.note(f"bank {bank}; held-out hash {splits.hashes['heldout']}; needles hash {needles.hash}")
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

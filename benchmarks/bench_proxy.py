@@ -1,14 +1,16 @@
-"""Proxy metrics and offline lm-eval tasks on SmolLM2.
+"""Proxy metrics and offline lm-eval tasks (the default model: SmolLM2).
 
-    python benchmarks/bench_proxy.py [--plans 20] [--repeats 3] [--overhead-only] [overrides...]
+    python benchmarks/bench_proxy.py [--plans 20] [--repeats 3] [--overhead-only] [key=value ...]
+                                     e.g. eval.n_examples=24
 
-Prints: proxy evaluation overhead (time to evaluate one plan / a bare forward over the same held-out
-tokens, medians, measured alternately); the offline tasks' accuracy for all-softmax, all-linear, all-none;
-and, over random plans, the Spearman rank correlation between proxy KL and each task's accuracy.
+Proxy evaluation overhead: time to evaluate one plan over the time of a bare forward over the same held-out
+tokens (the two take turns through the shared timing helper, one warm-up round, `--repeats` rounds; medians and
+the per-round ratio). Then the offline tasks' accuracy (`eval.tasks`, `eval.n_examples`, ...) for all-softmax,
+all-linear, all-none and, over `--plans` random plans, the Spearman rank correlation between proxy KL and each
+task's accuracy. With `--overhead-only` the results file is `proxy_overhead`, else `proxy`.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import time
@@ -16,12 +18,12 @@ import time
 import torch
 from scipy.stats import spearmanr
 
+from harness import Script, run
+from layerboost.settings import eval_settings, workbench_settings
 from layerboost_core import lm_eval_tasks
-from layerboost.config import compose
-from layerboost.settings import workbench_settings
-from layerboost_core.logs import quiet_libraries
 from layerboost_core.metrics import ProxyEvaluator
 from layerboost_core.plan import LayerPlan
+from layerboost_core.timing import round_ratios, time_rounds
 from layerboost_core.workbench import open_workbench
 
 
@@ -34,71 +36,87 @@ def random_plan(rng: random.Random, n: int) -> LayerPlan:
                            for _ in range(n)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--overhead-only", action="store_true", help="stop after the overhead measurement")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    quiet_libraries()
-    cfg = compose(args.overrides)
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="proxy", title="Proxy metrics and offline tasks")
+    script.parser.add_argument("--plans", type=int, default=20, help="random plans for the correlations")
+    script.parser.add_argument("--repeats", type=int, default=3, help="counted rounds of the overhead timing")
+    script.parser.add_argument("--overhead-only", action="store_true", help="stop after the overhead measurement")
+    args, cfg = script.parse(argv)
     bench = open_workbench(workbench_settings(cfg), with_bank=True)
     n, heldout = bench.switcher.num_layers, bench.splits.heldout
     proxy = ProxyEvaluator(bench.model, heldout)
 
-    bare, evaluated = [], []
+    def bare():
+        for i in range(0, heldout.shape[0], proxy.batch_size):
+            bench.model(input_ids=heldout[i:i + proxy.batch_size, :-1], use_cache=False)
+
     bench.switcher.apply(LayerPlan.from_string("SL" * (n // 2) + "S" * (n % 2)))
     with torch.inference_mode():
-        for _ in range(args.repeats + 1):
-            start = time.perf_counter()
-            for i in range(0, heldout.shape[0], proxy.batch_size):
-                bench.model(input_ids=heldout[i:i + proxy.batch_size, :-1], use_cache=False)
-            bare.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            proxy.evaluate()
-            evaluated.append(time.perf_counter() - start)
-    b, e = statistics.median(bare[1:]), statistics.median(evaluated[1:])
-    print(f"proxy overhead: evaluate {e:.3f} s / bare forward {b:.3f} s = {e / b:.3f} "
-          f"({heldout.shape[0]} x {heldout.shape[1] - 1} tokens, median of {args.repeats})")
+        times = time_rounds({"bare": bare, "evaluate": proxy.evaluate}, rounds=args.repeats, warmup=1,
+                            device=bench.loaded.device)
+    b, e = statistics.median(times["bare"]), statistics.median(times["evaluate"])
+    overhead = {"bare_s": b, "evaluate_s": e, "ratio_of_medians": e / b,
+                "median_round_ratio": statistics.median(round_ratios(times, "bare")["evaluate"]), "rounds_s": times}
+    print(f"proxy overhead: evaluate {e:.3f} s / bare forward {b:.3f} s = {e / b:.3f}")
+    results = script.results("proxy_overhead" if args.overhead_only else None,
+                             "Proxy evaluation overhead" if args.overhead_only else None)
+    results.describe(bench.loaded.device, bench.loaded.dtype)
+    results.table(f"Proxy evaluation overhead ({heldout.shape[0]} x {heldout.shape[1] - 1} tokens, median of "
+                  f"{args.repeats} rounds)", ["evaluate s", "bare forward s", "ratio", "median per-round ratio"],
+                  [[e, b, e / b, overhead["median_round_ratio"]]])
+    results.headline("proxy evaluation over a bare forward", round(e / b, 3), "x")
     if args.overhead_only:
+        results.add_run({"overhead": overhead})
+        results.write()
         return
 
-    e_cfg = cfg.eval
-    tasks = list(e_cfg.tasks)
+    settings = eval_settings(cfg)
+    tasks = list(settings.tasks)
     task_dir = lm_eval_tasks.write_offline_tasks(
         None, bench.splits.documents["heldout"], bench.loaded.tokenizer,
-        {"n_examples": int(e_cfg.n_examples), "passkey_context": int(e_cfg.passkey_context), "seed": int(cfg.seed)})
+        {"n_examples": settings.n_examples, "passkey_context": settings.passkey_context, "seed": settings.seed})
 
     def score(plan: LayerPlan) -> tuple[float, dict]:
         bench.switcher.apply(plan)
         kl = proxy.evaluate(["kl"])["kl"]
         return kl, lm_eval_tasks.evaluate_tasks(bench.model, bench.loaded.tokenizer, tasks, task_dir,
-                                                batch_size=int(e_cfg.batch_size), limit=e_cfg.limit)
+                                                batch_size=settings.batch_size, limit=settings.limit)
 
-    print(f"\ntasks {tasks} ({int(e_cfg.n_examples)} examples each; passkey context {int(e_cfg.passkey_context)} tokens)")
+    uniform = {}
     for option in ("softmax", "linear", "none"):
         started = time.perf_counter()
         kl, scores = score(LayerPlan.uniform(option, n))
-        print(f"  all-{option:8s} KL {kl:7.4f}  " + "  ".join(f"{t} {v:.3f}" for t, v in scores.items())
-              + f"   ({time.perf_counter() - started:.0f} s)")
+        uniform[f"all-{option}"] = {"kl": kl, **scores, "seconds": time.perf_counter() - started}
+        print(f"all-{option} done")
 
     rng = random.Random(0)
-    kls, accuracies = [], {t: [] for t in tasks}
+    sampled = []
     started = time.perf_counter()
     for _ in range(args.plans):
         plan = random_plan(rng, n)
         kl, scores = score(plan)
-        kls.append(kl)
-        for t in tasks:
-            accuracies[t].append(scores[t])
-    print(f"\n{args.plans} random plans ({time.perf_counter() - started:.0f} s): KL range {min(kls):.3f}..{max(kls):.3f}")
-    for t in tasks:
-        rho, p = spearmanr(kls, accuracies[t])
-        print(f"  Spearman(proxy KL, {t} accuracy) = {rho:+.3f} (p={p:.3g}); accuracy range "
-              f"{min(accuracies[t]):.3f}..{max(accuracies[t]):.3f}")
+        sampled.append({"plan": str(plan), "kl": kl, **scores})
+    random_seconds = time.perf_counter() - started
     bench.switcher.restore()
+    correlation = {}
+    for t in tasks:
+        rho, p = spearmanr([s["kl"] for s in sampled], [s[t] for s in sampled])
+        correlation[t] = {"spearman": float(rho), "p": float(p)}
+    results.add_run({"overhead": overhead, "uniform": uniform, "spearman_kl_vs_accuracy": correlation,
+                     "random_plans_seconds": random_seconds, "random_plans": sampled})
+    results.table(f"Offline tasks ({settings.n_examples} examples each; passkey context {settings.passkey_context} "
+                  "tokens)", ["plan", "KL", *tasks, "seconds"],
+                  [[label, u["kl"], *(u[t] for t in tasks), round(u["seconds"])] for label, u in uniform.items()])
+    results.table(f"Over {args.plans} random plans ({random_seconds:.0f} s; KL "
+                  f"{min(s['kl'] for s in sampled):.3f}..{max(s['kl'] for s in sampled):.3f})",
+                  ["task", "Spearman(proxy KL, accuracy)", "p", "accuracy range"],
+                  [[t, correlation[t]["spearman"], correlation[t]["p"],
+                    f"{min(s[t] for s in sampled):.3f}..{max(s[t] for s in sampled):.3f}"] for t in tasks])
+    for t in tasks:
+        results.headline(f"Spearman(proxy KL, {t} accuracy) over {args.plans} random plans",
+                         round(correlation[t]["spearman"], 3))
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
