@@ -4,15 +4,15 @@ default search (TPE multivariate + seeds + surrogate proposals, as `python searc
 with the surrogate off, at equal numbers of evaluations. The last row is the front of every plan evaluated
 by any method (an empirical ceiling for all of them).
 
-    python benchmarks/bench_search.py [--budgets 30,60,120] [overrides...]
+    python benchmarks/bench_search.py [--budgets 30,60,120] [--max-kl 1.0] [--cache-file F] [key=value ...]
 
 Every method runs in this process on one shared evaluation cache (a plan evaluated by one method is not
 re-evaluated by another; evaluation is deterministic), so the comparison costs one evaluation per distinct
-plan. Prints the hypervolume table and ratios to the heuristic.
+plan. The settings are the search's (`key=value` overrides as for `search.py`). Writes the hypervolume table
+with ratios to the heuristic.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -21,20 +21,19 @@ from pathlib import Path
 import optuna
 from tqdm.auto import tqdm
 
-from layerboost.config import compose
-from layerboost_core.logs import quiet_libraries
+from harness import Script, ints, run
+from layerboost.settings import search_settings
 from layerboost_core.metrics import METRICS_VERSION, ProxyEvaluator
 from layerboost_core.pareto import hypervolume_2d
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity
+from layerboost_core.space import SearchSpace
 from layerboost_core.workbench import open_workbench
-from layerboost.settings import search_settings
-from layerboost_search.pipeline import make_surrogate_feed
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.objectives import declare_objectives
+from layerboost_search.pipeline import make_surrogate_feed
 from layerboost_search.seeds import heuristic_sweep, seed_plans
-from layerboost_core.space import SearchSpace
-from layerboost_surrogates.cost_model import Workload, cost_model
+from layerboost_surrogates.cost_model import cost_model
 
 
 class CachedEvaluator:
@@ -76,19 +75,15 @@ class CachedEvaluator:
         pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=lambda t: [int(x) for x in t.split(",")], default=[30, 60, 120],
-                        help="comma-separated, e.g. 30,60,120")
-    parser.add_argument("--max-kl", type=float, default=1.0,
-                        help="KL of the reference point: plans worse than this count for nothing (all-none: ~8)")
-    parser.add_argument("--cache-file", type=Path, default=None,
-                        help="JSON file of evaluated plans' metrics, reused by later runs with the same bank and data")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    quiet_libraries()
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="search", title="Search quality")
+    script.parser.add_argument("--budgets", type=ints, default=(30, 60, 120), help="comma-separated, e.g. 30,60,120")
+    script.parser.add_argument("--max-kl", type=float, default=1.0,
+                               help="KL of the reference point: plans worse than this count for nothing (all-none: ~8)")
+    script.parser.add_argument("--cache-file", type=Path, default=None,
+                               help="JSON file of evaluated plans' metrics, reused by later runs with the same bank and data")
+    args, cfg = script.parse(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = compose(args.overrides)
     settings = search_settings(cfg)
     bench = open_workbench(settings.workbench, with_bank=True)
     n = bench.switcher.num_layers
@@ -135,10 +130,10 @@ def main() -> None:
             enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
         feed = (make_surrogate_feed(surrogate_on, space, cost, rows, objectives, context)
                 if name == "ours (default)" else None)
-        run = SearchRun(settings.objective, settings.workload.context, space, objectives, study, cost, runner, context,
-                        feed)
+        search = SearchRun(settings.objective, settings.workload.context, space, objectives, study, cost, runner,
+                           context, feed)
         print(f"{name} ...", flush=True)
-        run.run(top, progress=True)
+        search.run(top, progress=True)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for budget in args.budgets:
             first = done[:budget]
@@ -151,17 +146,25 @@ def main() -> None:
     everything = [(cost.latency(LayerPlan.from_string(text)), m["kl"]) for text, m in runner.cache.items()]
     results[f"every plan evaluated ({len(everything)})"] = {b: hypervolume_2d(everything, reference) for b in args.budgets}
     base = results["paper heuristic"]
-    print("\nhypervolume (KL vs predicted latency) and ratio to the paper heuristic")
-    print("| method | " + " | ".join(f"{b} evals" for b in args.budgets) + " |")
-    print("|---|" + "---|" * len(args.budgets))
-    for name, by_budget in results.items():
-        cells = [f"{by_budget[b]:.4f} ({by_budget[b] / base[b]:.3f}x)" for b in args.budgets]
-        print(f"| {name} | " + " | ".join(cells) + " |")
     best_plain = {b: max(results[m][b] for m in ("random", "nsga2", "tpe")) for b in args.budgets}
-    for name in ("ours, surrogate off", "ours (default)"):
-        print(f"{name}: ratio to the best of random/NSGA-II/TPE: "
-              + ", ".join(f"{results[name][b] / best_plain[b]:.3f}x at {b}" for b in args.budgets))
+    out = script.results()
+    out.describe(bench.loaded.device, bench.loaded.dtype)
+    out.add_run({"hypervolume": {name: {str(b): v for b, v in by_budget.items()} for name, by_budget in results.items()},
+                 "reference": {"latency_s": reference[0], "kl": reference[1]},
+                 "distinct_plans_evaluated": len(runner.cache), "seconds": time.perf_counter() - started})
+    out.table("Hypervolume (KL vs predicted latency) and ratio to the paper heuristic",
+              ["method", *(f"{b} evals" for b in args.budgets)],
+              [[name, *(f"{by_budget[b]:.4f} ({by_budget[b] / base[b]:.3f}x)" for b in args.budgets)]
+               for name, by_budget in results.items()],
+              note=f"reference point: latency {reference[0]:.3f} s (1.05 x all-softmax), KL {reference[1]:.3f}")
+    out.table("Ratio to the best of random / NSGA-II / TPE", ["method", *(f"{b} evals" for b in args.budgets)],
+              [[name, *(results[name][b] / best_plain[b] for b in args.budgets)]
+               for name in ("ours, surrogate off", "ours (default)")])
+    top_budget = max(args.budgets)
+    out.headline(f"search hypervolume over the paper heuristic's, {top_budget} evaluations",
+                 round(results["ours (default)"][top_budget] / base[top_budget], 3), "x")
+    out.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
