@@ -19,32 +19,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from layerboost_core.cache_dir import cache_root, content_hash, write_json
-from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_core.timing import time_plans
+from layerboost_core.workload import Workload
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What latency is measured for."""
-
-    prefill: int = 2048
-    decode: int = 0
-    batch: int = 1
-    repeats: int = 3
-
-    def __post_init__(self):
-        for name in ("prefill", "batch", "repeats"):
-            if getattr(self, name) < 1:
-                raise UserError(f"workload.{name}: {getattr(self, name)} must be >= 1")
-        if self.decode < 0:
-            raise UserError(f"workload.decode: {self.decode} must be >= 0")
-
-    @property
-    def context(self) -> int:
-        return self.prefill + self.decode
 
 
 def softmax_cached_tokens(config, context: int) -> list[int]:
