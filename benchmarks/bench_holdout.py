@@ -2,6 +2,8 @@
 
     python search.py data.source=builtin:-news                      # the search never sees the news corpus
     python benchmarks/bench_holdout.py --study <name> --source builtin:news --factor 2 data.source=builtin:-news
+    python benchmarks/bench_holdout.py [--study NAME] [--source S] [--factor F] [--blocks N] [--needles N]
+                                       [--targets 0.9 0.8 0.7] [--rank-by RUNG] [--max-kl K] [key=value ...]
 
 Every feasible plan on the study's proxy front and every paper-heuristic seed plan of the same study (the
 heuristic's plans at equal evaluations: the search evaluated them all) is re-measured on `--blocks` held-out
@@ -13,24 +15,23 @@ With `--needles N` (retrieval rows: a fact planted at a random depth of the sour
 the end) only the plans a user would pick are re-measured: at each `--targets` share of all-softmax latency,
 the search's front plan and the heuristic's plan with the least KL at or under it (KL at `--rank-by`, a rung
 already in the study, e.g. the `--factor 2` run's, else the proxy), beside all-softmax; their retrieval
-exact match and answer NLL are printed side by side.
+exact match and answer NLL side by side (results file `holdout_retrieval`).
 
-Prints, at the proxy and at the hold-out rung: how many front plans stay non-dominated (among the front plans,
-and among front plus heuristic plans), and the hypervolume (KL vs predicted latency, reference point
-1.05 x all-softmax latency and `--max-kl`) of the search's front plans and of the heuristic's plans, with
-their ratio. Pass the search's own overrides after the options so the same model, bank and settings are used.
+Without `--needles` (results file `holdout`), at the proxy and at the hold-out rung: how many front plans stay
+non-dominated (among the front plans, and among front plus heuristic plans), and the hypervolume (KL vs
+predicted latency, reference point 1.05 x all-softmax latency and `--max-kl`) of the search's front plans and
+of the heuristic's plans, with their ratio. Pass the search's own `key=value` overrides so the same model, bank
+and settings are used.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import optuna
 
-from layerboost.config import compose
+from harness import Script, run
 from layerboost.settings import search_settings
-from layerboost_core.logs import quiet_libraries
 from layerboost_core.pareto import hypervolume_2d
 from layerboost_core.workbench import attach_bank, bank_id_or_none, open_workbench
 from layerboost_search.study import LABEL_ATTR, PLAN_ATTR, storage_url, study_name
@@ -71,20 +72,23 @@ def picks_at_targets(study, front, heuristic, softmax, targets, rank_by):
     return picks
 
 
-def print_retrieval(picks, measured) -> None:
+def retrieval_rows(picks, measured) -> list[list]:
+    """Per pick: target, where from, trial, latency, KL, retrieval exact match (and kept share of all-softmax's),
+    answer NLL, plan."""
     base = measured.get(picks[0][2].number, {}).get("metrics", {})
-    print(f"\n{'target':>6} {'plan from':>10} {'trial':>6} {'latency':>8} {'KL':>7} {'retrieval_acc':>14} "
-          f"{'kept':>6} {'retrieval_nll':>14}  plan")
+    rows = []
     for target, kind, t in picks:
         m = measured.get(t.number, {}).get("metrics", {})
         acc, nll = m.get("retrieval_acc", float("nan")), m.get("retrieval_nll", float("nan"))
         kept = acc / base["retrieval_acc"] if base.get("retrieval_acc") else float("nan")
-        print(f"{target:>6g} {kind:>10} {t.number:>6} {t.values[1]:>8.3f} {m.get('kl', float('nan')):>7.4f} "
-              f"{acc:>14.3f} {kept:>6.0%} {nll:>14.3f}  {t.user_attrs[PLAN_ATTR]}")
+        rows.append([target, kind, t.number, t.values[1], m.get("kl", float("nan")), acc, kept, nll,
+                     t.user_attrs[PLAN_ATTR]])
+    return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="holdout", title="The front on a source the search never saw")
+    parser = script.parser
     parser.add_argument("--study", default=None, help="study name (default: derived from the overrides, as the search does)")
     parser.add_argument("--source", default="builtin:news", help="held-out source the search did not use")
     parser.add_argument("--factor", type=float, default=2.0, help="block length as a multiple of workload.prefill")
@@ -97,12 +101,10 @@ def main() -> None:
                              "in the study, else the proxy)")
     parser.add_argument("--max-kl", type=float, default=1.0,
                         help="KL of the hypervolume's reference point (plans worse count for nothing)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    quiet_libraries()
+    args, cfg = script.parse(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    settings = search_settings(compose(args.overrides))
+    settings = search_settings(cfg)
     rung = RungSettings(name=f"holdout-{args.source.replace(':', '-')}-x{args.factor:g}", factor=args.factor,
                         blocks=args.blocks, source=args.source, needles=args.needles)
     settings = dataclasses.replace(settings, fidelity=dataclasses.replace(settings.fidelity, rungs=(rung,)))
@@ -126,12 +128,22 @@ def main() -> None:
         climb(study, runner, candidates, [rung], lambda t: t.user_attrs[PLAN_ATTR], settings.workbench.progress)
     finally:
         runner.close()
-    print(f"re-measured {len(candidates)} plans at {rung.name} ({rung.blocks} block(s) of "
-          f"{rung.seq_len(settings.workload.prefill)} tokens from {rung.source}) in {time.perf_counter() - started:.0f} s")
+    seconds = time.perf_counter() - started
+    measured_where = (f"{len(candidates)} plans re-measured at {rung.name} ({rung.blocks} block(s) of "
+                      f"{rung.seq_len(settings.workload.prefill)} tokens from {rung.source}) in {seconds:.0f} s; "
+                      f"study {name}: {len(done)} plans evaluated, {len(front)} on the proxy front, "
+                      f"{len(heuristic)} heuristic")
 
     measured = rung_scores(study).get(rung.name, {})
     if args.needles:
-        print_retrieval(picks, measured)
+        results = script.results("holdout_retrieval", "Retrieval of the plans a user would pick, on a held-out source")
+        results.describe(bench.loaded.device, bench.loaded.dtype)
+        rows = retrieval_rows(picks, measured)
+        columns = ["target", "plan from", "trial", "latency s", "KL", "retrieval_acc", "kept", "retrieval_nll", "plan"]
+        results.add_run({"picks": [dict(zip(columns, row)) for row in rows], "seconds": seconds})
+        results.table(f"Retrieval at {rung.name} ({args.needles} needle rows)", columns, rows)
+        results.note(measured_where)
+        results.write()
         return
     latency = {t.number: t.values[1] for t in candidates}
     fidelities = {"proxy": {t.number: (latency[t.number], t.values[0]) for t in candidates},
@@ -140,9 +152,7 @@ def main() -> None:
     heuristic_numbers = {t.number for t in heuristic}
     reference = (max(latency[t.number] for t in softmax) * 1.05 if softmax else max(latency.values()) * 1.05,
                  args.max_kl)
-    print(f"hypervolume reference: latency {reference[0]:.3f} s (1.05 x all-softmax), KL {reference[1]:g}\n")
-    print(f"{'fidelity':>28} {'front kept (front)':>19} {'front kept (+heur.)':>20} {'HV search':>10} "
-          f"{'HV heuristic':>13} {'ratio':>6}")
+    per_fidelity, rows = {}, []
     for fidelity, points in fidelities.items():
         on_front = {n: p for n, p in points.items() if n in front_numbers}
         alone = non_dominated(on_front, on_front)
@@ -150,15 +160,32 @@ def main() -> None:
         hv_search = hypervolume_2d(list(on_front.values()), reference)
         hv_heuristic = hypervolume_2d([p for n, p in points.items() if n in heuristic_numbers], reference)
         ratio = hv_search / hv_heuristic if hv_heuristic else float("inf")
-        print(f"{fidelity:>28} {len(alone):>8}/{len(on_front):<3} ({len(alone) / max(len(on_front), 1):4.0%}) "
-              f"{len(with_heuristic):>8}/{len(on_front):<3} ({len(with_heuristic) / max(len(on_front), 1):4.0%}) "
-              f"{hv_search:>10.4f} {hv_heuristic:>13.4f} {ratio:>6.3f}")
-    print("\nper plan (latency s, proxy KL, hold-out KL):")
+        per_fidelity[fidelity] = {"front_plans": len(on_front), "front_kept": len(alone),
+                                  "front_kept_with_heuristic": len(with_heuristic), "hv_search": hv_search,
+                                  "hv_heuristic": hv_heuristic, "hv_ratio": ratio}
+        share = max(len(on_front), 1)
+        rows.append([fidelity, f"{len(alone)}/{len(on_front)} ({len(alone) / share:.0%})",
+                     f"{len(with_heuristic)}/{len(on_front)} ({len(with_heuristic) / share:.0%})",
+                     hv_search, hv_heuristic, ratio])
+    per_plan = []
     for t in sorted(candidates, key=lambda t: t.values[1]):
         kind = "front" if t.number in front_numbers else ("heuristic" if t.number in heuristic_numbers else "softmax")
-        held = measured.get(t.number, {}).get("metrics", {}).get("kl", float("nan"))
-        print(f"  #{t.number:<4} {kind:9s} {t.user_attrs[PLAN_ATTR]} {t.values[1]:.3f} {t.values[0]:.4f} {held:.4f}")
+        per_plan.append([t.number, kind, t.user_attrs[PLAN_ATTR], t.values[1], t.values[0],
+                         measured.get(t.number, {}).get("metrics", {}).get("kl", float("nan"))])
+    results = script.results()
+    results.describe(bench.loaded.device, bench.loaded.dtype)
+    results.add_run({"fidelity": per_fidelity, "reference": {"latency_s": reference[0], "kl": reference[1]},
+                     "seconds": seconds, "plans": per_plan})
+    results.table("Front plans kept non-dominated, and hypervolume of the search's front against the heuristic's",
+                  ["fidelity", "front kept (front)", "front kept (+heuristic)", "HV search", "HV heuristic", "ratio"],
+                  rows, note=f"hypervolume reference: latency {reference[0]:.3f} s (1.05 x all-softmax), KL "
+                             f"{reference[1]:g}")
+    results.table("Per plan", ["trial", "kind", "plan", "latency s", "proxy KL", "hold-out KL"], per_plan)
+    results.headline(f"search front's hypervolume over the heuristic's at {rung.name}",
+                     round(per_fidelity[rung.name]["hv_ratio"], 3), "x")
+    results.note(measured_where)
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
