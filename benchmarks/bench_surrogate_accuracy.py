@@ -7,11 +7,11 @@ study (N = 10, 20, 40, 60, ...), Spearman correlation of predicted and measured 
 
 Columns: `sensitivity` is the plain sum of single-swap scores (no fitting; a global scale does not change
 ranks, so it is also the fitted additive predictor's Spearman); `adjacent` / `all` are InteractionPredictor
-with pairs of adjacent layers / of all layers.
+with pairs of adjacent layers / of all layers. Results file `surrogate_accuracy` (`surrogate_accuracy_demo` with
+`--demo`). No model is loaded; `key=value` overrides are accepted (and recorded) like every script's.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
+from harness import Script, ints, run
 from layerboost_core.plan import LayerPlan
 from layerboost_search.study import PLAN_ATTR
 from layerboost_surrogates.accuracy import InteractionPredictor, SensitivityTable
@@ -92,15 +93,16 @@ def make_demo(directory: Path, num_layers: int = 16, count: int = 150, seed: int
     return storage, directory / "sensitivity.csv"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="surrogate_accuracy", title="Accuracy predictor")
+    parser = script.parser
     parser.add_argument("--storage", help="Optuna storage URL of the study")
     parser.add_argument("--study", help="study name (needed when the storage holds several)")
     parser.add_argument("--sensitivity", type=Path, help="sensitivity.csv or a sensitivity cache JSON")
     parser.add_argument("--metric", default="kl", help="proxy metric (lower is better, 0 for the original model)")
-    parser.add_argument("--sizes", default="10,20,40,60,80,120,160,240,320", help="training sizes N")
+    parser.add_argument("--sizes", type=ints, default=ints("10,20,40,60,80,120,160,240,320"), help="training sizes N")
     parser.add_argument("--demo", type=Path, help="write a synthetic study and sensitivity table here and use them")
-    args = parser.parse_args()
+    args, _ = script.parse(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.demo:
         args.storage, args.sensitivity = make_demo(args.demo)
@@ -109,11 +111,20 @@ def main() -> None:
         parser.error("--storage and --sensitivity are required (or --demo DIR)")
     trials = load_trials(args.storage, args.study, args.metric)
     table = SensitivityTable.of(load_sensitivity(args.sensitivity, args.metric), len(trials[0][0]), args.metric)
-    print(f"{len(trials)} distinct completed plans; Spearman(predicted, measured {args.metric}) on trials after the first N")
-    print(f"{'N':>5} {'held-out':>8} {'sensitivity':>11} {'adjacent':>9} {'all':>7}")
-    for row in accuracy_curve(trials, table, [int(s) for s in args.sizes.split(",")]):
-        print(f"{row['N']:>5} {row['held_out']:>8} {row['sensitivity']:>11.3f} {row['adjacent']:>9.3f} {row['all']:>7.3f}")
+    curve = accuracy_curve(trials, table, args.sizes)
+    results = script.results("surrogate_accuracy_demo" if args.demo else None,
+                             "Accuracy predictor on a synthetic study (known truth)" if args.demo else None)
+    results.add_run({"distinct_plans": len(trials), "by_size": {str(r["N"]): {k: v for k, v in r.items() if k != "N"}
+                                                                 for r in curve}})
+    results.table(f"Spearman(predicted, measured {args.metric}) on the trials after the first N "
+                  f"({len(trials)} distinct completed plans)", ["N", "held-out", "sensitivity", "adjacent", "all"],
+                  [[r["N"], r["held_out"], r["sensitivity"], r["adjacent"], r["all"]] for r in curve])
+    if curve:
+        results.headline(f"accuracy predictor (adjacent pairs) Spearman after {curve[-1]['N']} trials",
+                         round(curve[-1]["adjacent"], 3))
+    results.note(f"study {args.study or '(the only one)'} in {args.storage}; sensitivity {args.sensitivity}")
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
