@@ -2,24 +2,25 @@
 
     python benchmarks/gpu_check.py [--models smollm2,llama-1b] [--prefill-contexts 4096,16384]
                                    [--decode-context 16384] [--decode-batch 32] [--decode-tokens 16]
-                                   [--proxy-plans 20]
+                                   [--proxy-plans 20] [key=value ...]
 
 First the `linear` prefill's CUDA path (flex_attention, compiled) against the quadratic reference, fp32.
 Per model (SmolLM2-135M, and a Llama-3.2-1B-shaped config with random weights), bf16 on cuda:
 prefill time of all-linear against all-softmax at each prefill context (batch 1); decode tok/s at the decode
 context x batch, with the KV bytes and the peak memory (torch.cuda.max_memory_allocated) of each plan. Then
 evaluations per hour of the search's proxy on SmolLM2 (random softmax / linear / none plans; the `linear`
-parts are untrained: speed does not depend on their weights). Without a CUDA device it refuses: one line,
-exit status 2.
+parts are untrained: speed does not depend on their weights). The `linear` settings and the proxy's settings
+are the CLI's (`key=value` overrides); the proxy runs at the config's device and dtype (auto: cuda, bfloat16).
+Results file `gpu_check`. Without a CUDA device it refuses: one line, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 import time
 
 import torch
+
+from harness import Script, ints, run
 
 # Llama-3.2-1B's shape (tests/data/configs holds the 8B one).
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
@@ -28,27 +29,17 @@ LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, 
 MODELS = ("smollm2", "llama-1b")
 
 
-def ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+def models(text: str) -> tuple[str, ...]:
+    import argparse
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=lambda t: tuple(t.split(",")), default=MODELS,
-                        help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--prefill-contexts", type=ints, default=(4096, 16384))
-    parser.add_argument("--decode-context", type=int, default=16384)
-    parser.add_argument("--decode-batch", type=int, default=32)
-    parser.add_argument("--decode-tokens", type=int, default=16)
-    parser.add_argument("--proxy-plans", type=int, default=20, help="plans timed for evaluations per hour")
-    args = parser.parse_args(argv)
-    unknown = set(args.models) - set(MODELS)
+    names = tuple(text.split(","))
+    unknown = set(names) - set(MODELS)
     if unknown:
-        parser.error(f"--models: unknown {', '.join(sorted(unknown))}; allowed: {', '.join(MODELS)}")
-    return args
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(sorted(unknown))}; allowed: {', '.join(MODELS)}")
+    return names
 
 
-def flex_check() -> None:
+def flex_check() -> float:
     """Max abs difference of the CUDA prefill path (flex.py, compiled flex_attention) from naive.py, fp32,
     at 1,024 tokens, window 64, 4 sinks, GQA 2; the CPU test runs flex eagerly, this is the compiled kernel."""
     from layerboost_core.inference.linear_kernels import chunked_prefill
@@ -69,11 +60,11 @@ def flex_check() -> None:
     error = (got.cpu() - want).abs().max().item()
     print(f"linear prefill, flex path vs reference (fp32): max abs difference {error:.2e} "
           f"({'ok' if error < 1e-4 else 'ABOVE 1e-4'})")
+    return error
 
 
-def load(name: str):
-    """(model, PlanSwitcher) of `name` in bf16 on cuda, with the project's default `linear` settings."""
-    from layerboost.config import compose
+def load(name: str, options: dict):
+    """(model, PlanSwitcher) of `name` in bf16 on cuda, with the config's option settings."""
     from layerboost_core.models import load_model
     from layerboost_core.patch import PlanSwitcher
 
@@ -85,43 +76,41 @@ def load(name: str):
         torch.manual_seed(0)
         with torch.device("cuda"):  # random weights straight on the GPU: no 5 GB fp32 copy on the host
             model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16).eval()
-    linear = compose([]).attention.linear
-    settings = {"linear": {"window": int(linear.window), "feature_dim": int(linear.feature_dim),
-                           "sinks": int(linear.sinks)}}
-    return model, PlanSwitcher(model, settings)
+    return model, PlanSwitcher(model, options)
 
 
-def speed(name: str, args: argparse.Namespace) -> None:
+def speed(name: str, args, options: dict) -> dict:
     """Prefill ratios and decode throughput / memory of all-linear against all-softmax on one model."""
     from layerboost_core.bench import BenchSettings, measure_plans
     from layerboost_core.plan import LayerPlan
 
-    model, switcher = load(name)
+    model, switcher = load(name, options)
     n = switcher.num_layers
     plans = {"all-softmax": LayerPlan.uniform("softmax", n), "all-linear": LayerPlan.uniform("linear", n)}
     prefill = measure_plans(switcher, plans, BenchSettings(args.prefill_contexts, (1,), 2, 1000.0))
     decode = measure_plans(switcher, plans, BenchSettings((args.decode_context,), (args.decode_batch,),
                                                           args.decode_tokens, 1000.0))
-    print(f"\n{name}: {n} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, bf16")
+    out = {"layers": n, "parameters": sum(p.numel() for p in model.parameters()), "prefill": {}, "decode": {}}
     for context in args.prefill_contexts:
         row = {r["plan_label"]: r for r in prefill if r["context"] == context}
         soft, lin = row["all-softmax"]["prefill_s"], row["all-linear"]["prefill_s"]
-        print(f"  prefill {context:>6} tokens: softmax {soft:.3f} s, linear {lin:.3f} s, linear/softmax {lin / soft:.2f}")
+        out["prefill"][str(context)] = {"softmax_s": soft, "linear_s": lin, "linear_over_softmax": lin / soft}
     for r in decode:
-        print(f"  decode {r['context']} x batch {r['batch']} {r['plan_label']:>11}: {r['decode_tok_s']:8.0f} tok/s, "
-              f"KV {r['kv_bytes'] / 2**30:6.2f} GiB, peak {r['peak_bytes'] / 2**30:6.2f} GiB")
+        out["decode"][r["plan_label"]] = {"tok_s": r["decode_tok_s"], "kv_gib": r["kv_bytes"] / 2**30,
+                                          "peak_gib": r["peak_bytes"] / 2**30}
+    print(f"{name}: done")
     del model, switcher
     torch.cuda.empty_cache()
+    return out
 
 
-def proxy_rate(plans: int) -> None:
-    """Evaluations per hour of the search's proxy on SmolLM2 (the default proxy settings, on cuda)."""
-    from layerboost.config import compose
+def proxy_rate(cfg, plans: int) -> dict:
+    """Evaluations per hour of the search's proxy on the config's model (default SmolLM2; cuda, bf16)."""
     from layerboost.settings import workbench_settings
     from layerboost_core.plan import LayerPlan
     from layerboost_core.workbench import open_workbench
 
-    bench = open_workbench(workbench_settings(compose(["device=cuda", "dtype=bfloat16"])), with_bank=False)
+    bench = open_workbench(workbench_settings(cfg), with_bank=False)
     proxy = bench.proxy_evaluator()
     n, rng = bench.switcher.num_layers, random.Random(0)
     chosen = [LayerPlan(tuple(rng.choice(["softmax", "linear", "none"]) for _ in range(n))) for _ in range(plans + 1)]
@@ -133,25 +122,60 @@ def proxy_rate(plans: int) -> None:
         bench.switcher.apply(plan)
         proxy.evaluate()  # returns Python floats: synchronised
     seconds = (time.perf_counter() - started) / plans
-    print(f"\nproxy on SmolLM2: {seconds:.3f} s per plan = {3600 / seconds:.0f} evaluations per hour per GPU "
-          f"({plans} random plans, {bench.splits.heldout.shape[0]} held-out blocks)")
+    bench.switcher.restore()
+    return {"model": bench.info["name"], "seconds_per_plan": seconds, "evaluations_per_hour": 3600 / seconds,
+            "heldout_blocks": int(bench.splits.heldout.shape[0]), "heldout_tokens": int(bench.splits.heldout.shape[1]),
+            "dtype": str(bench.loaded.dtype)}
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); run it where a GPU is lent",
-              file=sys.stderr)
-        sys.exit(2)
-    from layerboost_core.logs import quiet_libraries
+    from layerboost.settings import workbench_settings
+    from layerboost_core.errors import UserError
 
-    quiet_libraries()
+    script = Script(__doc__, __file__, result="gpu_check", title="GPU check")
+    parser = script.parser
+    parser.add_argument("--models", type=models, default=MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--prefill-contexts", type=ints, default=(4096, 16384))
+    parser.add_argument("--decode-context", type=int, default=16384)
+    parser.add_argument("--decode-batch", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--proxy-plans", type=int, default=20, help="plans timed for evaluations per hour")
+    args, cfg = script.parse(argv)
+    if not torch.cuda.is_available():
+        raise UserError("device: no CUDA device here (torch.cuda.is_available() is False); run gpu_check where a "
+                        "GPU is lent")
+    options = workbench_settings(cfg).options
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    flex_check()
-    for name in args.models:
-        speed(name, args)
-    proxy_rate(args.proxy_plans)
+    flex_error = flex_check()
+    speeds = {name: speed(name, args, options) for name in args.models}
+    proxy = proxy_rate(cfg, args.proxy_plans)
+
+    results = script.results()
+    results.describe(torch.device("cuda"), torch.bfloat16)
+    results.add_run({"flex_max_abs_difference": flex_error, "models": speeds, "proxy": proxy})
+    results.table("Linear prefill, CUDA flex path against the quadratic reference (fp32, 1,024 tokens)",
+                  ["max abs difference", "within 1e-4"], [[flex_error, flex_error < 1e-4]])
+    results.table("Prefill, batch 1 (bf16)", ["model", "tokens", "softmax s", "linear s", "linear / softmax"],
+                  [[name, int(c), p["softmax_s"], p["linear_s"], p["linear_over_softmax"]]
+                   for name, s in speeds.items() for c, p in s["prefill"].items()])
+    results.table(f"Decode at {args.decode_context:,} tokens x batch {args.decode_batch} (bf16)",
+                  ["model", "plan", "tok/s", "KV GiB", "peak GiB"],
+                  [[name, plan, d["tok_s"], d["kv_gib"], d["peak_gib"]]
+                   for name, s in speeds.items() for plan, d in s["decode"].items()])
+    results.table("Proxy evaluations", ["model", "seconds per plan", "evaluations per hour per GPU", "held-out",
+                                        "dtype"],
+                  [[proxy["model"], proxy["seconds_per_plan"], round(proxy["evaluations_per_hour"]),
+                    f"{proxy['heldout_blocks']} x {proxy['heldout_tokens']} tokens", proxy["dtype"]]])
+    longest = str(max(args.prefill_contexts))
+    for name, s in speeds.items():
+        results.headline(f"{name}: all-linear prefill time over all-softmax's at {int(longest):,} tokens (GPU)",
+                         round(s["prefill"][longest]["linear_over_softmax"], 3), "x")
+        decode = s["decode"]
+        results.headline(f"{name}: all-linear decode speed-up at {args.decode_context:,} x {args.decode_batch} (GPU)",
+                         round(decode["all-linear"]["tok_s"] / decode["all-softmax"]["tok_s"], 2), "x")
+    results.headline("proxy evaluations per hour per GPU", round(proxy["evaluations_per_hour"]), "per hour")
+    results.write()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
