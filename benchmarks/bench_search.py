@@ -1,15 +1,15 @@
-"""Search quality on SmolLM2 at proxy fidelity: hypervolume of the front (KL vs predicted latency, one
-fixed reference point) reached by the paper's threshold heuristic, random search, NSGA-II, TPE and our
-default search (TPE multivariate + seeds + surrogate proposals, as `python search.py` runs it), and the same
-with the surrogate off, at equal numbers of evaluations. The last row is the front of every plan evaluated
-by any method (an empirical ceiling for all of them).
+"""Search quality at proxy fidelity: hypervolume of the front reached by each search method, equal evaluations.
 
     python benchmarks/bench_search.py [--budgets 30,60,120] [--max-kl 1.0] [--cache-file F] [key=value ...]
 
-Every method runs in this process on one shared evaluation cache (a plan evaluated by one method is not
-re-evaluated by another; evaluation is deterministic), so the comparison costs one evaluation per distinct
-plan. The settings are the search's (`key=value` overrides as for `search.py`). Writes the hypervolume table
-with ratios to the heuristic.
+The hypervolume of the front (KL vs predicted latency, one fixed reference point) reached by the paper's
+threshold heuristic, random search, NSGA-II, TPE and our default search (TPE multivariate + seeds + surrogate
+proposals, as `python search.py` runs it), and the same with the surrogate off, at equal numbers of
+evaluations (the default model: SmolLM2). The last row is the front of every plan evaluated by any method (an
+empirical ceiling for all of them). Every method runs in this process on one shared evaluation cache (a plan
+evaluated by one method is not re-evaluated by another; evaluation is deterministic), so the comparison costs
+one evaluation per distinct plan. The settings are the search's (`key=value` overrides as for `search.py`).
+Writes the hypervolume table with ratios to the heuristic.
 """
 from __future__ import annotations
 

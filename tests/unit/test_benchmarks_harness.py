@@ -2,6 +2,8 @@
 holding their context, RESULTS.md and README's headline block built from them (and checked)."""
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 import subprocess
 import sys
@@ -127,3 +129,23 @@ def test_committed_document_matches_the_committed_results():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_doc.py"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name.startswith("bench_") or p.name == "gpu_check.py")
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_every_script_runs_on_the_harness(path, capsys):
+    """Each script's docstring opens with the command that runs it, and it parses through the harness (its
+    --help is the harness's usage line plus its own flags)."""
+    source = path.read_text()
+    doc = ast.get_docstring(ast.parse(source))
+    assert f"python benchmarks/{path.name}" in "\n".join(doc.splitlines()[:8]), "the command opens the docstring"
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    run(main)')
+    module = importlib.import_module(path.stem)
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python benchmarks/{path.name} [--flag ...] [key=value ...]")
+    assert "--result NAME" in out
