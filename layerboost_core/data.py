@@ -151,19 +151,27 @@ def split_of(document: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1]
 
 
-def token_blocks(tokenizer, docs, seq_len: int, max_blocks: int | None) -> torch.Tensor:
-    """Concatenate documents (EOS between them) and cut into (N, seq_len) blocks; the tail is dropped."""
+def _blocks(stream: list[int], seq_len: int, max_blocks: int | None) -> torch.Tensor:
+    """The (N, seq_len) blocks a token stream gives (at most `max_blocks`); the tail is dropped."""
+    usable = len(stream) // seq_len if max_blocks is None else min(len(stream) // seq_len, max_blocks)
+    return torch.tensor(stream[: usable * seq_len], dtype=torch.long).view(usable, seq_len)
+
+
+def token_stream(tokenizer, docs, n_tokens: int | None) -> list[int]:
+    """Documents concatenated (EOS between them) until at least `n_tokens` tokens (None: all of them)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    needed = None if max_blocks is None else max_blocks * seq_len
     for doc in docs:
-        stream += tokenizer(doc, add_special_tokens=False).input_ids + [eos]
-        if needed is not None and len(stream) >= needed:
+        if n_tokens is not None and len(stream) >= n_tokens:
             break
-    usable = len(stream) // seq_len
-    if max_blocks is not None:
-        usable = min(usable, max_blocks)
-    return torch.tensor(stream[: usable * seq_len], dtype=torch.long).view(usable, seq_len)
+        stream += tokenizer(doc, add_special_tokens=False).input_ids + [eos]
+    return stream
+
+
+def token_blocks(tokenizer, docs, seq_len: int, max_blocks: int | None) -> torch.Tensor:
+    """Concatenate documents (EOS between them) and cut into (N, seq_len) blocks; the tail is dropped."""
+    return _blocks(token_stream(tokenizer, docs, None if max_blocks is None else max_blocks * seq_len), seq_len,
+                   max_blocks)
 
 
 def _hash_order(docs, salt: str) -> list[str]:
@@ -172,16 +180,15 @@ def _hash_order(docs, salt: str) -> list[str]:
     return sorted(docs, key=lambda doc: hashlib.sha256(f"{salt}\0{doc}".encode()).digest())
 
 
-def mixed_token_blocks(tokenizer, sources: dict[str, list[str]], seq_len: int, max_blocks: int | None) -> torch.Tensor:
-    """(N, seq_len) blocks drawing on every source: each source's documents in hash order, and the next
-    document always from the source with the fewest tokens so far (ties: the first source), so tokens are
-    spread evenly over sources whatever their document lengths. EOS between documents; the tail is dropped."""
+def mixed_token_stream(tokenizer, sources: dict[str, list[str]], n_tokens: int | None) -> list[int]:
+    """At least `n_tokens` tokens (None: all) drawing on every source: each source's documents in hash order,
+    and the next document always from the source with the fewest tokens so far (ties: the first source), so
+    tokens are spread evenly over sources whatever their document lengths. EOS between documents."""
     queues = {name: _hash_order(docs, "mixed-blocks") for name, docs in sources.items() if docs}
     taken = {name: 0 for name in queues}
     tokens = {name: 0 for name in queues}
     stream: list[int] = []
-    needed = None if max_blocks is None else max_blocks * seq_len
-    while queues and (needed is None or len(stream) < needed):
+    while queues and (n_tokens is None or len(stream) < n_tokens):
         name = min(queues, key=lambda n: tokens[n])
         ids = tokenizer(queues[name][taken[name]], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
         stream += ids
@@ -189,8 +196,43 @@ def mixed_token_blocks(tokenizer, sources: dict[str, list[str]], seq_len: int, m
         taken[name] += 1
         if taken[name] == len(queues[name]):
             del queues[name]
-    usable = len(stream) // seq_len if max_blocks is None else min(len(stream) // seq_len, max_blocks)
-    return torch.tensor(stream[: usable * seq_len], dtype=torch.long).view(usable, seq_len)
+    return stream
+
+
+def mixed_token_blocks(tokenizer, sources: dict[str, list[str]], seq_len: int, max_blocks: int | None) -> torch.Tensor:
+    """(N, seq_len) blocks of `mixed_token_stream`; the tail is dropped."""
+    return _blocks(mixed_token_stream(tokenizer, sources, None if max_blocks is None else max_blocks * seq_len),
+                   seq_len, max_blocks)
+
+
+def heldout_sections(tokenizer, source: str, sections: list[tuple[int, int]], fractions: dict | None = None,
+                     text_field: str = "text", mix_sources: bool = True) -> list[torch.Tensor]:
+    """Consecutive, disjoint stretches of the held-out split's token stream, cut into blocks: section i is
+    `count` blocks of `length` tokens, taken after every section before it. The stream is the one
+    `make_splits` cuts its held-out blocks from (mixed over the sources, or in source order), so with the
+    search's proxy blocks as section 0, later sections are text the proxy never scored. A section the text
+    cannot fill comes back with fewer blocks."""
+    fractions = dict(fractions or {"calibration": 0.1, "train": 0.6, "heldout": 0.3})
+    by_source = _heldout_documents(source, fractions, text_field)
+    needed = sum(count * length for count, length in sections)
+    stream = (mixed_token_stream(tokenizer, by_source, needed) if mix_sources
+              else token_stream(tokenizer, [d for docs in by_source.values() for d in docs], needed))
+    out, offset = [], 0
+    for count, length in sections:
+        part = _blocks(stream[offset:offset + count * length], length, count)
+        out.append(part)
+        offset += count * length
+    return out
+
+
+def _heldout_documents(source: str, fractions: dict, text_field: str) -> dict[str, list[str]]:
+    """The held-out split's documents per sub-source, in source order."""
+    out: dict[str, list[str]] = {}
+    for source_name, docs in load_sources(source, text_field).items():
+        for doc in docs:
+            if split_of(doc, fractions) == "heldout":
+                out.setdefault(source_name, []).append(doc)
+    return out
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Proxy quality metrics of a patched model against the original, on held-out text and on needle rows.
+"""Proxy quality metrics of a patched model against the original, on held-out blocks with planted facts.
 
 The original model's next-token distributions are computed once and kept (probabilities, sum p log p, argmax
 and NLL per token). Evaluating a plan is then one forward pass plus a few elementwise passes over the logits.
@@ -11,7 +11,8 @@ By default only the original's top-k tokens per position are kept, plus the mass
 KL = sum_topk p_i (log p_i - log q_i) + r (log r - log q_rest), q_rest being q's mass outside the top k:
 the tail is one bucket, so the value is a lower bound of the exact KL (log-sum inequality: merging outcomes
 never increases a KL), short by r times the KL between the two tails renormalised.
-Retrieval metrics score needle rows (needles.py): a fact planted in held-out text, queried at the end.
+Retrieval metrics score the facts planted in the same blocks (facts.py) from the same forward: token metrics
+are averaged over the positions whose next token is original text only, retrieval metrics over the facts.
 Each metric declares its direction, so objectives and reports derive from the declaration.
 """
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Callable
 import torch
 
 from .errors import UserError
-from .needles import NeedleSet
+from .facts import PlantedBlocks
 from .registry import Registry
 
 # Part of every cache key and study name built on metric values: bump it when a metric's numbers change.
 # 2: exact KL sum (v1 had a ~1e-3 nats/token floor, see the module docstring). 3: top-k reference by default
-# (KL a lower bound of v2's, see ProxyEvaluator), retrieval metrics.
-METRICS_VERSION = 3
+# (KL a lower bound of v2's, see ProxyEvaluator), retrieval metrics. 4: facts planted in the held-out blocks
+# (token metrics skip their positions; retrieval from the same forward).
+METRICS_VERSION = 4
 
 
 @dataclass
@@ -42,8 +44,8 @@ class TokenStats:
 
 
 @dataclass
-class NeedleStats:
-    """Per needle row (N,): how the plan answers the question about the planted fact (see needles.py)."""
+class FactStats:
+    """Per planted fact (F,): how the plan answers the query about it (see facts.py)."""
 
     nll: torch.Tensor  # mean -log q(answer token) over the answer's tokens, teacher-forced
     hit: torch.Tensor  # 1.0 where the argmax is the answer token at every answer position
@@ -52,12 +54,12 @@ class NeedleStats:
 @dataclass(frozen=True)
 class ProxyMetric:
     """A quantity averaged over held-out tokens (`over` 'tokens': `values` maps TokenStats to per-token
-    values) or over needle rows (`over` 'needles': `values` maps NeedleStats to per-row values).
+    values) or over planted facts (`over` 'facts': `values` maps FactStats to per-fact values).
     `direction` is 'minimize' or 'maximize'."""
 
     name: str
     direction: str
-    values: Callable[[TokenStats | NeedleStats], torch.Tensor]
+    values: Callable[[TokenStats | FactStats], torch.Tensor]
     description: str = ""
     over: str = "tokens"
 
@@ -74,9 +76,11 @@ _register(ProxyMetric("nll", "minimize", lambda s: s.nll, "negative log-likeliho
 _register(ProxyMetric("nll_delta", "minimize", lambda s: s.nll - s.nll_original, "NLL increase over the original"))
 _register(ProxyMetric("top1_agreement", "maximize", lambda s: s.agree, "fraction of tokens whose argmax matches the original"))
 _register(ProxyMetric("retrieval_nll", "minimize", lambda s: s.nll, "NLL of a planted fact's answer, nats/token "
-                      "(mean over needle rows)", over="needles"))
-_register(ProxyMetric("retrieval_acc", "maximize", lambda s: s.hit, "fraction of needle rows whose answer the "
-                      "plan reproduces exactly (teacher-forced argmax)", over="needles"))
+                      "(mean over facts)", over="facts"))
+_register(ProxyMetric("retrieval_acc", "maximize", lambda s: s.hit, "fraction of planted facts whose answer the "
+                      "plan reproduces exactly (teacher-forced argmax)", over="facts"))
+
+RETRIEVAL_METRICS = tuple(n for n in PROXY_METRICS.names() if PROXY_METRICS.get(n).over == "facts")
 
 
 # Floor of the student's tail mass in the top-k KL: finite logits never give 0, but fp32 exp can underflow.
@@ -179,15 +183,21 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor, reference: _Referen
     return TokenStats(kl=torch.cat(kl, 1), nll=torch.cat(nll, 1), nll_original=reference.nll, agree=agree)
 
 
-def needle_stats(logits: torch.Tensor, targets: torch.Tensor, answer_len: torch.Tensor) -> NeedleStats:
-    """Per-row answer NLL and exact match from the last A positions' `logits` (B, A, V), which predict
-    `targets` (B, A); row i's answer is its last `answer_len[i]` targets (the rest is question text)."""
-    width = targets.shape[1]
-    mask = torch.arange(width, device=targets.device) >= (width - answer_len.to(targets.device)).unsqueeze(1)  # (B, A)
-    z = logits.float()
-    nll = _target_nll(z, torch.logsumexp(z, dim=-1), targets)  # (B, A)
-    right = (z.argmax(dim=-1) == targets) | ~mask  # (B, A): question positions always count as right
-    return NeedleStats(nll=(nll * mask).sum(1) / mask.sum(1), hit=right.all(1).float())
+def fact_stats(logits: torch.Tensor, ids: torch.Tensor, answer_start: torch.Tensor,
+               answer_len: torch.Tensor) -> FactStats:
+    """Per-fact answer NLL and exact match of the blocks `ids` (B, S) from their next-token `logits`
+    (B, S-1, V): fact f of row b is answered by tokens answer_start[b, f] ... + answer_len[b, f] - 1, each
+    predicted at the position before it. Facts in row-major order (B * F,)."""
+    nll, hit = [], []
+    for row in range(ids.shape[0]):
+        for start, length in zip(answer_start[row].tolist(), answer_len[row].tolist()):
+            z = logits[row, start - 1:start - 1 + length].float()  # (A, V)
+            target = ids[row, start:start + length].to(z.device)
+            nll.append(_target_nll(z, torch.logsumexp(z, dim=-1), target).mean())
+            hit.append((z.argmax(dim=-1) == target).all().float())
+    if not nll:
+        return FactStats(nll=logits.new_zeros(0), hit=logits.new_zeros(0))
+    return FactStats(nll=torch.stack(nll), hit=torch.stack(hit))
 
 
 # Measured on SmolLM2 at 2,048 tokens (benchmarks/bench_long_context.py, plan SSSSSNNNNSSSSSSSSNSSSSSSSNNSSN,
@@ -196,88 +206,108 @@ def needle_stats(logits: torch.Tensor, targets: torch.Tensor, answer_len: torch.
 DEFAULT_TOP_K = 1024
 
 
-class ProxyEvaluator:
-    """Scores the model's current plan against the original on fixed held-out blocks, and on needle rows.
+@dataclass
+class Measurement:
+    """A plan's proxy metrics: `metrics` {name: mean} (token metrics over every scored token, retrieval over
+    every fact), `per_block` {token metric: [mean per block]} and `per_fact` {retrieval metric: [per fact]},
+    the samples intervals are drawn from (bootstrap over blocks, binomial over facts)."""
 
-    Build it while the model is unpatched (all-softmax): the constructor caches the original distributions.
-    `reference_top_k` keeps only the original's k most likely tokens per position plus the remaining mass
-    (None: the whole distribution, B x S x V floats, 16.8 GB at 16 x 2,048 tokens of a 128k vocabulary).
-    The top-k KL treats the other tokens as one bucket: by the log-sum inequality it is a lower bound of the
-    exact KL, equal when k covers the vocabulary. `needles` (see needles.py) adds the retrieval metrics.
+    metrics: dict[str, float]
+    per_block: dict[str, list[float]]
+    per_fact: dict[str, list[float]]
+
+    def as_dict(self) -> dict:
+        return {"metrics": self.metrics, "per_block": self.per_block, "per_fact": self.per_fact}
+
+
+class ProxyEvaluator:
+    """Scores the model's current plan against the original on fixed held-out blocks with planted facts.
+
+    Build it while the model is unpatched (all-softmax): the constructor caches the original distributions,
+    and the original's own retrieval (`original`, `original_per_fact`). `blocks`: `PlantedBlocks` (facts.py),
+    or a plain (N, S) tensor of token ids (no facts, every position scored). `reference_top_k` keeps only
+    the original's k most likely tokens per position plus the remaining mass (None: the whole distribution,
+    B x S x V floats, 16.8 GB at 16 x 2,048 tokens of a 128k vocabulary). The top-k KL treats the other
+    tokens as one bucket: by the log-sum inequality it is a lower bound of the exact KL, equal when k covers
+    the vocabulary.
     """
 
-    def __init__(self, model, blocks: torch.Tensor, batch_size: int = 4, reference_top_k: int | None = DEFAULT_TOP_K,
-                 needles: NeedleSet | None = None):
+    def __init__(self, model, blocks: PlantedBlocks | torch.Tensor, batch_size: int = 4,
+                 reference_top_k: int | None = DEFAULT_TOP_K):
         if reference_top_k is not None and reference_top_k < 1:
             raise UserError(f"proxy.reference_top_k: {reference_top_k}; allowed: an integer >= 1, or None (exact)")
         self.model = model
-        self.blocks = blocks
+        self.blocks = blocks if isinstance(blocks, PlantedBlocks) else PlantedBlocks.plain(blocks)
         self.batch_size = batch_size
         self.reference_top_k = reference_top_k
-        self.needles = needles
         self.device = model.get_input_embeddings().weight.device
         self.reference: list[_Reference] = []
-        for targets, logits in self._logits():
-            self.reference.append(reference_of(logits, targets, reference_top_k))
+        facts = []
+        for rows, ids, logits in self._logits():
+            self.reference.append(reference_of(logits, ids[:, 1:], reference_top_k))
+            facts.append(self._facts_of(rows, ids, logits))
+        self.original_per_fact = {m.name: torch.cat([m.values(f) for f in facts]).tolist() for m in self._retrieval()}
+        self.original = {name: sum(v) / len(v) for name, v in self.original_per_fact.items()}
+
+    @property
+    def has_facts(self) -> bool:
+        return self.blocks.num_facts > 0
+
+    def _retrieval(self) -> list[ProxyMetric]:
+        return [PROXY_METRICS.get(n) for n in RETRIEVAL_METRICS] if self.has_facts else []
 
     def _logits(self):
-        """Per batch, (targets (B, S-1), next-token logits (B, S-1, V)) of the model as it is now."""
-        for start in range(0, self.blocks.shape[0], self.batch_size):
-            ids = self.blocks[start:start + self.batch_size].to(self.device)
+        """Per batch, (its rows, ids (B, S), next-token logits (B, S-1, V)) of the model as it is now."""
+        for start in range(0, self.blocks.num_blocks, self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            ids = self.blocks.input_ids[rows].to(self.device)
             with torch.inference_mode():
-                yield ids[:, 1:], self.model(input_ids=ids[:, :-1], use_cache=False).logits
+                yield rows, ids, self.model(input_ids=ids[:, :-1], use_cache=False).logits
 
-    def _needle_logits(self):
-        """Per batch of needle rows, (targets (B, A), logits (B, A, V)) of the last A = longest-answer positions
-        only: the rest of the row is context, and its logits would be B x context x V floats."""
-        width = int(self.needles.answer_len.max())
-        for start in range(0, self.needles.input_ids.shape[0], self.batch_size):
-            ids = self.needles.input_ids[start:start + self.batch_size].to(self.device)
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids[:, :-1], use_cache=False, logits_to_keep=width).logits
-            yield ids[:, -width:], logits, self.needles.answer_len[start:start + self.batch_size]
+    def _facts_of(self, rows: slice, ids, logits) -> FactStats:
+        with torch.inference_mode():
+            return fact_stats(logits, ids, self.blocks.answer_start[rows], self.blocks.answer_len[rows])
 
     def _chosen(self, metrics) -> list[ProxyMetric]:
         """The metrics named (None: every metric this evaluator can compute)."""
         if metrics is None:
             return [PROXY_METRICS.get(n) for n in PROXY_METRICS.names()
-                    if self.needles is not None or PROXY_METRICS.get(n).over == "tokens"]
+                    if self.has_facts or PROXY_METRICS.get(n).over == "tokens"]
         chosen = [PROXY_METRICS.get(n) for n in metrics]
         for metric in chosen:
-            if metric.over == "needles" and self.needles is None:
-                raise UserError(f"proxy metric: {metric.name!r} needs needle rows; this evaluator has none "
-                                f"(ProxyEvaluator(..., needles=make_needles(...)))")
+            if metric.over == "facts" and not self.has_facts:
+                raise UserError(f"proxy metric: {metric.name!r} needs planted facts; these blocks have none "
+                                f"(proxy.facts >= 1)")
         return chosen
 
-    def _token_means(self, chosen: list[ProxyMetric]) -> dict[str, float]:
-        totals = {m.name: 0.0 for m in chosen}
-        count = 0
-        for reference, (targets, logits) in zip(self.reference, self._logits()):
+    def measure(self, metrics=None) -> Measurement:
+        """Every metric (or those named) of the current plan, with the per-block and per-fact values."""
+        chosen = self._chosen(metrics)
+        on_tokens = [m for m in chosen if m.over == "tokens"]
+        on_facts = [m for m in chosen if m.over == "facts"]
+        per_block = {m.name: [] for m in on_tokens}
+        per_fact = {m.name: [] for m in on_facts}
+        totals, count = {m.name: 0.0 for m in on_tokens}, 0
+        for reference, (rows, ids, logits) in zip(self.reference, self._logits()):
             with torch.inference_mode():
-                stats = token_stats(logits, targets, reference)
-                for metric in chosen:
-                    totals[metric.name] += metric.values(stats).sum().item()
-            count += targets.numel()
-        return {name: total / count for name, total in totals.items()}
-
-    def _needle_means(self, chosen: list[ProxyMetric]) -> dict[str, float]:
-        totals = {m.name: 0.0 for m in chosen}
-        for targets, logits, answer_len in self._needle_logits():
-            with torch.inference_mode():
-                stats = needle_stats(logits, targets, answer_len)
-                for metric in chosen:
-                    totals[metric.name] += metric.values(stats).sum().item()
-        return {name: total / self.needles.input_ids.shape[0] for name, total in totals.items()}
+                if on_tokens:
+                    stats = token_stats(logits, ids[:, 1:], reference)
+                    mask = self.blocks.scored[rows].to(logits.device).float()  # (B, S-1): original text only
+                    tokens = mask.sum(1)
+                    for metric in on_tokens:
+                        sums = (metric.values(stats) * mask).sum(1)
+                        per_block[metric.name] += (sums / tokens).tolist()
+                        totals[metric.name] += sums.sum().item()
+                    count += int(tokens.sum().item())
+                if on_facts:
+                    facts = self._facts_of(rows, ids, logits)
+                    for metric in on_facts:
+                        per_fact[metric.name] += metric.values(facts).tolist()
+        values = {name: total / count for name, total in totals.items()}
+        values.update({name: sum(v) / len(v) for name, v in per_fact.items()})
+        return Measurement({m.name: values[m.name] for m in chosen}, per_block, per_fact)
 
     def evaluate(self, metrics=None) -> dict[str, float]:
-        """Every metric (or those named) of the current plan: token metrics averaged over held-out tokens,
-        retrieval metrics over needle rows. Only the forwards the chosen metrics need are run."""
-        chosen = self._chosen(metrics)
-        values: dict[str, float] = {}
-        on_tokens = [m for m in chosen if m.over == "tokens"]
-        on_needles = [m for m in chosen if m.over == "needles"]
-        if on_tokens:
-            values.update(self._token_means(on_tokens))
-        if on_needles:
-            values.update(self._needle_means(on_needles))
-        return {m.name: values[m.name] for m in chosen}
+        """Every metric (or those named) of the current plan: token metrics averaged over the held-out tokens
+        that are original text, retrieval metrics over the planted facts; one forward per batch of blocks."""
+        return self.measure(metrics).metrics

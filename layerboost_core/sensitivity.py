@@ -84,16 +84,27 @@ def cached_sensitivity_rows(key_parts: tuple, num_layers: int, score_plans, opti
 
 
 def sensitivity_heatmap(rows: list[dict], path: Path, metric: str = "kl", title: str = "") -> None:
-    """A layer x option heatmap (plotly HTML) of one metric from sensitivity rows."""
+    """Layer x option heatmaps (plotly HTML) of sensitivity rows: `metric` and, where the rows have retrieval
+    metrics, the retrieval each swap keeps beside it (the layers retrieval lives in, which KL does not show)."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     options = sorted({r["option"] for r in rows})
     layers = sorted({r["layer"] for r in rows})
-    value = {(r["layer"], r["option"]): r[metric] for r in rows}
-    z = [[value[(layer, option)] for layer in layers] for option in options]
-    fig = go.Figure(go.Heatmap(z=z, x=layers, y=options, colorscale="Viridis", colorbar=dict(title=metric),
-                               hovertemplate="layer %{x}, %{y}: %{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title or f"single-layer swap sensitivity ({metric})", xaxis_title="layer",
-                      yaxis_title="option swapped in alone", template="plotly_white")
+    panels = [(metric, "Viridis", f"{metric} (lower: the swap costs less)")]
+    if all(r.get("retrieval_acc") is not None for r in rows):
+        panels.append(("retrieval_acc", "RdYlGn", "retrieval_acc: planted facts still found (higher is better)"))
+    fig = make_subplots(rows=len(panels), cols=1, subplot_titles=[p[2] for p in panels], vertical_spacing=0.18)
+    for index, (name, scale, _) in enumerate(panels, start=1):
+        value = {(r["layer"], r["option"]): r[name] for r in rows}
+        z = [[value[(layer, option)] for layer in layers] for option in options]
+        fig.add_trace(go.Heatmap(z=z, x=layers, y=options, colorscale=scale,
+                                 colorbar=dict(title=name, len=1 / len(panels), y=1 - (index - 0.5) / len(panels)),
+                                 hovertemplate=f"layer %{{x}}, %{{y}}: {name} %{{z:.4f}}<extra></extra>"),
+                      row=index, col=1)
+        fig.update_xaxes(title_text="layer", row=index, col=1)
+        fig.update_yaxes(title_text="option swapped in alone", row=index, col=1)
+    fig.update_layout(title=title or f"single-layer swap sensitivity ({metric})", template="plotly_white",
+                      height=320 * len(panels))
     with atomic_path(path) as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True)

@@ -55,15 +55,18 @@ class ProxySettings:
     # The original's top-k probabilities per position plus the rest (None: exact, B x S x V floats: 16.8 GB at
     # 16 x 2,048 tokens of Llama-3); KL is then a lower bound of the exact one, 2% short on SmolLM2 at k=1024.
     reference_top_k: int | None = DEFAULT_TOP_K
-    needles: int = 0  # retrieval rows (a fact planted in held-out text, queried at the end); 0: no retrieval metric
-    needle_seed: int = 0
+    # Facts planted in each held-out block and queried together at its end (facts.py): retrieval scored from
+    # the same forward as the KL, which skips their tokens. 16 per 2,048-token block costs no extra forward and
+    # separates plans (the original finds ~47 of 48, all-`linear` none); 0: no retrieval metrics.
+    facts: int = 16
+    fact_seed: int = 0
     batch_size: int = 4
 
     def __post_init__(self):
         if self.reference_top_k is not None and self.reference_top_k < 1:
             raise UserError(f"proxy.reference_top_k: {self.reference_top_k}; allowed: an integer >= 1, or null (exact)")
-        if self.needles < 0:
-            raise UserError(f"proxy.needles: {self.needles}; allowed: an integer >= 0")
+        if self.facts < 0:
+            raise UserError(f"proxy.facts: {self.facts}; allowed: an integer >= 0")
         if self.batch_size < 1:
             raise UserError(f"proxy.batch_size: {self.batch_size}; allowed: an integer >= 1")
 
@@ -113,19 +116,16 @@ class Workbench:
         return self.loaded.info
 
     def proxy_evaluator(self, reference_model=None):
-        """A ProxyEvaluator on the held-out blocks (and, with `proxy.needles`, retrieval rows as long as the
-        blocks, from held-out documents). The reference distributions come from `reference_model` (default:
-        this workbench's model as it is now, normally all-softmax)."""
+        """A ProxyEvaluator on the held-out blocks with `proxy.facts` facts planted in each. The reference
+        distributions come from `reference_model` (default: this workbench's model as it is now, normally
+        all-softmax)."""
+        from .facts import plant_facts
         from .metrics import ProxyEvaluator
-        from .needles import make_needles
 
         p = self.settings.proxy
-        needles = None
-        if p.needles:
-            needles = make_needles(self.loaded.tokenizer, self.splits.documents["heldout"],
-                                   context=int(self.splits.heldout.shape[1]), n_examples=p.needles, seed=p.needle_seed)
-        proxy = ProxyEvaluator(reference_model if reference_model is not None else self.model, self.splits.heldout,
-                               p.batch_size, p.reference_top_k, needles)
+        blocks = plant_facts(self.loaded.tokenizer, self.splits.heldout, p.facts, p.fact_seed)
+        proxy = ProxyEvaluator(reference_model if reference_model is not None else self.model, blocks,
+                               p.batch_size, p.reference_top_k)
         proxy.model = self.model  # scored: this workbench's model, whatever gave the reference
         return proxy
 

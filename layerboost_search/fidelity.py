@@ -1,11 +1,13 @@
-"""The fidelity ladder: front candidates re-measured at higher rungs than the search's proxy.
+"""The fidelity ladder: front candidates re-measured on held-out text the search never scored.
 
-The proxy sees a few short blocks; a `linear` layer's error grows past its window, so the proxy can put on the
-front a plan that a longer context shows is dominated (issue 13). A rung re-measures the same metrics against
-the original model on its own held-out blocks (`RungSettings`: `factor` x the workload's prefill tokens per
-block, from `source`, mixed over its sub-sources; optionally retrieval needle rows of that length), one block
-at a time so the report can give an interval over blocks. Results live in the study's user attrs (Optuna refuses to change finished trials), so a resumed
-run measures only what is missing. The report draws one front per fidelity and never mixes them.
+The proxy sees one block at the workload's context; a plan picked on it has thin evidence. A rung re-measures
+the same metrics against the original model on its own blocks (`RungSettings`: `blocks` blocks of `factor` x
+the workload's prefill tokens, each with `facts` facts planted and queried at its end, facts.py), cut from the
+held-out text of its source AFTER everything the proxy and the earlier rungs scored (`data.heldout_sections`),
+so no rung re-reads text the search saw. Each block and each fact is kept, so the report gives a bootstrap
+interval over blocks and a binomial interval over facts, and picks on their pessimistic ends (picks.py).
+Results live in the study's user attrs (Optuna refuses to change finished trials), so a resumed run measures
+only what is missing. The report draws one front per fidelity and never mixes them.
 """
 from __future__ import annotations
 
@@ -16,63 +18,41 @@ import random
 
 log = logging.getLogger(__name__)
 
-# + "<rung>:trial:<n>" -> {"metrics": {name: mean}, "per_block": {name: [...]}, "settings": the rung's settings}
+# + "<rung>:trial:<n>" -> {"metrics", "per_block", "per_fact", "original", "settings"} (see record_rung)
 RUNG_STUDY_ATTR = "fidelity:"
 SEPARATOR = "|"  # the runner passes one string: "<rung name>|<plan>"
+LEVEL = 0.9  # every interval the report gives
 
 
 # --- measuring (inside an evaluator) ----------------------------------------------------------------------------
 
 
-def rung_inputs(tokenizer, rung, seq_len: int, data):
-    """(blocks, needles) of `rung`: `rung.blocks` held-out token blocks of `seq_len` tokens, and `rung.needles`
-    retrieval rows of the same length (None when 0), all from the held-out split of the rung's source (the
-    same document split as the search's `data` settings, so no training or calibration text is scored)."""
-    from layerboost_core.data import make_splits
+def rung_blocks(tokenizer, rungs, name: str, data, prefill: int, fact_seed: int = 0):
+    """The `PlantedBlocks` of rung `name` (one of `rungs`, lowest first): its `blocks` blocks of `factor` x
+    `prefill` tokens with `facts` facts planted in each, from the held-out split of its source (the search's
+    `data.source` when it names none), taken after the proxy's own blocks when the source is the search's and
+    after the blocks of every earlier rung of the same source."""
+    from layerboost_core.data import heldout_sections
     from layerboost_core.errors import UserError
-    from layerboost_core.needles import make_needles
+    from layerboost_core.facts import plant_facts
 
+    rung = next(r for r in rungs if r.name == name)
     source = rung.source or data.source
-    # One block of the other splits: they are not used, and tokenizing the whole train split costs seconds.
-    splits = make_splits(tokenizer, source, seq_len=seq_len, fractions=data.fractions,
-                         blocks={"calibration": 1, "train": 1, "heldout": rung.blocks}, text_field=data.text_field,
-                         heldout_seq_len=seq_len, mix_sources=True)
-    if splits.heldout.shape[0] < rung.blocks:
-        raise UserError(f"fidelity.rungs: rung {rung.name!r} asks for {rung.blocks} block(s) of {seq_len} tokens; "
-                        f"the held-out text of {source!r} gives {splits.heldout.shape[0]}")
-    needles = (make_needles(tokenizer, splits.documents["heldout"], context=seq_len, n_examples=rung.needles)
-               if rung.needles else None)
-    return splits.heldout, needles
-
-
-def _needle_row(needles, i: int):
-    """Needle row `i` alone, as a NeedleSet."""
-    return dataclasses.replace(needles, **{f: getattr(needles, f)[i:i + 1] for f in
-                                           ("input_ids", "answer_len", "needle_start", "needle_len", "keys", "answers")})
-
-
-class BlockwiseProxy:
-    """Proxy metrics per held-out block and per needle row: one ProxyEvaluator each (each caches its block's
-    original distribution), so per-block values come back beside the mean. Build it while the model is
-    all-softmax."""
-
-    def __init__(self, model, blocks, needles=None):
-        from layerboost_core.metrics import PROXY_METRICS, ProxyEvaluator
-
-        self.evaluators = [(ProxyEvaluator(model, blocks[i:i + 1], batch_size=1), None) for i in range(blocks.shape[0])]
-        if needles is not None:  # needle-only evaluators: no blocks, so only the retrieval metrics are asked
-            retrieval = [n for n in PROXY_METRICS.names() if PROXY_METRICS.get(n).over == "needles"]
-            self.evaluators += [(ProxyEvaluator(model, blocks[:0], batch_size=1, needles=_needle_row(needles, i)),
-                                 retrieval) for i in range(needles.input_ids.shape[0])]
-
-    def evaluate(self) -> dict:
-        """{"metrics": {name: mean over blocks (rows)}, "per_block": {name: [value per block (row)]}} of the
-        current plan. Blocks are equally long, so the mean over blocks is the mean over tokens."""
-        per_block: dict[str, list[float]] = {}
-        for evaluator, metrics in self.evaluators:
-            for name, value in evaluator.evaluate(metrics).items():
-                per_block.setdefault(name, []).append(value)
-        return {"metrics": {name: sum(v) / len(v) for name, v in per_block.items()}, "per_block": per_block}
+    sections = []
+    if source == data.source:
+        if data.blocks.get("heldout") is None:
+            raise UserError(f"fidelity.rungs: rung {name!r} needs held-out text the proxy did not score, but the proxy "
+                            "scores all of it (data.blocks.heldout: null); set data.blocks.heldout or the rung's source")
+        sections.append((int(data.blocks["heldout"]), int(data.heldout_seq_len)))
+    for earlier in rungs[: rungs.index(rung) + 1]:
+        if (earlier.source or data.source) == source:
+            sections.append((earlier.blocks, earlier.seq_len(prefill)))
+    blocks = heldout_sections(tokenizer, source, sections, data.fractions, data.text_field, data.mix_sources)[-1]
+    if blocks.shape[0] < rung.blocks:
+        raise UserError(f"fidelity.rungs: rung {name!r} asks for {rung.blocks} block(s) of {rung.seq_len(prefill)} "
+                        f"tokens; the held-out text of {source!r} left after the proxy and the earlier rungs gives "
+                        f"{blocks.shape[0]}")
+    return plant_facts(tokenizer, blocks, rung.facts, seed=fact_seed)
 
 
 def split_job(text: str) -> tuple[str, str]:
@@ -99,12 +79,13 @@ def proxy_metrics(trial) -> dict:
     return {k.removeprefix("proxy:"): v for k, v in trial.user_attrs.items() if k.startswith("proxy:")}
 
 
-def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float | None) -> list:
+def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float | None, floor: float = 0.0) -> list:
     """Up to `k` trials of the latency-sorted proxy `front` worth re-measuring: the plans the best-plan files can
     name. In order: all-softmax (the reference every "kept" share and retrieval is read against), for each
     quality bar the fastest plan keeping it at the proxy (see `retained`), for each latency target (a share of
     all-softmax latency) the plan keeping the most under it, then plans spread over the front. Spreading alone
-    spent most re-measurements on plans far past any bar a user accepts."""
+    spent most re-measurements on plans far past any bar a user accepts; plans keeping less than `floor` at
+    the proxy (the quality floor of every best file) are not candidates."""
     picks: list = []
 
     def add(trial) -> None:
@@ -112,6 +93,7 @@ def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float
             picks.append(trial)
 
     kept = {t.number: retained(proxy_metrics(t)) or 0.0 for t in front}
+    front = [t for t in front if kept[t.number] >= floor or set(t.user_attrs.get("plan", "")) == {"S"}]
     add(next((t for t in front if set(t.user_attrs.get("plan", "")) == {"S"}), None))
     for bar in bars:
         add(next((t for t in front if kept[t.number] >= bar), None))  # front is sorted fastest first
@@ -125,12 +107,16 @@ def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float
 
 
 def record_rung(study, rung, number: int, result: dict) -> None:
-    """Keep `result` of trial `number` at `rung` (its settings too: a rung re-declared under the same name with
-    other settings is measured again, not mixed with the old numbers)."""
+    """Keep `result` of trial `number` at `rung`: its means, per-block and per-fact values, the original's
+    retrieval on the same facts, and the rung's settings (a rung re-declared under the same name with other
+    settings is measured again, not mixed with the old numbers)."""
+    def floats(mapping):
+        return {k: [float(x) for x in v] for k, v in (mapping or {}).items()}
+
     study.set_user_attr(f"{RUNG_STUDY_ATTR}{rung.name}:trial:{number}",
                         {"metrics": {k: float(v) for k, v in result["metrics"].items()},
-                         "per_block": {k: [float(x) for x in v] for k, v in result["per_block"].items()},
-                         "settings": dataclasses.asdict(rung)})
+                         "per_block": floats(result["per_block"]), "per_fact": floats(result.get("per_fact")),
+                         "original": floats(result.get("original")), "settings": dataclasses.asdict(rung)})
 
 
 def rung_scores(study) -> dict[str, dict[int, dict]]:
@@ -168,15 +154,29 @@ def climb(study, runner, candidates: list, rungs, plan_of, progress: bool) -> No
 # --- reading the ladder (in the report) -------------------------------------------------------------------------
 
 
-def bootstrap_interval(values: list[float], level: float = 0.9, samples: int = 2000, seed: int = 0):
+def bootstrap_interval(values: list[float], level: float = LEVEL, samples: int = 2000, seed: int = 0):
     """(lo, hi): a percentile bootstrap interval of the mean of `values` (per-block values). One block gives
-    no spread to resample: the interval is the value itself, which says "one block", not "certain"."""
+    no spread to resample: the interval is the value itself, which the report marks n=1 ("one block", not
+    "certain")."""
     if len(values) < 2:
         return values[0], values[0]
     rng = random.Random(seed)  # fixed: the same report twice gives the same numbers
     means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
     tail = (1 - level) / 2
     return means[int(tail * (samples - 1))], means[int(math.ceil((1 - tail) * (samples - 1)))]
+
+
+def binomial_interval(hits: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """(lo, hi): the Clopper-Pearson interval of a success rate from `hits` of `n` (exact, never narrower than
+    its level promises; a rate of 0 or 1 keeps one open side)."""
+    from scipy.stats import beta
+
+    if n < 1:
+        raise ValueError("binomial_interval needs at least one trial")
+    tail = (1 - level) / 2
+    lo = 0.0 if hits == 0 else float(beta.ppf(tail, hits, n - hits + 1))
+    hi = 1.0 if hits == n else float(beta.ppf(1 - tail, hits + 1, n - hits))
+    return lo, hi
 
 
 def dominated_at(points: dict[str, dict[int, tuple[float, float]]], order: list[str]) -> dict[int, str]:
@@ -199,10 +199,3 @@ def retained(metrics: dict) -> float | None:
     if "kl" in metrics:
         return math.exp(-metrics["kl"])
     return None
-
-
-def fastest_keeping(candidates: dict[int, tuple[dict, float]], bar: float) -> int | None:
-    """The trial with the lowest latency whose `retained` quality is >= `bar`. `candidates`:
-    {trial: (metrics, latency)}. None when no candidate meets the bar."""
-    meeting = [(lat, n) for n, (metrics, lat) in candidates.items() if (retained(metrics) or 0.0) >= bar]
-    return min(meeting)[1] if meeting else None

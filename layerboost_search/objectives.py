@@ -40,5 +40,5 @@ def declare_objectives(settings: ObjectiveSettings) -> list[Objective]:
 
 
 def needs_retrieval(settings: ObjectiveSettings) -> bool:
-    """True when the search reads `retrieval_acc` (the proxy must then plant needles)."""
+    """True when the search reads `retrieval_acc` (the proxy must then plant facts)."""
     return settings.retrieval != "off"

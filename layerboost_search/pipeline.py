@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from layerboost_core.errors import UserError
 from layerboost_core.families import layer_kinds
 from layerboost_core.plan import LayerPlan
-from layerboost_core.sensitivity import cached_sensitivity_rows
+from layerboost_core.sensitivity import cached_sensitivity_rows, sensitivity_heatmap
 from layerboost_core.space import SearchSpace
 from layerboost_core.tables import write_csv
 from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
@@ -21,18 +21,18 @@ from layerboost_surrogates.cost_model import cost_model
 
 from .driver import SearchRun, enqueue_seeds
 from .fidelity import climb, ladder_candidates
+from .latency import measure_latencies
 from .objectives import declare_objectives, needs_retrieval
-from .report import KEEP_BARS, front_trials, write_report
+from .picks import KEEP_BARS, LATENCY_TARGETS, floors_of, retrieval_floor
+from .report import ORIGINAL_ATTR, front_trials, write_report
 from .runner import make_runner
-from .seeds import seed_plans
+from .seeds import retrieval_critical, seed_plans
 from .settings import EvalSettings, FidelitySettings, SearchSettings
 from .study import PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_eval, storage_url, study_name
 
 log = logging.getLogger(__name__)
 
-LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)
 WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
-REFERENCE_ATTR = "all_softmax_metrics"  # study user attr: the proxy metrics of the original (floors are shares of it)
 
 
 def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
@@ -64,9 +64,9 @@ def run_search(settings: SearchSettings) -> Path:
     directory."""
     objectives = declare_objectives(settings.objective)
     sampler = settings.build_sampler()  # a bad sampler is refused before minutes of loading and training
-    if needs_retrieval(settings.objective) and not settings.workbench.proxy.needles:
-        raise UserError(f"proxy.needles: 0, but objective.retrieval={settings.objective.retrieval} reads "
-                        "retrieval_acc; set proxy.needles >= 1 or objective.retrieval=off")
+    if needs_retrieval(settings.objective) and not settings.workbench.proxy.facts:
+        raise UserError(f"proxy.facts: 0, but objective.retrieval={settings.objective.retrieval} reads "
+                        "retrieval_acc; set proxy.facts >= 1 or objective.retrieval=off")
     workload = settings.workload
     options = settings.workbench.options
     # The bank (minutes when cold) comes after every check that can refuse the run: the space needs only the
@@ -96,50 +96,73 @@ def run_search(settings: SearchSettings) -> Path:
     progress = settings.workbench.progress
     runner = make_runner(settings.evaluator(with_bank), settings.runner, bench.bank)
     try:
+        floor = _retrieval_floor(settings, study, runner)
         started = time.perf_counter()
         rows = cached_sensitivity_rows(
             bench.scoring_key(), n,
             lambda jobs: _scores_by_runner(runner, jobs, progress), _sensitivity_options(space))
         write_csv(run_dir / "sensitivity.csv", rows)
+        sensitivity_heatmap(rows, run_dir / "sensitivity.html", title=f"{info['name']}: single-layer swaps")
         log.info("sensitivity table ready (%.0f s)", time.perf_counter() - started)
-        seeded = enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
+        critical = retrieval_critical(rows, floor)
+        if critical:
+            log.info("retrieval needs softmax at %s (each swap alone loses the floor): seeds and surrogate keep them",
+                     ", ".join(f"layer {layer} ({option})" for layer, option in sorted(critical)))
+        seeded = enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost, critical=critical))
         if seeded:
             log.info("enqueued %d seed plans", seeded)
         context_for_plan = {"model_config": bench.model.config, "option_settings": options,
                             "bytes_per_value": bench.model.dtype.itemsize}
-        surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, context_for_plan)
+        surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, context_for_plan, critical)
         search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
-                           context_for_plan, surrogate, _retrieval_floor(settings, study, runner, n))
+                           context_for_plan, surrogate, floor if settings.objective.retrieval == "floor" else None)
         search.run(settings.budget, progress=progress)
-        _climb_fidelity_ladder(settings.fidelity, study, runner, softmax_latency, progress)
-        _score_front_with_lm_eval(settings.eval, study, runner, softmax_latency, progress)
+        candidates = _climb_fidelity_ladder(settings.fidelity, study, runner, softmax_latency, progress)
+        _score_front_with_lm_eval(settings.eval, study, runner, softmax_latency, settings.fidelity, progress)
     finally:
         runner.close()
+    # Timed only now, with the evaluators gone: a measured latency is the plan's alone, not a share of the CPU.
+    measure_latencies(study, bench.switcher, candidates, workload, settings.fidelity.latency_rounds, cost,
+                      settings.seed)
 
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
                "layer_kinds": layer_kinds(bench.model),
                "study": name, "storage": url, "softmax_latency": softmax_latency}
-    table = write_report(study, objectives, run_dir, context, LATENCY_TARGETS, _rung_names(settings))
-    print(f"\nPareto front of {name} ({len(front_trials(study))} plans; all-softmax latency {softmax_latency:.3f} s):")
-    print(table)
+    printed = write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
+                           floors_of(settings.fidelity, settings.objective, _original(study)))
+    print(f"\nSearch {name}: {len(front_trials(study))} plans on the proxy front; all-softmax predicted at "
+          f"{softmax_latency:.3f} s\n")
+    print(printed)
     print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {url}")
     return run_dir
 
 
-def _retrieval_floor(settings: SearchSettings, study, runner, num_layers: int) -> float | None:
-    """The retrieval_acc plans must keep with `objective.retrieval=floor`: a share of the all-softmax plan's,
-    measured once per study (kept in its user attrs, so resumed and concurrent drivers use the same floor)."""
-    o = settings.objective
-    if o.retrieval != "floor":
-        return None
-    if REFERENCE_ATTR not in study.user_attrs:
-        runner.submit("reference", "evaluate", str(LayerPlan.uniform("softmax", num_layers)))
+def _original(study) -> dict | None:
+    """The original model's own retrieval metrics at the proxy, as the study recorded them."""
+    return (study.user_attrs.get(ORIGINAL_ATTR) or {}).get("metrics")
+
+
+def _retrieval_floor(settings: SearchSettings, study, runner) -> float | None:
+    """The retrieval_acc a plan must keep (None: no floor). The original's own retrieval on the proxy's facts
+    comes from an evaluator, which measured it while caching the reference (no forward), and is kept in the
+    study's user attrs, so resumed and concurrent drivers use the same floor; where the original cannot
+    retrieve, the run says so and applies none (picks.retrieval_floor)."""
+    if ORIGINAL_ATTR not in study.user_attrs:
+        runner.submit("original", "original", "")
         _, result = runner.next_result()
         if "error" in result:
-            raise UserError(f"objective.retrieval: the all-softmax plan could not be evaluated ({result['error']})")
-        study.set_user_attr(REFERENCE_ATTR, result["metrics"])
-    floor = o.retrieval_floor * study.user_attrs[REFERENCE_ATTR]["retrieval_acc"]
-    log.info("retrieval floor: retrieval_acc >= %.3f (%.0f%% of all-softmax)", floor, 100 * o.retrieval_floor)
+            raise UserError(f"proxy.facts: the original model's retrieval could not be measured ({result['error']})")
+        study.set_user_attr(ORIGINAL_ATTR, result)
+    original = _original(study)
+    floor, note = retrieval_floor(settings.objective, original)
+    if note:
+        log.warning(note)
+    elif floor is not None:
+        log.info("retrieval: the original finds %.0f%% of the %d facts planted at the proxy; plans%s must keep "
+                 "retrieval_acc >= %.3f (%.0f%% of it)", 100 * original["retrieval_acc"],
+                 study.user_attrs[ORIGINAL_ATTR].get("facts", 0),
+                 "" if settings.objective.retrieval == "floor" else " offered as best", floor,
+                 100 * settings.objective.retrieval_floor)
     return floor
 
 
@@ -149,8 +172,10 @@ def _sensitivity_options(space: SearchSpace) -> tuple[str, ...]:
     return ("linear", "none") if space_needs_bank(space) else ("none",)
 
 
-def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows, objectives, context_for_plan):
-    """The search's surrogate feed (None when `surrogate.enabled=false`)."""
+def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows, objectives, context_for_plan,
+                        critical=frozenset()):
+    """The search's surrogate feed (None when `surrogate.enabled=false`); it proposes no plan holding a
+    `critical` (layer, option) choice (one that alone loses the retrieval floor, seeds.retrieval_critical)."""
     from layerboost_surrogates.solver import kv_per_layer
 
     from .surrogate_feed import SurrogateFeed
@@ -158,7 +183,8 @@ def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows,
     kv = kv_per_layer(set(space.options) | set(space.pinned.values()), context_for_plan["model_config"],
                       context_for_plan["option_settings"], settings.workload.context,
                       context_for_plan["bytes_per_value"])
-    return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective, kv)
+    return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective, kv,
+                               critical)
 
 
 def _rung_names(settings: SearchSettings) -> tuple[str, ...]:
@@ -166,22 +192,29 @@ def _rung_names(settings: SearchSettings) -> tuple[str, ...]:
     return tuple(r.name for r in settings.fidelity.rungs)
 
 
-def _climb_fidelity_ladder(f: FidelitySettings, study, runner, softmax_latency: float, progress: bool) -> None:
-    """Higher fidelities: the top-k proxy-front candidates a best-plan file could name (fidelity.ladder_candidates)
-    re-measured at every rung (resumable: what the study already holds is skipped)."""
-    if f.top_k <= 0 or not f.rungs:
-        return
-    candidates = ladder_candidates(front_trials(study), f.top_k, KEEP_BARS, LATENCY_TARGETS, softmax_latency)
-    climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+def _candidates(study, k: int, f: FidelitySettings, softmax_latency: float) -> list:
+    """The `k` proxy-front trials a best-plan file could name (fidelity.ladder_candidates), among those whose
+    proxy agreement keeps the quality floor: the others could never be offered."""
+    return ladder_candidates(front_trials(study), k, KEEP_BARS, LATENCY_TARGETS, softmax_latency, f.agreement_floor)
 
 
-def _score_front_with_lm_eval(e: EvalSettings, study, runner, softmax_latency: float, progress: bool) -> None:
-    """lm-eval tasks for the top-k front candidates not scored yet (resumable)."""
+def _climb_fidelity_ladder(f: FidelitySettings, study, runner, softmax_latency: float, progress: bool) -> list:
+    """The candidates, re-measured at every rung (resumable: what the study already holds is skipped)."""
+    if f.top_k <= 0:
+        return []
+    candidates = _candidates(study, f.top_k, f, softmax_latency)
+    if f.rungs:
+        climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+    return candidates
+
+
+def _score_front_with_lm_eval(e: EvalSettings, study, runner, softmax_latency: float, f: FidelitySettings,
+                              progress: bool) -> None:
+    """lm-eval tasks for the first `eval.top_k` candidates (the ladder's order) not scored yet (resumable)."""
     top_k, tasks = e.top_k, list(e.tasks)
     if top_k <= 0 or not tasks:
         return
-    # the reference and the plans the best-plan files can name first (as the ladder)
-    front = ladder_candidates(front_trials(study), top_k, KEEP_BARS, LATENCY_TARGETS, softmax_latency)
+    front = _candidates(study, top_k, f, softmax_latency)
     scored = lm_eval_scores(study)
     todo = [t for t in front if t.number not in scored]
     if not todo:
@@ -226,7 +259,8 @@ def report_study(settings: SearchSettings) -> Path:
     context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
                "workload": searched, "study": name, "storage": url, "layer_kinds": layer_kinds(bench.model),
                "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
-    print(write_report(study, objectives, run_dir, context, LATENCY_TARGETS, _rung_names(settings)))
+    print(write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
+                       floors_of(settings.fidelity, settings.objective, _original(study))))
     print(f"report: {run_dir}")
     if asked != searched:
         _resolve_for_workload(settings, bench, space, study, objectives, run_dir)

@@ -1,8 +1,10 @@
-"""Reports of a study: trials.csv, pareto.csv, pareto.html, best/*.json, summary.md and a printed table.
+"""Reports of a study: summary.md and a printed answer, trials.csv, pareto.csv, pareto.html, best/*.json.
 
-Every fidelity keeps its own columns (the proxy's, and `<rung>:<metric>` with a 90% interval over blocks for
-each rung of the ladder, see fidelity.py); a proxy-front plan that another plan dominates at a rung is marked
-(`dominated_at`), not hidden; best plans are picked at the highest fidelity measured."""
+The answer comes first: the best files, each a plan that keeps the quality and retrieval floors on text the
+search never scored, with its measured latency and its intervals (picks.py). Every fidelity keeps its own
+columns (the proxy's, and `<rung>:<metric>` with a 90% interval, over blocks or, for retrieval, over facts,
+for each rung of the ladder, see fidelity.py); a proxy-front plan that another plan dominates at a rung is
+marked (`dominated_at`), not hidden."""
 from __future__ import annotations
 
 import math
@@ -15,11 +17,13 @@ from layerboost_core.cache_dir import atomic_path, write_json, write_text
 from layerboost_core.plan import LayerPlan
 from layerboost_core.tables import write_csv
 
+from .fidelity import dominated_at, proxy_metrics, rung_scores
+from .latency import latency_records
+from .picks import Evidence, Floors, Interval, answer_table, floors_line, pick
 from .study import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
-from .fidelity import bootstrap_interval, dominated_at, fastest_keeping, proxy_metrics, retained, rung_scores
 
 PROXY = "proxy"  # the lowest fidelity: what every trial was measured at during the search
-KEEP_BARS = (0.99, 0.95, 0.9)  # best/keep-<pct>.json: the fastest plan keeping this share of the original
+ORIGINAL_ATTR = "original_retrieval"  # study user attr: the original's retrieval at the proxy {"metrics", "facts"}
 
 
 class Ladder:
@@ -33,11 +37,6 @@ class Ladder:
         # predicted latency is the same at every fidelity: the cost model does not depend on the text
         self.latency = {t.number: t.values[1] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
 
-    @property
-    def top(self) -> str:
-        """The highest fidelity measured."""
-        return self.rungs[-1] if self.rungs else PROXY
-
     def quality_of(self, metrics: dict) -> float | None:
         """The quality objective in a fidelity's `metrics`, as a value to minimise: the same metric when it was
         measured there, else KL (the objective is an lm-eval task, which a rung does not run)."""
@@ -49,16 +48,31 @@ class Ladder:
         """{trial: its metrics at `rung`} of the completed trials measured there."""
         return {n: s["metrics"] for n, s in self.scores.get(rung, {}).items() if n in self.latency}
 
+    def interval(self, rung: str, number: int, metric: str) -> Interval:
+        """`metric` of trial `number` at `rung` with its 90% interval: binomial over facts for a rate measured
+        per fact (retrieval_acc), bootstrap over the per-fact or per-block values otherwise."""
+        scored = self.scores[rung][number]
+        per_fact = (scored.get("per_fact") or {}).get(metric)
+        if per_fact:
+            if metric == "retrieval_acc":
+                return Interval.of_facts(round(sum(per_fact)), len(per_fact))
+            return Interval.of_blocks(per_fact)
+        return Interval.of_blocks(scored["per_block"][metric])
+
+    def original_retrieval(self, rung: str, number: int) -> Interval | None:
+        """The original's retrieval on the facts trial `number` was measured on at `rung`."""
+        hits = (self.scores[rung][number].get("original") or {}).get("retrieval_acc")
+        return Interval.of_facts(round(sum(hits)), len(hits)) if hits else None
+
     def columns(self, number: int) -> dict:
-        """`<rung>:<metric>` with `_lo` / `_hi` (90% bootstrap interval over blocks) for each rung."""
+        """`<rung>:<metric>` with `_lo` / `_hi` (its 90% interval, see `interval`) for each rung."""
         row = {}
         for rung in self.rungs:
-            scored = self.scores[rung].get(number)
-            if scored is None:
+            if number not in self.scores[rung]:
                 continue
-            for name, value in scored["metrics"].items():
-                lo, hi = bootstrap_interval(scored["per_block"][name])
-                row.update({f"{rung}:{name}": value, f"{rung}:{name}_lo": lo, f"{rung}:{name}_hi": hi})
+            for name in self.scores[rung][number]["metrics"]:
+                got = self.interval(rung, number, name)
+                row.update({f"{rung}:{name}": got.value, f"{rung}:{name}_lo": got.lo, f"{rung}:{name}_hi": got.hi})
         return row
 
     def dominated(self) -> dict[int, str]:
@@ -67,13 +81,53 @@ class Ladder:
                   for rung in self.rungs}
         return dominated_at(points, self.rungs)
 
-    def candidates(self, front) -> dict[int, tuple[dict, float]]:
-        """{trial: (its metrics at the highest fidelity, latency)}: the plans best/*.json are picked from (the
-        proxy front when no rung was measured)."""
-        if self.rungs:
-            return {n: (m, self.latency[n]) for n, m in self.measured(self.top).items()}
-        # the objective itself too: it may be an lm-eval task, and then it ranks the proxy front, as searched
-        return {t.number: ({**proxy_metrics(t), self.quality: t.values[0]}, t.values[1]) for t in front}
+    def evidence(self, number: int, plan: str, rung: str) -> Evidence:
+        """What trial `number` was measured at `rung` (and at the other rungs, in `others`)."""
+        retrieval = "retrieval_acc" in self.scores[rung][number]["metrics"]
+        others = {}
+        for other in self.rungs:
+            if other != rung and number in self.scores[other]:
+                has = "retrieval_acc" in self.scores[other][number]["metrics"]
+                others[other] = {"kl": self.interval(other, number, "kl"),
+                                 "retrieval": self.interval(other, number, "retrieval_acc") if has else None}
+        return Evidence(number, plan, rung, self.interval(rung, number, "kl"),
+                        self.interval(rung, number, "top1_agreement"),
+                        self.interval(rung, number, "retrieval_acc") if retrieval else None,
+                        self.original_retrieval(rung, number) if retrieval else None, others=others)
+
+
+def gather_evidence(study: optuna.Study, ladder: Ladder, pick_rung: str | None, front, softmax_latency) -> list[Evidence]:
+    """The evidence of every candidate a best file may name: the trials measured at `pick_rung` (confirmed on
+    text the search never scored), else the proxy front at the proxy (one block: intervals marked n=1)."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    latencies = latency_records(study)
+    if pick_rung in ladder.rungs and ladder.measured(pick_rung):
+        out = [ladder.evidence(n, trials[n].user_attrs[PLAN_ATTR], pick_rung) for n in ladder.measured(pick_rung)]
+    else:
+        out = [_proxy_evidence(t, study.user_attrs.get(ORIGINAL_ATTR)) for t in front]
+    for e in out:
+        record = latencies.get(e.number)
+        if record is not None:
+            e.latency, e.predicted = Interval.of_rounds(record["ratios"]), record["predicted"]
+        elif softmax_latency:
+            e.predicted = ladder.latency[e.number] / softmax_latency
+    return out
+
+
+def _proxy_evidence(trial, original: dict | None) -> Evidence:
+    """A front trial's evidence at the proxy: one block, its facts."""
+    metrics = proxy_metrics(trial)
+
+    def one(value: float) -> Interval:
+        return Interval(value, value, value, 1)
+
+    retrieval = found = None
+    if "retrieval_acc" in metrics and original and original.get("facts"):
+        facts = int(original["facts"])
+        retrieval = Interval.of_facts(round(metrics["retrieval_acc"] * facts), facts)
+        found = Interval.of_facts(round(original["metrics"]["retrieval_acc"] * facts), facts)
+    return Evidence(trial.number, trial.user_attrs[PLAN_ATTR], PROXY, one(metrics.get("kl", math.nan)),
+                    one(metrics.get("top1_agreement", math.nan)), retrieval, found)
 
 
 def original_attention(kinds: list[str] | None) -> str:
@@ -96,7 +150,7 @@ def kept_by_kind(plan: str, original: str) -> dict:
 
 def trial_rows(study: optuna.Study, objectives, ladder: Ladder, original: str = "") -> list[dict]:
     marked = ladder.dominated()
-    rows, scored = [], lm_eval_scores(study)
+    rows, scored, latencies = [], lm_eval_scores(study), latency_records(study)
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "plan": t.user_attrs.get(PLAN_ATTR, ""),
                "plan_id": t.user_attrs.get("plan_id", ""), "label": t.user_attrs.get(LABEL_ATTR, ""),
@@ -110,6 +164,11 @@ def trial_rows(study: optuna.Study, objectives, ladder: Ladder, original: str = 
                 row[key] = value
         row.update({f"lm_eval:{task}": v for task, v in scored.get(t.number, {}).items()})
         row.update(ladder.columns(t.number))
+        if t.number in latencies:  # measured against all-softmax, plans taking turns (latency.py)
+            measured = Interval.of_rounds(latencies[t.number]["ratios"])
+            row.update({"latency_share_measured": measured.value, "latency_share_measured_min": measured.lo,
+                        "latency_share_measured_max": measured.hi,
+                        "latency_share_predicted": latencies[t.number]["predicted"]})
         row["dominated_at"] = marked.get(t.number, "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else ""
         rows.append(row)
@@ -140,9 +199,11 @@ def knee(front, objectives) -> object | None:
     return front[max(range(len(front)), key=distances.__getitem__)]
 
 
-def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, rungs: dict | None = None) -> dict:
-    """The plan JSON of `trial`; `lm_eval`: its lm-eval scores {task: accuracy}, if it has any; `rungs`: its
-    higher-fidelity measurements {rung: {"metrics": ..., "per_block": ...}}, if it has any."""
+def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, ladder: Ladder | None = None,
+              evidence: Evidence | None = None, floors: Floors | None = None) -> dict:
+    """The plan JSON of `trial`: its proxy metrics, its lm-eval scores {task: accuracy} if it has any, every rung
+    it was re-measured at with 90% intervals (over blocks; retrieval over facts) from `ladder`, and, for a best
+    file, the measured latency and the floors it was checked against (`evidence`, `floors`)."""
     plan = LayerPlan.from_string(trial.user_attrs[PLAN_ATTR])
     metrics = {o.name: {"value": trial.values[i], "fidelity": o.fidelity, "direction": o.direction}
                for i, o in enumerate(objectives)}
@@ -151,13 +212,24 @@ def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, run
             metrics[key.removeprefix("proxy:")] = {"value": value, "fidelity": "proxy"}
     for task, value in (lm_eval or {}).items():
         metrics[f"lm_eval:{task}"] = {"value": value, "fidelity": "lm-eval"}
-    for rung, scored in (rungs or {}).items():
-        for name, value in scored["metrics"].items():
-            blocks = scored["per_block"][name]
-            metrics[f"{rung}:{name}"] = {"value": value, "fidelity": rung, "interval90": list(bootstrap_interval(blocks)),
-                                         "samples": len(blocks)}  # blocks, or needle rows for retrieval
+    for rung in ladder.rungs if ladder is not None else ():
+        if trial.number not in ladder.scores[rung]:
+            continue
+        for name in ladder.scores[rung][trial.number]["metrics"]:
+            got = ladder.interval(rung, trial.number, name)
+            metrics[f"{rung}:{name}"] = {"value": got.value, "fidelity": rung, "interval90": [got.lo, got.hi],
+                                         "samples": got.n}  # blocks, or facts for retrieval
+    if evidence is not None and evidence.latency is not None:
+        metrics["latency_share_measured"] = {
+            "value": evidence.latency.value, "fidelity": "measured", "min": evidence.latency.lo,
+            "max": evidence.latency.hi, "rounds": evidence.latency.n, "predicted": evidence.predicted,
+            "unit": "share of all-softmax latency at the workload"}
+    extra = {}
+    if floors is not None:
+        extra["floors"] = {"fidelity": evidence.fidelity if evidence else None, "top1_agreement_low": floors.agreement,
+                           "retrieval_share_low": floors.retrieval_share, "note": floors.note}
     return plan.to_json(model=context["model"], settings=context["settings"], bank_id=context["bank_id"],
-                        metrics=metrics, workload=context["workload"],
+                        metrics=metrics, workload=context["workload"], **extra,
                         origin={"study": context["study"], "storage": context["storage"], "trial": trial.number,
                                 "label": trial.user_attrs.get(LABEL_ATTR)})
 
@@ -233,37 +305,14 @@ def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: 
     return fig
 
 
-def pick_best(ladder: Ladder, front, objectives, reference: float | None, latency_targets):
-    """({best file name: trial number}, [one line per target no plan meets]) at the highest fidelity measured:
-    `keep-<pct>pct`, the fastest plan keeping that share of the original (see fidelity.retained), and
-    `latency-<pct>pct`, the best-quality plan predicted at or under that share of all-softmax latency."""
-    candidates = ladder.candidates(front)
-    at = f"measured at fidelity `{ladder.top}`"
-    chosen, unmet = {}, []
-    for bar in KEEP_BARS:
-        name, number = f"keep-{round(bar * 100)}pct", fastest_keeping(candidates, bar)
-        if number is not None:
-            chosen[name] = number
-            continue
-        kept = [(retained(m) or 0.0, n) for n, (m, _) in candidates.items()]
-        best = f" (the most kept: {max(kept)[0]:.3f}, trial {max(kept)[1]})" if kept else ""
-        unmet.append(f"`{name}`: no plan {at} keeps {bar:.0%} of the original's top-1 agreement{best}")
-    for fraction in latency_targets if reference is not None else ():
-        name = f"latency-{round(fraction * 100)}pct"
-        fitting = [n for n, (_, lat) in candidates.items() if lat <= fraction * reference]
-        if fitting:
-            chosen[name] = min(fitting, key=lambda n: ladder.quality_of(candidates[n][0]))
-        else:
-            unmet.append(f"`{name}`: no plan {at} is predicted at <= {fraction:.0%} of all-softmax latency")
-    return chosen, unmet
-
-
 def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict, original: str = "") -> str:
-    """The proxy front as a markdown table, with lm-eval scores and each rung's quality (90% interval); with
-    `original` (see original_attention), a first row shows the original model's global/local layers."""
+    """The proxy front as a markdown table, with lm-eval scores and each rung's quality and retrieval (90%
+    intervals); with `original` (see original_attention), a first row shows the original model's layers."""
     tasks = sorted({task for scores in scored.values() for task in scores})
-    rung_cols = [(rung, objectives[0].name if any(objectives[0].name in m for m in ladder.measured(rung).values())
-                  else "kl") for rung in ladder.rungs]
+    rung_cols = [(rung, metric) for rung in ladder.rungs
+                 for metric in (objectives[0].name if any(objectives[0].name in m for m in ladder.measured(rung).values())
+                                else "kl", "retrieval_acc")
+                 if any(metric in m for m in ladder.measured(rung).values())]
     lines = [f"| trial | label | plan | {objectives[0].name} | {objectives[1].name} | kv_bytes | "
              + "".join(f"lm_eval:{task} | " for task in tasks)
              + "".join(f"{rung}:{metric} [90%] | " for rung, metric in rung_cols) + "dominated_at |",
@@ -274,21 +323,25 @@ def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict, o
         lm_eval = scored.get(t.number, {})
         cells = [f"{lm_eval[task]:.3f}" if task in lm_eval else "" for task in tasks]
         for rung, metric in rung_cols:
-            got = ladder.scores[rung].get(t.number)
-            if got is None or metric not in got["metrics"]:
-                cells.append("")
-                continue
-            lo, hi = bootstrap_interval(got["per_block"][metric])
-            cells.append(f"{got['metrics'][metric]:.4f} [{lo:.4f}, {hi:.4f}]")
+            measured = ladder.scores[rung].get(t.number)
+            cells.append(ladder.interval(rung, t.number, metric).text(4) if measured and metric in measured["metrics"]
+                         else "")
         lines.append(f"| {t.number} | {t.user_attrs.get(LABEL_ATTR)} | `{t.user_attrs.get(PLAN_ATTR)}` | "
                      f"{t.values[0]:.4f} | {t.values[1]:.3f} | {t.user_attrs.get('kv_bytes', '')} | "
                      + "".join(f"{c} | " for c in cells) + f"{marked.get(t.number, '')} |")
     return "\n".join(lines)
 
 
-def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, latency_targets, rungs=()) -> str:
-    """Write every report file into `run_dir`; returns the printed summary (front table and best plans).
-    `rungs`: the fidelity rungs' names, lowest first (rungs the study holds beyond them come after)."""
+def export_command(context: dict, run_dir: Path):
+    """name -> the command that exports best/<name>.json as a model folder."""
+    return lambda name: f"layerboost export model={context['model']['name']} plan={run_dir / 'best' / f'{name}.json'}"
+
+
+def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, rungs=(), pick_rung: str | None = None,
+                 floors: Floors = Floors(agreement=0.0, retrieval_share=None)) -> str:
+    """Write every report file into `run_dir`; returns the printed report: the answer (best files, their
+    evidence), then the proxy front. `rungs`: the fidelity rungs' names, lowest first (rungs the study holds
+    beyond them come after); picks are judged at `pick_rung` against `floors` (picks.py)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     ladder = Ladder(study, objectives, rungs)
     original = original_attention(context.get("layer_kinds"))
@@ -302,28 +355,27 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     with atomic_path(run_dir / "pareto.html") as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True)
 
-    best_dir = run_dir / "best"
-    best_dir.mkdir(exist_ok=True)
-    scored = lm_eval_scores(study)
-    chosen, unmet = pick_best(ladder, front, objectives, reference, latency_targets)
+    evidence = gather_evidence(study, ladder, pick_rung, front, reference)
     knee_trial = knee(front, objectives)
-    if knee_trial is not None:
-        chosen["knee"] = knee_trial.number
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for name, number in chosen.items():
-        measured = {rung: ladder.scores[rung][number] for rung in ladder.rungs if number in ladder.scores[rung]}
-        write_json(best_dir / f"{name}.json", plan_json(trials[number], objectives, context, scored.get(number), measured))
+    picks = pick(evidence, floors, knee=knee_trial.number if knee_trial is not None else None)
+    _write_best_files(run_dir / "best", picks, study, objectives, context, ladder, floors)
 
+    fidelity = evidence[0].fidelity if evidence else PROXY
+    originals = [e.original_retrieval for e in evidence if e.original_retrieval is not None]
+    answer = "\n".join([
+        "## What to ship", "",
+        floors_line(floors, fidelity, originals[0] if originals else None)
+        + " Latency: each plan against all-softmax at the workload, plans taking turns"
+        + (", judged on its slowest round." if any(e.latency for e in evidence) else " (predicted: not measured)."),
+        "", answer_table(picks, floors, export_command(context, run_dir)), ""]
+        + ([f"Candidates below the floors (not offered): "
+            + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else []))
     marked = ladder.dominated()
-    best_lines = [f"- `best/{name}.json`: trial {number} `{trials[number].user_attrs.get(PLAN_ATTR)}`"
-                  + (" (knee of the proxy front: its shape, not a quality bar)" if name == "knee" else "")
-                  for name, number in chosen.items()] + [f"- {line}" for line in unmet]
-    table = "\n".join([front_table(front, objectives, ladder, scored, marked, original), "",
-                       f"Best plans, picked at fidelity `{ladder.top}` (quality kept = top-1 agreement with the "
-                       f"original, exp(-KL) where not measured):", *best_lines])
+    front_part = "\n".join(["## Pareto front (proxy)", "",
+                            front_table(front, objectives, ladder, lm_eval_scores(study), marked, original)])
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     dominated = [f"{n} (at {rung})" for n, rung in sorted(marked.items()) if n in numbers]
-    summary = [f"# Search {context['study']}", "",
+    summary = [f"# Search {context['study']}", "", answer, "", "## Run", "",
                f"- model: {context['model']['name']} ({context['model']['num_layers']} layers, "
                f"fingerprint {context['model']['fingerprint']}), bank {context['bank_id']}",
                f"- workload: {context['workload']}; all-softmax predicted latency {reference:.3f} s" if reference else "",
@@ -334,6 +386,20 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
                f"- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
                f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
                + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
-               "", "## Pareto front (proxy) and best plans", "", table, ""]
-    write_text(run_dir / "summary.md", "\n".join(summary) + "\n")
-    return table
+               "", front_part, ""]
+    write_text(run_dir / "summary.md", "\n".join(line for line in summary if line is not None) + "\n")
+    return f"{answer}\n\n{front_part}"
+
+
+def _write_best_files(best_dir: Path, picks, study, objectives, context: dict, ladder: Ladder, floors: Floors) -> None:
+    """best/<name>.json for every pick, and no other file: a file an earlier report wrote for a plan that no
+    longer keeps the floors (other floors, more evidence) is removed, never left to be shipped."""
+    best_dir.mkdir(parents=True, exist_ok=True)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    scored = lm_eval_scores(study)
+    for name, e in picks.chosen.items():
+        write_json(best_dir / f"{name}.json", plan_json(trials[e.number], objectives, context, scored.get(e.number),
+                                                        ladder, e, floors))
+    for stale in best_dir.glob("*.json"):
+        if stale.stem not in picks.chosen:
+            stale.unlink()

@@ -8,6 +8,12 @@ family of plans (its own front), which is also the baseline the search must beat
 The additive front uses the same table but also the cost model: for a sweep of latency budgets, the plan
 whose summed single-swap scores are least (an exact MILP, layerboost_surrogates.solver). Thresholds ignore
 what each option saves in time; the solver does not, so these plans come first.
+
+Retrieval is not additive: it lives in a few layers, and swapping one of them alone already loses it (on
+SmolLM2 at 2,048 tokens, layer 18 to `linear` finds 1 of 48 facts, layer 7 23 of 48, while most single swaps
+keep all of them). Those (layer, option) choices are `retrieval_critical`; no seed makes them (a seed that
+would is kept with those layers softmax), and the surrogate proposes none, so the search spends its budget
+making the other layers cheap.
 """
 from __future__ import annotations
 
@@ -53,8 +59,22 @@ def heuristic_sweep(rows: list[dict], num_layers: int, count: int, metric: str =
 MAX_SEEDED_LOSS = 1.0
 
 
+def retrieval_critical(rows: list[dict], floor: float | None) -> frozenset:
+    """The (layer, option) choices whose single swap alone keeps less retrieval_acc than `floor` (sensitivity
+    rows with retrieval metrics); empty without a floor."""
+    if floor is None:
+        return frozenset()
+    return frozenset((int(r["layer"]), str(r["option"])) for r in rows
+                     if r.get("retrieval_acc") is not None and r["retrieval_acc"] < floor)
+
+
+def without(plan: LayerPlan, critical) -> LayerPlan:
+    """`plan` with every critical (layer, option) choice set back to softmax."""
+    return LayerPlan(tuple("softmax" if (i, o) in critical else o for i, o in enumerate(plan.layers)))
+
+
 def additive_front_plans(rows: list[dict], space, cost, count: int, metric: str = "kl",
-                         max_loss: float = MAX_SEEDED_LOSS) -> list[tuple[str, LayerPlan]]:
+                         max_loss: float = MAX_SEEDED_LOSS, critical=frozenset()) -> list[tuple[str, LayerPlan]]:
     """Up to `count` plans of the exact front of summed single-swap scores vs predicted latency, predicted
     loss at most `max_loss`, spread evenly in log(predicted loss): loss matters on a log scale (0.01 vs 0.1
     nats is as different as 0.1 vs 1), and an even spread in latency would spend most seeds on plans too
@@ -63,7 +83,7 @@ def additive_front_plans(rows: list[dict], space, cost, count: int, metric: str 
     from layerboost_surrogates.solver import FrontSolver
 
     table = SensitivityTable.of(rows, space.num_layers, metric)
-    front = FrontSolver(space, cost, AdditivePredictor(table).terms()).predicted_front(6 * count)
+    front = FrontSolver(space, cost, AdditivePredictor(table).terms(), forbidden=critical).predicted_front(6 * count)
     front = [(plan, quality) for plan, quality, _ in front if 0 < quality <= max_loss]  # all-softmax: own seed
     if len(front) <= count:
         chosen = front
@@ -87,13 +107,18 @@ def interleaved_plans(num_layers: int) -> list[tuple[str, LayerPlan]]:
 
 
 def seed_plans(rows: list[dict] | None, num_layers: int, heuristic_count: int = 12, *, space=None, cost=None,
-               front_count: int = 10) -> list[tuple[str, LayerPlan]]:
+               front_count: int = 10, critical=frozenset()) -> list[tuple[str, LayerPlan]]:
     """All-softmax, then (with a sensitivity table) the additive front (needs `space` and `cost`) and the
-    heuristic sweep, then the interleavings, in that order: the study evaluates them first to last."""
+    heuristic sweep, then the interleavings, in that order: the study evaluates them first to last. A seed
+    making a `critical` choice (retrieval_critical) keeps that layer softmax instead (its label says so)."""
     seeds = [("all-softmax", LayerPlan.uniform("softmax", num_layers))]
     if rows and space is not None and cost is not None and front_count > 0:
-        seeds += additive_front_plans(rows, space, cost, front_count)
+        seeds += additive_front_plans(rows, space, cost, front_count, critical=critical)
     if rows:
         seeds += heuristic_sweep(rows, num_layers, heuristic_count)
     seeds += interleaved_plans(num_layers)
-    return seeds
+    kept = []
+    for label, plan in seeds:
+        safe = without(plan, critical)
+        kept.append((label if safe == plan else f"{label}, retrieval layers kept", safe))
+    return kept

@@ -44,8 +44,14 @@ class ObjectiveSettings:
     memory: bool = False  # KV bytes per sequence as a third objective
     latency_ceiling: float | None = None  # seconds, predicted at the workload
     memory_ceiling: float | None = None  # KV bytes per sequence
-    retrieval: str = "off"  # off | floor (a constraint) | objective (retrieval_acc maximised as well)
-    retrieval_floor: float = 0.9  # floor: keep this share of the all-softmax plan's retrieval_acc
+    # floor: a plan keeping less than `retrieval_floor` x the original's retrieval_acc (the facts planted in
+    # the proxy's blocks, proxy.facts) is infeasible | objective: retrieval_acc maximised as a third objective
+    # | off: only recorded. Best files keep the floor in every mode (fidelity.agreement_floor).
+    retrieval: str = "floor"
+    retrieval_floor: float = 0.9  # the share of the original's retrieval_acc a plan (and every best file) keeps
+    # Below this retrieval_acc the original itself cannot retrieve at the workload's context: a floor of a share
+    # of it would mean nothing, so none is applied, and the run says so.
+    retrieval_min_original: float = 0.5
 
     def __post_init__(self):
         for name in ("latency_ceiling", "memory_ceiling"):
@@ -56,6 +62,8 @@ class ObjectiveSettings:
             raise UserError(f"objective.retrieval: unknown value {self.retrieval!r}; allowed: {', '.join(RETRIEVAL_MODES)}")
         if not 0 < self.retrieval_floor <= 1:
             raise UserError(f"objective.retrieval_floor: {self.retrieval_floor!r}; allowed: a share in (0, 1]")
+        if not 0 <= self.retrieval_min_original <= 1:
+            raise UserError(f"objective.retrieval_min_original: {self.retrieval_min_original!r}; allowed: a share in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -108,21 +116,22 @@ class EvalSettings:
 @dataclass(frozen=True)
 class RungSettings:
     """One rung of the fidelity ladder: the proxy's metrics on `blocks` held-out blocks of `factor` x the
-    workload's prefill tokens each, cut from `source` (None: the search's `data.source`; mixed over its
-    sub-sources, see fidelity.py), and the retrieval metrics on `needles` planted-fact rows of that length."""
+    workload's prefill tokens, with `facts` facts planted in each (retrieval over blocks x facts), cut from
+    `source` (None: the search's `data.source`) after the text the proxy and earlier rungs scored
+    (fidelity.rung_blocks)."""
 
-    name: str = "long"
-    factor: float = 2.0
-    blocks: int = 1
+    name: str = "confirm"
+    factor: float = 1.0
+    blocks: int = 6
+    facts: int = 16
     source: str | None = None  # None: the search's own data.source
-    needles: int = 0
 
     def __post_init__(self):
         if not self.name or self.name == "proxy" or any(c in self.name for c in ":|"):
             raise UserError(f"fidelity.rungs: name {self.name!r} must be non-empty, not 'proxy', without ':' or '|'")
         _at_least(f"fidelity.rungs[{self.name}].factor", self.factor, 0.01)
         _at_least(f"fidelity.rungs[{self.name}].blocks", self.blocks, 1)
-        _at_least(f"fidelity.rungs[{self.name}].needles", self.needles, 0)
+        _at_least(f"fidelity.rungs[{self.name}].facts", self.facts, 0)
 
     def seq_len(self, prefill: int) -> int:
         """Tokens per block at a workload of `prefill` tokens."""
@@ -131,18 +140,33 @@ class RungSettings:
 
 @dataclass(frozen=True)
 class FidelitySettings:
-    """The fidelity ladder after the search: the `top_k` front candidates (spread over the front) re-measured
-    at each rung, lowest fidelity first."""
+    """How picks are confirmed before they are offered (picks.py): the `top_k` front candidates a best-plan file
+    could name are re-measured at every rung, lowest first, on text the search never scored; their latency is
+    measured against all-softmax (`latency_rounds` rounds, plans taking turns); a best file is only written for
+    a plan that keeps the floors at rung `pick_rung`, at the pessimistic end of its 90% intervals.
 
-    top_k: int = 6  # front candidates re-measured (0: no ladder)
-    rungs: tuple[RungSettings, ...] = (RungSettings("retrieval", factor=1, blocks=1, needles=2),  # workload context
-                                       RungSettings("long", factor=2, blocks=1))  # 2 x the workload context
+    Defaults on SmolLM2 at 2,048 tokens: `confirm` gives 6 blocks (96 facts) at the workload context and `long`
+    2 blocks (32 facts) at twice it, 8 blocks in all; 6 candidates x both rungs take ~2 min on 2 CPU cores."""
+
+    top_k: int = 6  # front candidates confirmed (0: picks at the proxy, marked n=1)
+    rungs: tuple[RungSettings, ...] = (RungSettings("confirm", factor=1, blocks=6),  # at the workload context
+                                       RungSettings("long", factor=2, blocks=2))  # at 2 x the workload context
+    pick_rung: str = "confirm"  # where the floors are judged (the report shows every rung)
+    # Quality floor of every best file: top-1 agreement with the original (the share of next tokens it predicts
+    # the same) at the low end of its 90% interval over blocks. The retrieval floor is objective.retrieval_floor.
+    agreement_floor: float = 0.8
+    latency_rounds: int = 3  # measured prefill latency of the candidates: rounds of plans taking turns (0: predicted)
 
     def __post_init__(self):
         _at_least("fidelity.top_k", self.top_k, 0)
+        _at_least("fidelity.latency_rounds", self.latency_rounds, 0)
         names = [r.name for r in self.rungs]
         if len(set(names)) != len(names):
             raise UserError(f"fidelity.rungs: names {names} must be distinct")
+        if self.rungs and self.pick_rung not in names:
+            raise UserError(f"fidelity.pick_rung: {self.pick_rung!r} is not a rung; allowed: {', '.join(names)}")
+        if not 0 <= self.agreement_floor <= 1:
+            raise UserError(f"fidelity.agreement_floor: {self.agreement_floor!r}; allowed: a share in [0, 1]")
 
 
 @dataclass(frozen=True)

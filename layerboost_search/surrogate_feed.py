@@ -20,8 +20,9 @@ SUPPORTED_METRICS = ("kl", "nll_delta")  # lower is better and 0 for the origina
 
 class SurrogateFeed:
     def __init__(self, settings: SurrogateSettings, space, cost, sensitivity_rows, objectives,
-                 objective_cfg: ObjectiveSettings, kv_per_layer=None):
-        """`kv_per_layer`: option -> KV bytes of one layer (needed only with a memory ceiling)."""
+                 objective_cfg: ObjectiveSettings, kv_per_layer=None, forbidden=frozenset()):
+        """`kv_per_layer`: option -> KV bytes of one layer (needed only with a memory ceiling); `forbidden`:
+        (layer, option) choices no proposal makes (seeds.retrieval_critical)."""
         self.every, self.count = settings.every, settings.count
         self.next_at = settings.start_after
         self.space, self.cost, self.rows = space, cost, sensitivity_rows
@@ -30,10 +31,11 @@ class SurrogateFeed:
         self.memory_ceiling = objective_cfg.memory_ceiling
         self.kv_per_layer = kv_per_layer
         self.max_loss = settings.max_loss
+        self.forbidden = frozenset(forbidden)
 
     @classmethod
     def maybe(cls, settings: SurrogateSettings, space, cost, sensitivity_rows, objectives,
-              objective_cfg: ObjectiveSettings, kv_per_layer=None):
+              objective_cfg: ObjectiveSettings, kv_per_layer=None, forbidden=frozenset()):
         """A feed when enabled and the quality objective is one the predictor models, else None."""
         if not settings.enabled:
             return None
@@ -41,7 +43,7 @@ class SurrogateFeed:
             log.warning("surrogate: quality objective %s is not modelled (only %s); surrogate proposals are off",
                         objectives[0].name, ", ".join(SUPPORTED_METRICS))
             return None
-        return cls(settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer)
+        return cls(settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer, forbidden)
 
     def due(self, done: int) -> bool:
         return done >= self.next_at
@@ -54,6 +56,7 @@ class SurrogateFeed:
                               exclude=exclude, metric=self.metric, latency_ceiling=self.latency_ceiling,
                               kv_bytes=self.kv_per_layer if self.memory_ceiling is not None else None,
                               kv_ceiling=self.memory_ceiling,
-                              max_loss=None if self.max_loss is None else float(self.max_loss))
+                              max_loss=None if self.max_loss is None else float(self.max_loss),
+                              forbidden=self.forbidden)
         log.debug("surrogate proposed %s after %d trials", [str(p) for p in plans], done)
         return plans

@@ -32,10 +32,15 @@ class PlanEvaluator:
             self.bench.bank = bank
         self.proxy = self.bench.proxy_evaluator()
         self._task_dir = None
-        self._rungs = {}  # rung name -> its BlockwiseProxy, built on first use (most workers never climb)
+        self._rungs = {}  # rung name -> its ProxyEvaluator, built on first use (most workers never climb)
 
     def pid(self) -> int:
         return os.getpid()
+
+    def original(self, _: str = "") -> dict:
+        """The original model's own retrieval on the proxy's facts ({} when none are planted), as the proxy
+        measured it while caching the reference: no forward."""
+        return {"metrics": dict(self.proxy.original), "facts": self.proxy.blocks.num_facts}
 
     def evaluate(self, plan_text: str) -> dict:
         """Proxy metrics of one plan. Non-finite metrics come back as an error, not as numbers."""
@@ -74,7 +79,8 @@ class PlanEvaluator:
         return {"scores": scores, "seconds": time.perf_counter() - started}
 
     def evaluate_at(self, job: str) -> dict:
-        """Metrics of one plan at a fidelity rung, per block and their means; `job` is "<rung name>|<plan>"."""
+        """Metrics of one plan at a fidelity rung, with every block's and every fact's value and the original's
+        retrieval on the same facts; `job` is "<rung name>|<plan>"."""
         from layerboost_core.plan import LayerPlan
 
         from .fidelity import split_job
@@ -83,26 +89,29 @@ class PlanEvaluator:
         started = time.perf_counter()
         proxy = self._rung(name)
         self.bench.switcher.apply(LayerPlan.from_string(plan_text))
-        result = proxy.evaluate()
+        result = {**proxy.measure().as_dict(), "original": proxy.original_per_fact}
         bad = [k for k, v in result["metrics"].items() if not math.isfinite(v)]
         if bad:
             result["error"] = f"non-finite metrics: {', '.join(bad)}"
         return {**result, "seconds": time.perf_counter() - started}
 
     def _rung(self, name: str):
-        """The rung's blockwise proxy, built once (on the all-softmax model: it caches the original's outputs)."""
+        """The rung's ProxyEvaluator, built once (on the all-softmax model: it caches the original's outputs)."""
+        from layerboost_core.metrics import ProxyEvaluator
         from layerboost_core.plan import LayerPlan
 
-        from .fidelity import BlockwiseProxy, rung_inputs
+        from .fidelity import rung_blocks
 
         if name not in self._rungs:
-            rung = next((r for r in self.settings.rungs if r.name == name), None)
-            if rung is None:
+            if name not in {r.name for r in self.settings.rungs}:
                 raise KeyError(f"no fidelity rung {name!r} in this evaluator's settings")
-            blocks, needles = rung_inputs(self.bench.loaded.tokenizer, rung, rung.seq_len(self.settings.prefill),
-                                          self.settings.workbench.data)
+            w = self.settings.workbench
+            blocks = rung_blocks(self.bench.loaded.tokenizer, list(self.settings.rungs), name, w.data,
+                                 self.settings.prefill, w.proxy.fact_seed)
             self.bench.switcher.apply(LayerPlan.uniform("softmax", self.bench.switcher.num_layers))
-            self._rungs[name] = BlockwiseProxy(self.bench.model, blocks, needles)
+            # one block per forward: a block of 2 x the workload's context has logits of B x 4,096 x vocab floats
+            self._rungs[name] = ProxyEvaluator(self.bench.model, blocks, batch_size=1,
+                                               reference_top_k=w.proxy.reference_top_k)
         return self._rungs[name]
 
 

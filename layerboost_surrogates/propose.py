@@ -23,7 +23,7 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
                   *, exclude: Iterable[str] = (), metric: str = "kl", pairs: str = "adjacent",
                   latency_ceiling: float | None = None, kv_bytes: dict[str, float] | None = None,
                   kv_ceiling: float | None = None, explore_fraction: float = 0.25, min_trials: int = 8,
-                  max_draws: int | None = None, max_loss: float | None = None) -> list[LayerPlan]:
+                  max_draws: int | None = None, max_loss: float | None = None, forbidden=frozenset()) -> list[LayerPlan]:
     """Up to `n` distinct plans of `space`, none in `completed` or `exclude` (plan strings).
 
     `sensitivity`: rows of sensitivity.csv, {(layer, option): score} or a SensitivityTable, of `metric` --
@@ -36,6 +36,7 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     `max_loss`: only propose where the predicted loss is at most this. The fast end of the front (most
     attention removed, KL of several nats on SmolLM2) is otherwise where a spread over latency puts most
     proposals, and no one ships those plans.
+    `forbidden`: (layer, option) choices no proposal makes (e.g. those that alone lose the retrieval floor).
     """
     if pairs not in ("adjacent", "none"):
         raise ValueError(f"pairs: {pairs!r}; propose_plans allows adjacent or none (all pairs are too slow to solve)")
@@ -48,6 +49,7 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
 
     def allowed(plan: LayerPlan) -> bool:
         return (str(plan) not in taken and space.violation(plan) is None
+                and not any((layer, option) in forbidden for layer, option in enumerate(plan.layers))
                 and (latency_ceiling is None or cost_model.latency(plan) <= latency_ceiling)
                 and (kv_ceiling is None or kv_bytes is None or sum(kv_bytes[o] for o in plan.layers) <= kv_ceiling))
 
@@ -56,7 +58,7 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
             taken.add(str(plan))
             out.append(plan)
 
-    solver = FrontSolver(space, cost_model, predictor.terms(), kv_bytes)
+    solver = FrontSolver(space, cost_model, predictor.terms(), kv_bytes, forbidden)
     front = [p for p, quality, _ in solver.predicted_front(max(16, 4 * n), kv_ceiling, latency_ceiling, known)
              if max_loss is None or quality <= max_loss]
     exploit = n - int(round(explore_fraction * n)) if completed else n
@@ -79,7 +81,7 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     for _ in range(max_draws if max_draws is not None else 2 * n):
         if len(out) >= n:
             break
-        draw = FrontSolver(space, cost_model, predictor.terms(rng), kv_bytes)
+        draw = FrontSolver(space, cost_model, predictor.terms(rng), kv_bytes, forbidden)
         take(draw.solve(float(rng.uniform(low, high)), kv_ceiling, known + out))
     for plan in front:  # draws that failed to find anything new: fill from the mean front
         take(plan)

@@ -46,10 +46,14 @@ def _native_stdout_silenced():
 
 
 class FrontSolver:
-    """Minimises `terms` (predicted quality loss) over the plans of `space` within latency / KV budgets."""
+    """Minimises `terms` (predicted quality loss) over the plans of `space` within latency / KV budgets, never
+    giving a layer an option `forbidden` holds for it ((layer, option) pairs: e.g. the choices that alone lose
+    the retrieval floor)."""
 
-    def __init__(self, space, cost: AdditiveCostModel, terms: QualityTerms, kv_bytes: dict[str, float] | None = None):
+    def __init__(self, space, cost: AdditiveCostModel, terms: QualityTerms, kv_bytes: dict[str, float] | None = None,
+                 forbidden=frozenset()):
         self.space, self.cost, self.terms, self.kv_bytes = space, cost, terms, kv_bytes
+        self.forbidden = frozenset(forbidden)
         self.num_layers = space.num_layers
         self.options = tuple(dict.fromkeys([*space.options, *space.pinned.values()]))  # columns of x
         for option in self.options:
@@ -84,7 +88,8 @@ class FrontSolver:
         for layer in range(layers):
             for option in self.options:
                 allowed = self.space.pinned.get(layer, option) == option and (
-                    layer in self.space.pinned or option in self.space.options)
+                    layer in self.space.pinned or option in self.space.options) and (
+                    layer in self.space.pinned or (layer, option) not in self.forbidden)
                 if not allowed:
                     upper[self._column(layer, option)] = 0.0
         self.bounds = Bounds(np.zeros(nv), upper)

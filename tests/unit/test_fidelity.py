@@ -9,17 +9,19 @@ import random
 
 import optuna
 import pytest
+import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import create_trial
 
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_core.workload import Workload
-from layerboost_search.fidelity import (bootstrap_interval, climb, dominated_at, fastest_keeping, ladder_candidates,
+from layerboost_search.fidelity import (binomial_interval, bootstrap_interval, climb, dominated_at, ladder_candidates,
                                         record_rung, rung_scores, spread)
 from layerboost_search.objectives import Objective
+from layerboost_search.picks import Floors
 from layerboost_search.report import write_report
-from layerboost_search.settings import RungSettings
+from layerboost_search.settings import FidelitySettings, RungSettings
 from layerboost_search.space import layer_param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -35,25 +37,30 @@ DISTRIBUTIONS = {layer_param(i): CategoricalDistribution(["softmax", "linear", "
 # --- measuring a rung on a tiny model -------------------------------------------------------------------------
 
 
+SOURCE_WORDS = "river stone quiet market signal winter garden copper lantern harbor meadow engine".split()
+
+
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
-    from layerboost_core.workbench import DataSettings, ModelSettings, WorkbenchSettings
+def text_source(tmp_path_factory):
+    rng = random.Random(0)
+    text = tmp_path_factory.mktemp("text") / "docs.txt"
+    text.write_text("\n\n".join(" ".join(rng.choice(SOURCE_WORDS) for _ in range(60)) + "." for _ in range(400)))
+    return f"text:{text}"
+
+
+@pytest.fixture(scope="module")
+def evaluator(text_source):
+    from layerboost_core.workbench import DataSettings, ModelSettings, ProxySettings, WorkbenchSettings
     from layerboost_search.settings import EvaluatorSettings
     from layerboost_search.worker import PlanEvaluator
 
-    words = "river stone quiet market signal winter garden copper lantern harbor meadow engine".split()
-    rng = random.Random(0)
-    text = tmp_path_factory.mktemp("text") / "docs.txt"
-    text.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(120)))
-    source = f"text:{text}"
     bench = WorkbenchSettings(model=ModelSettings(name="tiny", source="tiny:llama", device="cpu", dtype="float32"),
-                              data=DataSettings(source=source, seq_len=16, blocks={"calibration": 1, "train": 1,
-                                                                                   "heldout": 1}),
-                              workload=Workload(prefill=16), progress=False)
-    rungs = (RungSettings("long", factor=2, blocks=3, source=source),
-             RungSettings("huge", factor=2, blocks=10**6, source=source),
-             RungSettings("needles", factor=4, blocks=1, source=source, needles=2),
-             RungSettings("own", factor=2, blocks=3))  # no source: the search's data.source
+                              data=DataSettings(source=text_source, seq_len=16, blocks={"calibration": 1, "train": 1,
+                                                                                        "heldout": 1}),
+                              workload=Workload(prefill=96), proxy=ProxySettings(facts=0), progress=False)
+    rungs = (RungSettings("long", factor=2, blocks=3, facts=0),
+             RungSettings("facts", factor=4, blocks=2, facts=3),
+             RungSettings("huge", factor=2, blocks=10**6))
     return PlanEvaluator(EvaluatorSettings(bench, with_bank=False, rungs=rungs))
 
 
@@ -63,21 +70,33 @@ def test_a_rung_gives_per_block_values_and_their_mean(evaluator):
     changed = evaluator.evaluate_at("long|SNNS")
     per_block = changed["per_block"]["kl"]
     assert len(per_block) == 3 and all(v > 0 for v in per_block)
-    assert changed["metrics"]["kl"] == pytest.approx(sum(per_block) / 3)
+    assert changed["metrics"]["kl"] == pytest.approx(sum(per_block) / 3)  # blocks without facts: equally long
     assert set(changed["per_block"]) == set(changed["metrics"])
-    assert evaluator._rungs["long"].evaluators[0][0].blocks.shape == (1, 32)  # factor 2 x prefill 16 tokens
+    assert evaluator._rungs["long"].blocks.input_ids.shape == (3, 192)  # factor 2 x prefill 96 tokens
     assert evaluator.evaluate_at("long|SSSS")["per_block"]["kl"] == [0.0, 0.0, 0.0]  # the reference is still all-softmax
 
 
-def test_a_rung_without_a_source_reads_the_searchs_own_data(evaluator):
-    assert evaluator.evaluate_at("own|SNNS")["per_block"] == evaluator.evaluate_at("long|SNNS")["per_block"]
+def test_a_rung_with_facts_gives_retrieval_per_fact_and_the_originals(evaluator):
+    result = evaluator.evaluate_at("facts|SNNS")
+    assert len(result["per_block"]["kl"]) == 2 and len(result["per_fact"]["retrieval_acc"]) == 6
+    assert all(v in (0.0, 1.0) for v in result["per_fact"]["retrieval_acc"])
+    assert result["metrics"]["retrieval_nll"] == pytest.approx(sum(result["per_fact"]["retrieval_nll"]) / 6)
+    assert len(result["original"]["retrieval_acc"]) == 6
 
 
-def test_a_rung_with_needles_gives_retrieval_per_row(evaluator):
-    result = evaluator.evaluate_at("needles|SNNS")
-    assert len(result["per_block"]["kl"]) == 1 and len(result["per_block"]["retrieval_acc"]) == 2
-    assert all(0.0 <= v <= 1.0 for v in result["per_block"]["retrieval_acc"])
-    assert result["metrics"]["retrieval_nll"] == pytest.approx(sum(result["per_block"]["retrieval_nll"]) / 2)
+def test_rungs_read_text_the_proxy_and_earlier_rungs_did_not(evaluator, text_source):
+    """The proxy's block, then each rung's blocks, are consecutive stretches of one held-out stream."""
+    from layerboost_core.data import heldout_sections
+
+    tokenizer = evaluator.bench.loaded.tokenizer
+    proxy, long, facts = heldout_sections(tokenizer, text_source, [(1, 96), (3, 192), (2, 384)])
+    assert torch.equal(evaluator.proxy.blocks.input_ids, proxy)
+    evaluator.evaluate_at("long|SSSS")
+    assert torch.equal(evaluator._rungs["long"].blocks.input_ids, long)
+    evaluator.evaluate_at("facts|SSSS")
+    scored = evaluator._rungs["facts"].blocks
+    kept = [row[1:][mask].tolist() for row, mask in zip(scored.input_ids, scored.scored)]
+    assert all(text == block[1:1 + len(text)].tolist() for text, block in zip(kept, facts))  # facts' own text
 
 
 def test_a_rung_asking_for_more_text_than_there_is_is_refused(evaluator):
@@ -92,6 +111,8 @@ def test_rung_settings_refuse_bad_values():
         RungSettings("long", blocks=0)
     with pytest.raises(UserError, match="not 'proxy'"):
         RungSettings("proxy")
+    with pytest.raises(UserError, match="^fidelity.pick_rung: 'nope' is not a rung"):
+        FidelitySettings(pick_rung="nope")
     assert RungSettings("long", factor=2).seq_len(2048) == 4096
 
 
@@ -107,9 +128,16 @@ def add(study, plan: str, kl: float, latency: float, top1: float):
         constraints={"0": -0.5}))
 
 
-def measured(kl: list[float], top1: list[float]) -> dict:
-    return {"metrics": {"kl": sum(kl) / len(kl), "top1_agreement": sum(top1) / len(top1)},
-            "per_block": {"kl": kl, "top1_agreement": top1}}
+def measured(kl: list[float], top1: list[float], hits: list[float] | None = None,
+             original: list[float] | None = None) -> dict:
+    """A rung's result: per-block KL and agreement, and (with `hits`) per-fact retrieval beside the original's."""
+    result = {"metrics": {"kl": sum(kl) / len(kl), "top1_agreement": sum(top1) / len(top1)},
+              "per_block": {"kl": kl, "top1_agreement": top1}}
+    if hits is not None:
+        result["metrics"]["retrieval_acc"] = sum(hits) / len(hits)
+        result["per_fact"] = {"retrieval_acc": hits}
+        result["original"] = {"retrieval_acc": original if original is not None else [1.0] * len(hits)}
+    return result
 
 
 class FakeRunner:
@@ -165,6 +193,8 @@ def test_ladder_candidates_are_the_plans_a_best_plan_file_can_name():
     assert [t.number for t in picks] == [6, 5, 4, 3, 2, 0]  # then the spread's first end
     assert [t.number for t in ladder_candidates(front, 2, (0.99,), (), 1.0)] == [6, 5]
     assert len(ladder_candidates(front, 20, (0.99,), (0.5,), 1.0)) == 7  # every plan once, no more
+    # below the quality floor of every best file (0.85 here) a plan is never a candidate; all-softmax always is
+    assert [t.number for t in ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, floor=0.85)] == [6, 5, 3, 4]
 
 
 # --- reading the ladder ---------------------------------------------------------------------------------------
@@ -183,13 +213,11 @@ def test_bootstrap_interval_brackets_the_mean():
     assert bootstrap_interval([0.4]) == (0.4, 0.4)
 
 
-def test_fastest_keeping_picks_the_fastest_plan_over_the_bar_or_none():
-    candidates = {1: ({"top1_agreement": 0.97}, 0.5), 2: ({"top1_agreement": 0.995}, 0.6),
-                  3: ({"kl": 0.005}, 0.7), 4: ({"top1_agreement": 0.5}, 0.1)}
-    assert fastest_keeping(candidates, 0.99) == 2
-    assert fastest_keeping(candidates, 0.95) == 1
-    assert fastest_keeping({3: ({"kl": 0.005}, 0.7)}, 0.99) == 3  # exp(-KL) when agreement was not measured
-    assert fastest_keeping(candidates, 0.999) is None
+def test_binomial_interval_is_clopper_pearson():
+    lo, hi = binomial_interval(90, 96)
+    assert lo == pytest.approx(0.8802, abs=1e-3) and hi == pytest.approx(0.9733, abs=1e-3)
+    assert binomial_interval(0, 16)[0] == 0.0 and binomial_interval(16, 16)[1] == 1.0
+    assert binomial_interval(16, 16)[0] == pytest.approx(0.05 ** (1 / 16))  # all found: (1 - level) / 2 = 0.05
 
 
 def read_csv(path):
@@ -212,7 +240,7 @@ def laddered():
 
 
 def test_report_carries_one_column_set_per_fidelity_and_marks_dominated_plans(laddered, tmp_path):
-    table = write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, (0.5,), rungs=("long",))
+    table = write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",))
     for name in ("trials.csv", "pareto.csv"):
         rows = read_csv(tmp_path / name)
         assert float(rows[1]["kl"]) == 0.3 and float(rows[1]["proxy:kl"]) == 0.3  # the proxy, untouched
@@ -225,22 +253,51 @@ def test_report_carries_one_column_set_per_fidelity_and_marks_dominated_plans(la
     assert "| long |" in table  # the dominated_at cell of trial 1
 
 
-def test_best_plans_are_picked_at_the_highest_fidelity_and_unmet_targets_are_said(laddered, tmp_path):
-    table = write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, (0.5, 0.1), rungs=("long",))
+def test_best_plans_are_picked_at_the_pick_rung_and_unmet_targets_are_said(laddered, tmp_path):
+    floors = Floors(agreement=0.8, retrieval_share=None)
+    table = write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long", floors=floors)
     best = {p.name: json.loads(p.read_text()) for p in (tmp_path / "best").iterdir()}
-    # at `long`: 99% only all-softmax keeps; 95% trial 2 (0.965); latency <= 50%: trial 2 (the only one of
-    # trials 2, 3 under it with the lower KL); proxy top-1 agreement would have picked the same for 95%, but
-    # the numbers in the files are the rung's
+    # at `long`: 99% only all-softmax keeps; 95% and 90% trial 2 (0.96-0.97); latency <= 50%: trial 2 (trial 3 is
+    # faster but its agreement, 0.5-0.6, is below the floor: never offered)
     assert best["keep-99pct.json"]["origin"]["trial"] == 0
     assert best["keep-95pct.json"]["origin"]["trial"] == 2
     assert best["latency-50pct.json"]["origin"]["trial"] == 2
-    assert "latency-10pct.json" not in best
+    assert all(b["origin"]["trial"] != 3 for b in best.values())
     long_kl = best["keep-95pct.json"]["metrics"]["long:kl"]
     assert long_kl["fidelity"] == "long" and long_kl["value"] == pytest.approx(0.6) and long_kl["samples"] == 2
     assert long_kl["interval90"][0] <= 0.6 <= long_kl["interval90"][1]
-    said = "`latency-10pct`: no plan measured at fidelity `long` is predicted at <= 10% of all-softmax latency"
+    assert best["keep-95pct.json"]["floors"]["top1_agreement_low"] == 0.8
+    assert "trial 3 (top-1 agreement 0.550 [0.500, 0.600] < 0.8)" in table
+    # a stricter floor: only all-softmax keeps it, and every latency target is said, with the fastest plan kept
+    table = write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                         floors=Floors(agreement=0.97, retrieval_share=None))
+    said = ("`latency-50pct`: no plan that keeps the floors runs at <= 50% of all-softmax's latency; the fastest "
+            "plan that keeps the floors is `SSSS` at 1.00x of all-softmax's predicted latency")
     assert said in table and said in (tmp_path / "summary.md").read_text()
-    assert "picked at fidelity `long`" in table
+    assert {json.loads(p.read_text())["origin"]["trial"] for p in (tmp_path / "best").iterdir()} == {0}
+
+
+def test_summary_opens_with_the_answer(laddered, tmp_path):
+    write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                 floors=Floors(agreement=0.8, retrieval_share=None))
+    lines = (tmp_path / "summary.md").read_text().splitlines()
+    assert lines[0].startswith("# Search") and lines[2] == "## What to ship"
+    assert lines[4].startswith("Every best file keeps, at fidelity `long`")
+    table = lines[lines.index("| best files | plan | latency vs all-softmax: measured median [fastest, slowest round] "
+                              "| predicted | KL [90%] | top-1 agreement [90%] | retrieval: facts found [90%] | fidelity "
+                              "| other rungs | export |") + 2:]
+    assert table[0].startswith("| `keep-99pct.json` | `SSSS` |")
+    assert "`layerboost export model=tiny-llama plan=" in table[0]
+    assert lines.index("## What to ship") < lines.index("## Pareto front (proxy)")
+
+
+def test_a_file_of_an_earlier_report_for_a_plan_below_the_floors_is_removed(laddered, tmp_path):
+    write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                 floors=Floors(agreement=0.8, retrieval_share=None))
+    assert json.loads((tmp_path / "best" / "latency-50pct.json").read_text())["origin"]["trial"] == 2
+    write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                 floors=Floors(agreement=0.97, retrieval_share=None))  # trial 2 (0.96-0.97) no longer keeps it
+    assert not (tmp_path / "best" / "latency-50pct.json").exists()
 
 
 def test_a_quality_bar_no_plan_meets_is_said_not_written(tmp_path):
@@ -249,8 +306,10 @@ def test_a_quality_bar_no_plan_meets_is_said_not_written(tmp_path):
     add(study, "LLNN", 2.0, 0.2, 0.8)
     record_rung(study, LONG, 0, measured([0.9], [0.46]))
     record_rung(study, LONG, 1, measured([2.0], [0.3]))
-    table = write_report(study, OBJECTIVES, tmp_path, CONTEXT, (), rungs=("long",))
+    table = write_report(study, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                         floors=Floors(agreement=0.0, retrieval_share=None))
     assert not [p for p in (tmp_path / "best").iterdir() if p.name.startswith("keep-")]
-    assert ("`keep-99pct`: no plan measured at fidelity `long` keeps 99% of the original's top-1 agreement "
-            "(the most kept: 0.460, trial 0)") in table
+    assert ("`keep-99pct`: no plan keeps 99% top-1 agreement at the low end of its interval with the floors kept"
+            in table)
+    assert "0.460 (n=1)" in table  # one block: no interval to give, said so
     assert math.isclose(float(read_csv(tmp_path / "trials.csv")[0]["long:top1_agreement"]), 0.46)

@@ -177,12 +177,12 @@ def test_top_k_reference_memory_is_independent_of_the_vocabulary(tiny_model):
     assert exact.reference[0].probs.shape[-1] == model.config.vocab_size
 
 
-def test_bad_top_k_and_missing_needles_are_refused():
+def test_bad_top_k_and_missing_facts_are_refused():
     model = FixedLogits(torch.zeros(VOCAB, VOCAB))
     blocks = torch.tensor([[0, 1, 2, 3]])
     with pytest.raises(UserError, match=r"^proxy\.reference_top_k: 0; allowed: an integer >= 1, or None \(exact\)$"):
         ProxyEvaluator(model, blocks, reference_top_k=0)
     evaluator = ProxyEvaluator(model, blocks)
-    assert list(evaluator.evaluate()) == ["kl", "nll", "nll_delta", "top1_agreement"]  # no needles: as before
-    with pytest.raises(UserError, match=r"^proxy metric: 'retrieval_acc' needs needle rows; this evaluator has none"):
+    assert list(evaluator.evaluate()) == ["kl", "nll", "nll_delta", "top1_agreement"]  # no facts: as before
+    with pytest.raises(UserError, match=r"^proxy metric: 'retrieval_acc' needs planted facts; these blocks have none"):
         evaluator.evaluate(["kl", "retrieval_acc"])

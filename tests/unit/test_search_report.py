@@ -122,7 +122,7 @@ def read_csv(path):
 
 def test_write_report_writes_every_file(study, tmp_path):
     run_dir = tmp_path / "runs" / "unit-report"
-    table = write_report(study, OBJECTIVES, run_dir, CONTEXT, (0.9, 0.5))
+    table = write_report(study, OBJECTIVES, run_dir, CONTEXT)
     assert sorted(p.name for p in run_dir.iterdir()) == ["best", "pareto.csv", "pareto.html", "summary.md", "trials.csv"]
 
     trials = read_csv(run_dir / "trials.csv")
@@ -139,13 +139,13 @@ def test_write_report_writes_every_file(study, tmp_path):
     assert "plotly" in html.lower() and "Pareto front" in html and "paper heuristic" in html
 
     best = {p.name: json.loads(p.read_text()) for p in (run_dir / "best").iterdir()}
-    # latency 90%: the best KL at latency <= 0.9 is trial 1; 50%: trial 2; knee: trial 2. No rung measured, so
-    # quality bars read the proxy's top-1 agreement (1 - kl / 10): 99% only all-softmax (trial 0) keeps; 95% and
-    # 90%: trial 2 (0.95) is the fastest that keeps them
+    # latency 90% to 60%: the best KL at latency <= 0.6 is trial 1; 50%: trial 2; knee: trial 2. No rung measured,
+    # so everything reads the proxy (intervals n=1) and quality bars its top-1 agreement (1 - kl / 10): 99% only
+    # all-softmax (trial 0) keeps; 95% and 90%: trial 2 (0.95) is the fastest that keeps them
     assert sorted(best) == ["keep-90pct.json", "keep-95pct.json", "keep-99pct.json", "knee.json",
-                            "latency-50pct.json", "latency-90pct.json"]
+                            *(f"latency-{p}pct.json" for p in (50, 60, 70, 80, 90))]
     assert [best[f"keep-{p}pct.json"]["origin"]["trial"] for p in (99, 95, 90)] == [0, 2, 2]
-    assert best["latency-90pct.json"]["origin"]["trial"] == 1
+    assert [best[f"latency-{p}pct.json"]["origin"]["trial"] for p in (90, 80, 70, 60)] == [1, 1, 1, 1]
     assert best["latency-50pct.json"]["origin"]["trial"] == 2
     assert best["knee.json"]["origin"]["trial"] == 2
     for data in best.values():
@@ -162,8 +162,9 @@ def test_write_report_writes_every_file(study, tmp_path):
     assert summary.startswith("# Search unit-report")
     assert "optuna-dashboard sqlite:///unit.db" in summary
     assert "complete 6" in summary and "fail 1" in summary and "pruned 1" in summary
-    assert "`best/knee.json`: trial 2" in summary and "`best/keep-99pct.json`: trial 0" in summary
-    assert "picked at fidelity `proxy`" in table
+    assert "| `keep-99pct.json` | `SSSS` |" in summary and "`latency-50pct.json`, `knee.json` | `SLLN` |" in summary
+    assert "Every best file keeps, at fidelity `proxy`" in table and "0.9500 (n=1)" not in table
+    assert "| 0.950 (n=1) |" in table  # the proxy's one block: said, not given an interval
     for plan in ("SSSS", "SSLN", "SLLN", "LLNN"):
         assert f"`{plan}`" in table
     assert "`NNNN`" not in table and "`SSSL`" not in table
@@ -171,9 +172,9 @@ def test_write_report_writes_every_file(study, tmp_path):
 
 def test_write_report_is_repeatable(study, tmp_path):
     run_dir = tmp_path / "run"
-    write_report(study, OBJECTIVES, run_dir, CONTEXT, (0.9,))
+    write_report(study, OBJECTIVES, run_dir, CONTEXT)
     first = (run_dir / "trials.csv").read_text()
-    write_report(study, OBJECTIVES, run_dir, CONTEXT, (0.9,))
+    write_report(study, OBJECTIVES, run_dir, CONTEXT)
     assert (run_dir / "trials.csv").read_text() == first
     assert not [p for p in run_dir.rglob(".*")]  # no temporary files left behind
 
@@ -191,7 +192,7 @@ def test_lm_eval_scores_of_finished_trials_reach_the_report(tmp_path):
     assert lm_eval_scores(reopened) == {1: {"lb_passkey": 0.75, "lb_cloze": 0.5}}
 
     run_dir = tmp_path / "run"
-    table = write_report(reopened, OBJECTIVES, run_dir, CONTEXT, (0.5,))
+    table = write_report(reopened, OBJECTIVES, run_dir, CONTEXT)
     trials = read_csv(run_dir / "trials.csv")
     assert float(trials[1]["lm_eval:lb_passkey"]) == 0.75 and trials[0]["lm_eval:lb_passkey"] == ""
     best = json.loads((run_dir / "best" / "latency-50pct.json").read_text())
@@ -203,7 +204,7 @@ def test_report_shows_which_layers_were_local_or_global_in_the_original(study, t
     # A Gemma-3-like original: layers 0, 1, 3 slide over a window, layer 2 is global.
     context = {**CONTEXT, "layer_kinds": ["local:512", "local:512", "global", "local:512"]}
     run_dir = tmp_path / "run"
-    table = write_report(study, OBJECTIVES, run_dir, context, (0.9,))
+    table = write_report(study, OBJECTIVES, run_dir, context)
     assert "| | original (G global, w sliding window) | `wwGw` |" in table
     assert "original attention per layer: `wwGw`" in (run_dir / "summary.md").read_text()
     trials = {r["plan"]: r for r in read_csv(run_dir / "trials.csv")}
@@ -213,6 +214,6 @@ def test_report_shows_which_layers_were_local_or_global_in_the_original(study, t
 
 def test_report_of_an_all_global_model_adds_no_layer_kind_columns(study, tmp_path):
     run_dir = tmp_path / "run"
-    table = write_report(study, OBJECTIVES, run_dir, {**CONTEXT, "layer_kinds": ["global"] * 4}, (0.9,))
+    table = write_report(study, OBJECTIVES, run_dir, {**CONTEXT, "layer_kinds": ["global"] * 4})
     assert "original (G global" not in table
     assert "softmax_global" not in read_csv(run_dir / "trials.csv")[0]

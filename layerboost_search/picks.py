@@ -1,0 +1,211 @@
+"""Which plans a search offers as best, on what evidence: the answer a user ships.
+
+Every best-plan file names a plan that keeps the floors at the confirmation rung (fidelity.pick_rung: blocks of
+held-out text the search never scored), judged at the pessimistic end of 90% intervals:
+
+* quality: top-1 agreement with the original (the share of next tokens it predicts the same), low end of a
+  bootstrap interval over blocks, >= `fidelity.agreement_floor`;
+* retrieval: the facts it finds (planted in the same blocks), low end of a Clopper-Pearson interval, >=
+  `objective.retrieval_floor` x the original's rate on the same facts (or at least as many facts as the
+  original found). No retrieval floor where the original itself finds fewer than
+  `objective.retrieval_min_original` of them: the report says so instead.
+
+Among the plans that keep the floors: `keep-<pct>pct` is the fastest whose agreement keeps that share at the
+low end; `latency-<pct>pct` the lowest-KL one (high end of its interval) whose slowest measured round ran at
+or under that share of all-softmax's latency; `knee` the knee of the proxy front, only if it keeps the floors.
+A target no such plan meets is said, with the fastest plan that keeps the floors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .fidelity import binomial_interval, bootstrap_interval
+
+KEEP_BARS = (0.99, 0.95, 0.9)  # best/keep-<pct>pct.json
+LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)  # best/latency-<pct>pct.json, shares of all-softmax latency
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A value with its 90% interval and the number of samples it rests on (blocks, facts or rounds)."""
+
+    value: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of_blocks(cls, values: list[float]) -> "Interval":
+        lo, hi = bootstrap_interval(values)
+        return cls(sum(values) / len(values), lo, hi, len(values))
+
+    @classmethod
+    def of_facts(cls, hits: int, n: int) -> "Interval":
+        lo, hi = binomial_interval(hits, n)
+        return cls(hits / n, lo, hi, n)
+
+    @classmethod
+    def of_rounds(cls, ratios: list[float]) -> "Interval":
+        ordered = sorted(ratios)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return cls(median, ordered[0], ordered[-1], len(ordered))
+
+    def text(self, digits: int = 3, unit: str = "") -> str:
+        value = f"{self.value:.{digits}f}{unit}"
+        if self.n < 2:
+            return f"{value} (n=1)"
+        return f"{value} [{self.lo:.{digits}f}, {self.hi:.{digits}f}]"
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What every best file keeps (see the module docstring); `note` says why there is no retrieval floor."""
+
+    agreement: float
+    retrieval_share: float | None
+    note: str = ""
+
+
+def retrieval_floor(objective, original: dict | None) -> tuple[float | None, str]:
+    """(the retrieval_acc a plan must keep, or None; why there is none). `original`: the original model's own
+    metrics on the proxy's facts ({} or None when none are planted). A share of an original that cannot
+    retrieve (below `objective.retrieval_min_original`, e.g. 0 facts found) would be a meaningless floor:
+    none is applied and the note says why."""
+    found = (original or {}).get("retrieval_acc")
+    if found is None:
+        return None, "No retrieval floor: no facts are planted in the held-out blocks (proxy.facts = 0)."
+    if found < objective.retrieval_min_original:
+        return None, (f"No retrieval floor: the original model itself finds only {found:.0%} of the facts planted at "
+                      f"the workload's context, below objective.retrieval_min_original "
+                      f"({objective.retrieval_min_original:.0%}); retrieval is reported, not required.")
+    return objective.retrieval_floor * found, ""
+
+
+def floors_of(fidelity, objective, original: dict | None) -> Floors:
+    """The floors every best file keeps: `fidelity.agreement_floor` and `objective.retrieval_floor` (as a share
+    of the original's retrieval, unless the original cannot retrieve: see `retrieval_floor`)."""
+    value, note = retrieval_floor(objective, original)
+    return Floors(fidelity.agreement_floor, None if value is None else objective.retrieval_floor, note)
+
+
+@dataclass
+class Evidence:
+    """What was measured of one candidate: quality and retrieval at `fidelity`, latency measured or predicted."""
+
+    number: int
+    plan: str
+    fidelity: str
+    kl: Interval
+    agreement: Interval
+    retrieval: Interval | None = None  # rate of facts found
+    original_retrieval: Interval | None = None  # the original's rate on the same facts
+    latency: Interval | None = None  # measured share of all-softmax latency, over rounds
+    predicted: float | None = None  # the cost model's share
+    others: dict = field(default_factory=dict)  # other rungs: {rung: {"kl": Interval, "retrieval": Interval}}
+
+    @property
+    def slowest(self) -> float:
+        """The latency share a pick is judged on: the slowest measured round, else the prediction."""
+        if self.latency is not None:
+            return self.latency.hi
+        return self.predicted if self.predicted is not None else math.inf
+
+    def shortfall(self, floors: Floors) -> str | None:
+        """Why this plan is below the floors, or None when it keeps them."""
+        if self.agreement.lo < floors.agreement:
+            return f"top-1 agreement {self.agreement.text()} < {floors.agreement:g}"
+        if floors.retrieval_share is not None and self.retrieval is not None and self.original_retrieval is not None:
+            found, original = self.retrieval, self.original_retrieval
+            bar = floors.retrieval_share * original.value
+            if found.value * found.n < original.value * original.n and found.lo < bar:
+                return f"retrieval {found.text()} < {floors.retrieval_share:.0%} of the original's {original.value:.3f}"
+        return None
+
+
+@dataclass
+class Picks:
+    chosen: dict[str, Evidence]  # best file name -> its plan's evidence
+    unmet: list[str]  # one line per target no plan meets under the floors
+    below: dict[int, str]  # candidate -> why it is not offered
+    fastest: Evidence | None  # the fastest candidate that keeps the floors
+
+
+def pick(evidence: list[Evidence], floors: Floors, knee: int | None = None, bars=KEEP_BARS,
+         targets=LATENCY_TARGETS) -> Picks:
+    """The best files from the candidates' evidence (see the module docstring)."""
+    below = {e.number: reason for e in evidence if (reason := e.shortfall(floors)) is not None}
+    keeping = sorted((e for e in evidence if e.number not in below), key=lambda e: (e.slowest, e.kl.hi))
+    fastest = keeping[0] if keeping else None
+    chosen: dict[str, Evidence] = {}
+    unmet: list[str] = []
+    fastest_line = (f"the fastest plan that keeps the floors is `{fastest.plan}` at {_share(fastest)}"
+                    if fastest else "no candidate keeps the floors")
+    for bar in bars:
+        name = f"keep-{round(bar * 100)}pct"
+        meeting = [e for e in keeping if e.agreement.lo >= bar]
+        if meeting:
+            chosen[name] = meeting[0]
+        else:
+            unmet.append(f"`{name}`: no plan keeps {bar:.0%} top-1 agreement at the low end of its interval with "
+                         f"the floors kept")
+    for target in targets:
+        name = f"latency-{round(target * 100)}pct"
+        fitting = [e for e in keeping if e.slowest <= target]
+        if fitting:
+            chosen[name] = min(fitting, key=lambda e: (e.kl.hi, e.slowest))
+        else:
+            unmet.append(f"`{name}`: no plan that keeps the floors runs at <= {target:.0%} of all-softmax's "
+                         f"latency; {fastest_line}")
+    knee_evidence = next((e for e in keeping if e.number == knee), None)
+    if knee_evidence is not None:
+        chosen["knee"] = knee_evidence
+    return Picks(chosen, unmet, below, fastest)
+
+
+def _share(e: Evidence) -> str:
+    if e.latency is not None:
+        return f"{e.latency.text(2, 'x')} of all-softmax's measured latency"
+    return f"{e.predicted:.2f}x of all-softmax's predicted latency"
+
+
+def answer_table(picks: Picks, floors: Floors, export_command) -> str:
+    """The answer first: per plan offered (with the best files that name it), measured speed with its spread,
+    quality and retrieval with their intervals, at which fidelity, and the command that exports it.
+    `export_command(name)` gives the command for best file `name`."""
+    lines = ["| best files | plan | latency vs all-softmax: measured median [fastest, slowest round] | predicted | "
+             "KL [90%] | top-1 agreement [90%] | retrieval: facts found [90%] | fidelity | other rungs | export |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    by_trial: dict[int, list[str]] = {}
+    for name, e in picks.chosen.items():
+        by_trial.setdefault(e.number, []).append(name)
+    for number, names in by_trial.items():
+        e = picks.chosen[names[0]]
+        latency = (f"{e.latency.value:.2f}x [{e.latency.lo:.2f}, {e.latency.hi:.2f}], {e.latency.n} rounds"
+                   if e.latency is not None else "not measured")
+        predicted = f"{e.predicted:.2f}x" if e.predicted is not None else ""
+        retrieval = (f"{round(e.retrieval.value * e.retrieval.n)}/{e.retrieval.n} {e.retrieval.text()}"
+                     if e.retrieval is not None else "not measured")
+        others = "; ".join(f"{rung}: KL {m['kl'].text()}" + (f", retrieval {m['retrieval'].text()}"
+                                                              if m.get("retrieval") else "")
+                           for rung, m in e.others.items())
+        files = ", ".join(f"`{name}.json`" for name in names)
+        lines.append(f"| {files} | `{e.plan}` | {latency} | {predicted} | {e.kl.text(4)} | {e.agreement.text()} | "
+                     f"{retrieval} | {e.fidelity} | {others} | `{export_command(names[0])}` |")
+    if not picks.chosen:
+        lines.append("| (none) | no candidate keeps the floors |" + " |" * 8)
+    lines += [""] + [f"- {line}" for line in picks.unmet]
+    return "\n".join(lines)
+
+
+def floors_line(floors: Floors, fidelity: str, original: Interval | None) -> str:
+    """One sentence stating the floors every best file keeps."""
+    parts = [f"top-1 agreement with the original >= {floors.agreement:g}"]
+    if floors.retrieval_share is not None:
+        found = (f" (the original found {round(original.value * original.n)}/{original.n})"
+                 if original is not None else "")
+        parts.append(f">= {floors.retrieval_share:.0%} of the original's retrieval{found}")
+    text = (f"Every best file keeps, at fidelity `{fidelity}` and the pessimistic end of its 90% intervals: "
+            + " and ".join(parts) + ".")
+    return text + (f" {floors.note}" if floors.note else "")

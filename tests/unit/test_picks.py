@@ -1,0 +1,82 @@
+"""What a search offers as best: floors of quality and retrieval at the pessimistic end of intervals, and the
+retrieval floor from the original model's own score."""
+from __future__ import annotations
+
+import pytest
+
+from layerboost_search.picks import Evidence, Floors, Interval, floors_of, pick, retrieval_floor
+from layerboost_search.settings import FidelitySettings, ObjectiveSettings
+
+
+def evidence(number, plan, agreement, hits, slowest, kl=0.1, facts=96, original=94, blocks=6):
+    """A candidate measured on `blocks` blocks (agreement spread +-0.01) and `facts` facts."""
+    values = [agreement - 0.01, agreement + 0.01] * (blocks // 2)
+    return Evidence(number, plan, "confirm", Interval.of_blocks([kl] * blocks), Interval.of_blocks(values),
+                    Interval.of_facts(hits, facts), Interval.of_facts(original, facts),
+                    latency=Interval.of_rounds([slowest - 0.02, slowest - 0.01, slowest]), predicted=slowest - 0.03)
+
+
+FLOORS = Floors(agreement=0.8, retrieval_share=0.9)
+
+
+def test_the_floor_is_a_share_of_the_originals_retrieval():
+    assert retrieval_floor(ObjectiveSettings(retrieval_floor=0.9), {"retrieval_acc": 0.95}) == (pytest.approx(0.855), "")
+    assert floors_of(FidelitySettings(agreement_floor=0.7), ObjectiveSettings(), {"retrieval_acc": 1.0}) == \
+        Floors(0.7, 0.9, "")
+
+
+@pytest.mark.parametrize("found", [0.0, 0.4])
+def test_no_floor_where_the_original_cannot_retrieve_and_the_run_says_so(found):
+    floor, note = retrieval_floor(ObjectiveSettings(retrieval_min_original=0.5), {"retrieval_acc": found})
+    assert floor is None and f"the original model itself finds only {found:.0%} of the facts" in note
+    floors = floors_of(FidelitySettings(), ObjectiveSettings(), {"retrieval_acc": found})
+    assert floors.retrieval_share is None and floors.note == note
+    # nothing then fails for retrieval: a plan that finds no fact is judged on quality alone
+    assert pick([evidence(1, "LLLL", 0.9, 0, 0.5)], floors).fastest.number == 1
+
+
+def test_no_floor_without_planted_facts():
+    floor, note = retrieval_floor(ObjectiveSettings(), {})
+    assert floor is None and "proxy.facts = 0" in note
+
+
+def test_a_pick_below_a_floor_is_never_offered():
+    candidates = [evidence(0, "SSSS", 1.0, 94, 1.0, kl=0.0),
+                  evidence(1, "SSLL", 0.95, 92, 0.75),  # keeps both floors
+                  evidence(2, "LLLL", 0.85, 40, 0.5),  # fast, good agreement, loses retrieval
+                  evidence(3, "NNLL", 0.78, 94, 0.4)]  # fastest, retrieves, below the agreement floor
+    picks = pick(candidates, FLOORS)
+    offered = {e.number for e in picks.chosen.values()}
+    assert offered == {0, 1} and picks.fastest.number == 1
+    assert set(picks.below) == {2, 3}
+    assert "retrieval 0.417" in picks.below[2] and "top-1 agreement" in picks.below[3]
+    assert picks.chosen["latency-80pct"].number == 1 and "latency-70pct" not in picks.chosen
+    line = next(u for u in picks.unmet if u.startswith("`latency-70pct`"))
+    assert line.endswith("the fastest plan that keeps the floors is `SSLL` at 0.74x [0.73, 0.75] of all-softmax's "
+                         "measured latency")
+    # 0.95 on average is 0.94 at the low end: keep-95 is all-softmax, keep-90 the faster plan
+    assert picks.chosen["keep-90pct"].number == 1 and picks.chosen["keep-95pct"].number == 0
+
+
+def test_floors_are_judged_at_the_pessimistic_end_of_the_intervals():
+    # agreement 0.805 on average but 0.795 at the low end: below 0.8
+    assert pick([evidence(1, "SSLL", 0.805, 94, 0.7)], FLOORS).chosen == {}
+    # 87 of 96 facts (0.906) against the original's 94 (0.979): the low end of the interval (~0.85) < 0.9 x 0.979
+    assert 1 in pick([evidence(1, "SSLL", 0.95, 87, 0.7)], FLOORS).below
+    # the slowest round decides a latency target, not the median
+    e = evidence(1, "SSLL", 0.95, 94, 0.81)
+    assert e.latency.value == pytest.approx(0.80) and "latency-80pct" not in pick([e], FLOORS).chosen
+
+
+def test_finding_as_many_facts_as_the_original_always_keeps_the_retrieval_floor():
+    # 15 of 16 is the original's own score; the interval's low end (~0.74) is below 0.9 x 0.94, yet no plan can
+    # be asked to retrieve better than the model it replaces
+    e = evidence(0, "SSSS", 1.0, 15, 1.0, facts=16, original=15)
+    assert e.retrieval.lo < 0.9 * e.original_retrieval.value and e.shortfall(FLOORS) is None
+
+
+def test_intervals_come_from_two_samples_or_say_n1():
+    assert Interval.of_blocks([0.3]).text() == "0.300 (n=1)"
+    both = Interval.of_blocks([0.2, 0.4])
+    assert both.n == 2 and both.lo < 0.3 < both.hi and "[" in both.text()
+    assert Interval.of_rounds([0.9, 0.7, 0.8]) == Interval(0.8, 0.7, 0.9, 3)
