@@ -56,6 +56,7 @@ class PlantedBlocks:
     answer_len: torch.Tensor  # (N, F)
     fact_start: torch.Tensor  # (N, F): row index of the planted fact each query asks for
     fact_len: torch.Tensor  # (N, F)
+    source_start: torch.Tensor  # (N, F): row index of the answer's tokens inside that fact (what a copy reads)
     keys: tuple[tuple[str, ...], ...]  # per block, the key of each query
     answers: tuple[tuple[str, ...], ...]  # per block, the code each query must give
 
@@ -64,7 +65,7 @@ class PlantedBlocks:
         """Blocks with no facts: every position is scored."""
         n, s = blocks.shape
         empty = torch.zeros(n, 0, dtype=torch.long)
-        return cls(blocks, torch.ones(n, s - 1, dtype=torch.bool), empty, empty, empty, empty,
+        return cls(blocks, torch.ones(n, s - 1, dtype=torch.bool), empty, empty, empty, empty, empty,
                    tuple(() for _ in range(n)), tuple(() for _ in range(n)))
 
     @property
@@ -83,7 +84,7 @@ class PlantedBlocks:
         """The blocks `rows` (a slice) alone."""
         return PlantedBlocks(self.input_ids[rows], self.scored[rows], self.answer_start[rows],
                              self.answer_len[rows], self.fact_start[rows], self.fact_len[rows],
-                             self.keys[rows], self.answers[rows])
+                             self.source_start[rows], self.keys[rows], self.answers[rows])
 
     @property
     def hash(self) -> str:
@@ -123,7 +124,8 @@ def _plant(tokenizer, block: list[int], n: int, rng: random.Random) -> dict:
         if code not in codes:
             codes.append(code)
     answers = [_ids(tokenizer, code) for code in codes]
-    facts = [_ids(tokenizer, FACT.format(key=k)) + a + _ids(tokenizer, FACT_END) for k, a in zip(keys, answers)]
+    prefixes = [_ids(tokenizer, FACT.format(key=k)) for k in keys]
+    facts = [prefix + a + _ids(tokenizer, FACT_END) for prefix, a in zip(prefixes, answers)]
     order = list(range(n))
     rng.shuffle(order)
     queries = [(_ids(tokenizer, QUERY.format(key=keys[i])), answers[i]) for i in order]
@@ -151,17 +153,19 @@ def _plant(tokenizer, block: list[int], n: int, rng: random.Random) -> dict:
         previous = start
     row += text[previous:]
     original += [True] * (text_len - previous)
-    answer_start, answer_len, fact_start, fact_len = [], [], [], []
+    answer_start, answer_len, fact_start, fact_len, source_start = [], [], [], [], []
     for (query, answer), k in zip(queries, order):
         row += query
         answer_start.append(len(row))
         answer_len.append(len(answer))
         fact_start.append(fact_at[k][0])
         fact_len.append(fact_at[k][1])
+        source_start.append(fact_at[k][0] + len(prefixes[k]))
         row += answer
         original += [False] * (len(query) + len(answer))
     return {"row": row, "scored": original[1:], "answer_start": answer_start, "answer_len": answer_len,
-            "fact_start": fact_start, "fact_len": fact_len, "keys": tuple(keys[i] for i in order),
+            "fact_start": fact_start, "fact_len": fact_len, "source_start": source_start,
+            "keys": tuple(keys[i] for i in order),
             "answers": tuple(codes[i] for i in order)}
 
 
@@ -180,4 +184,5 @@ def plant_facts(tokenizer, blocks: torch.Tensor, n: int, seed: int = 0) -> Plant
     return PlantedBlocks(input_ids=stack("row"), scored=stack("scored", torch.bool),
                          answer_start=stack("answer_start"), answer_len=stack("answer_len"),
                          fact_start=stack("fact_start"), fact_len=stack("fact_len"),
+                         source_start=stack("source_start"),
                          keys=tuple(r["keys"] for r in rows), answers=tuple(r["answers"] for r in rows))

@@ -106,6 +106,7 @@ class Workbench:
     splits: DataSplits | None
     switcher: PlanSwitcher
     bank: Bank | None
+    head_scores: object = None  # (layers, KV heads) copy scores, once `attach_head_choices` measured them
 
     @property
     def model(self):
@@ -115,17 +116,22 @@ class Workbench:
     def info(self) -> dict:
         return self.loaded.info
 
+    def planted_heldout(self):
+        """The proxy's held-out blocks with `proxy.facts` facts planted in each (facts.py)."""
+        from .facts import plant_facts
+
+        p = self.settings.proxy
+        return plant_facts(self.loaded.tokenizer, self.splits.heldout, p.facts, p.fact_seed)
+
     def proxy_evaluator(self, reference_model=None):
         """A ProxyEvaluator on the held-out blocks with `proxy.facts` facts planted in each. The reference
         distributions come from `reference_model` (default: this workbench's model as it is now, normally
         all-softmax)."""
-        from .facts import plant_facts
         from .metrics import ProxyEvaluator
 
         p = self.settings.proxy
-        blocks = plant_facts(self.loaded.tokenizer, self.splits.heldout, p.facts, p.fact_seed)
-        proxy = ProxyEvaluator(reference_model if reference_model is not None else self.model, blocks,
-                               p.batch_size, p.reference_top_k)
+        proxy = ProxyEvaluator(reference_model if reference_model is not None else self.model,
+                               self.planted_heldout(), p.batch_size, p.reference_top_k)
         proxy.model = self.model  # scored: this workbench's model, whatever gave the reference
         return proxy
 
@@ -158,6 +164,32 @@ def attach_bank(bench: Workbench) -> Workbench:
     s = bench.settings
     bench.bank = load_or_build_bank(bench.switcher, bench.info, bench.splits, s.options, s.transfer,
                                     progress=s.progress, rebuild=s.rebuild_bank)
+    return bench
+
+
+MIXED = "mixed"  # option names mixed<k>: the k KV heads of each layer with the highest copy scores keep softmax
+
+
+def attach_head_choices(bench: Workbench, options) -> Workbench:
+    """Fill in `kept_heads` for every `mixed<k>` option among `options` (names: a plan's layers or a space's
+    options) that has none: per layer, the k KV heads the original model retrieves with (head_scores.py,
+    measured on the proxy's planted blocks, cached). Every process derives the same choice from the same
+    model and blocks; it travels in the option settings, so plan JSON and exported folders carry it."""
+    from .errors import UserError
+    from .head_scores import cached_head_scores, kept_heads
+
+    missing = sorted(o for o in set(options) if o.startswith(MIXED) and "kept_heads" not in bench.settings.options.get(o, {}))
+    if not missing:
+        return bench
+    if not bench.settings.proxy.facts:
+        raise UserError(f"proxy.facts: 0, but {', '.join(missing)} keeps the heads that retrieve the planted facts; "
+                        "set proxy.facts >= 1")
+    bench.head_scores = cached_head_scores(bench.switcher, bench.info, bench.planted_heldout())
+    options = {**bench.settings.options,
+               **{o: {**bench.settings.options.get(o, {}), "kept_heads": kept_heads(bench.head_scores, int(o[len(MIXED):]))}
+                  for o in missing}}
+    bench.settings = replace(bench.settings, options=options)
+    bench.switcher.settings = options
     return bench
 
 

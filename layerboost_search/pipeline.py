@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from optuna.trial import TrialState
@@ -15,7 +16,8 @@ from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity_rows, sensitivity_heatmap
 from layerboost_core.space import SearchSpace
 from layerboost_core.tables import write_csv
-from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
+from layerboost_core.head_scores import head_score_rows
+from layerboost_core.workbench import attach_bank, attach_head_choices, bank_id_or_none, needs_bank, open_workbench
 from layerboost_core.workload import Workload
 from layerboost_surrogates.cost_model import cost_model
 
@@ -33,9 +35,10 @@ from .study import PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_
 log = logging.getLogger(__name__)
 
 WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
+STAGES_ATTR = "last_run_stages"  # study user attr: {stage: wall seconds} of the last run_search on it
 
 
-def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
+def scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
     """Evaluate {key: plan} on the runner pool; returns {key: result}."""
     from tqdm.auto import tqdm
 
@@ -48,20 +51,46 @@ def _scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
     return results
 
 
-def _open_for_space(settings: SearchSettings):
+def open_for_space(settings: SearchSettings):
     """(workbench, space) with the bank attached only when the space can use a trainable option."""
     bench = open_workbench(settings.workbench, with_bank=False)
     space = SearchSpace.from_mapping(settings.space, bench.switcher.num_layers)
     return bench, space
 
 
+def space_options(space: SearchSpace) -> set[str]:
+    """Every option a plan of the space can use: the allowed ones and the pinned ones."""
+    return {*space.options, *space.pinned.values()}
+
+
+def priced_options(space: SearchSpace) -> tuple[str, ...]:
+    """The options the cost model times: the space's, and softmax and none (its reference and its base)."""
+    return tuple(sorted(space_options(space) | {"softmax", "none"}))
+
+
 def space_needs_bank(space: SearchSpace) -> bool:
-    return needs_bank([*space.options, *space.pinned.values()])
+    return needs_bank(space_options(space))
+
+
+class Stages:
+    """Wall seconds of each stage of this run, in order: logged as each ends, kept in the study (`last_run_stages`)
+    and shown in summary.md, so a user sees what the run spent where."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        log.info("%s: %.0f s", name, self.seconds[name])
 
 
 def run_search(settings: SearchSettings) -> Path:
     """The whole search for `settings` (its Optuna sampler built from `settings.sampler`); returns the run
     directory."""
+    stage = Stages()
     objectives = declare_objectives(settings.objective)
     sampler = settings.build_sampler()  # a bad sampler is refused before minutes of loading and training
     if needs_retrieval(settings.objective) and not settings.workbench.proxy.facts:
@@ -71,9 +100,15 @@ def run_search(settings: SearchSettings) -> Path:
     options = settings.workbench.options
     # The bank (minutes when cold) comes after every check that can refuse the run: the space needs only the
     # layer count, and the cost model only the modules' shapes (timing does not depend on trained weights).
-    bench, space = _open_for_space(settings)
+    with stage("model and data"):
+        bench, space = open_for_space(settings)
     info, n = bench.info, bench.switcher.num_layers
-    cost = cost_model(bench.switcher, info, options, workload)
+    with stage("head scores"):
+        attach_head_choices(bench, space_options(space))  # a `mixed` option's kept heads, before anything is priced
+    settings = replace(settings, workbench=bench.settings)  # the evaluators build the same modules
+    options = bench.settings.options
+    with stage("cost model"):
+        cost = cost_model(bench.switcher, info, options, workload, options=priced_options(space))
     softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
     ceiling = settings.objective.latency_ceiling
     fastest = cost.fastest(space.options)
@@ -82,7 +117,8 @@ def run_search(settings: SearchSettings) -> Path:
                         f"predicted at {fastest:.3f} s (all-softmax {softmax_latency:.3f} s) for this workload")
     with_bank = space_needs_bank(space)
     if with_bank:
-        attach_bank(bench)
+        with stage("bank"):
+            attach_bank(bench)
     bank_id = bank_id_or_none(bench)
 
     name = study_name(settings, info, bank_id)
@@ -94,16 +130,19 @@ def run_search(settings: SearchSettings) -> Path:
     fail_stale(study)  # trials whose driver stopped (other drivers' live trials are left running)
 
     progress = settings.workbench.progress
-    runner = make_runner(settings.evaluator(with_bank), settings.runner, bench.bank)
+    with stage("evaluators"):
+        runner = make_runner(settings.evaluator(with_bank), settings.runner, bench.bank)
     try:
-        floor = _retrieval_floor(settings, study, runner)
-        started = time.perf_counter()
-        rows = cached_sensitivity_rows(
-            bench.scoring_key(), n,
-            lambda jobs: _scores_by_runner(runner, jobs, progress), _sensitivity_options(space))
+        with stage("evaluators"):
+            floor = _retrieval_floor(settings, study, runner)  # the first answer waits for every worker to load
+        with stage("sensitivity"):
+            rows = cached_sensitivity_rows(
+                bench.scoring_key(), n,
+                lambda jobs: scores_by_runner(runner, jobs, progress), sensitivity_options(space))
         write_csv(run_dir / "sensitivity.csv", rows)
+        if bench.head_scores is not None:
+            write_csv(run_dir / "head_scores.csv", head_score_rows(bench.head_scores))
         sensitivity_heatmap(rows, run_dir / "sensitivity.html", title=f"{info['name']}: single-layer swaps")
-        log.info("sensitivity table ready (%.0f s)", time.perf_counter() - started)
         critical = retrieval_critical(rows, floor)
         if critical:
             log.info("retrieval needs softmax at %s (each swap alone loses the floor): seeds and surrogate keep them",
@@ -116,17 +155,22 @@ def run_search(settings: SearchSettings) -> Path:
         surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, context_for_plan, critical)
         search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
                            context_for_plan, surrogate, floor if settings.objective.retrieval == "floor" else None)
-        search.run(settings.budget, progress=progress)
-        candidates = _climb_fidelity_ladder(settings.fidelity, study, runner, softmax_latency, progress)
-        _score_front_with_lm_eval(settings.eval, study, runner, softmax_latency, settings.fidelity, progress)
+        with stage("search"):
+            search.run(settings.budget, progress=progress)
+        with stage("confirmation"):
+            candidates = _climb_fidelity_ladder(settings.fidelity, study, runner, softmax_latency, progress)
+        with stage("lm-eval"):
+            _score_front_with_lm_eval(settings.eval, study, runner, softmax_latency, settings.fidelity, progress)
     finally:
         runner.close()
     # Timed only now, with the evaluators gone: a measured latency is the plan's alone, not a share of the CPU.
-    measure_latencies(study, bench.switcher, candidates, workload, settings.fidelity.latency_rounds, cost,
-                      settings.seed)
+    with stage("latency"):
+        measure_latencies(study, bench.switcher, candidates, workload, settings.fidelity.latency_rounds, cost,
+                          settings.seed)
+    study.set_user_attr(STAGES_ATTR, stage.seconds)
 
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
-               "layer_kinds": layer_kinds(bench.model),
+               "layer_kinds": layer_kinds(bench.model), "stages": stage.seconds,
                "study": name, "storage": url, "softmax_latency": softmax_latency}
     printed = write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
                            floors_of(settings.fidelity, settings.objective, _original(study)))
@@ -166,10 +210,10 @@ def _retrieval_floor(settings: SearchSettings, study, runner) -> float | None:
     return floor
 
 
-def _sensitivity_options(space: SearchSpace) -> tuple[str, ...]:
+def sensitivity_options(space: SearchSpace) -> tuple[str, ...]:
     """The options swapped one layer at a time: `none` always (the paper's score, what seeds rank layers by),
-    `linear` when the space can use it (it needs the bank)."""
-    return ("linear", "none") if space_needs_bank(space) else ("none",)
+    and every other option the space can use but softmax (those with trained parts need the bank)."""
+    return tuple(sorted(space_options(space) - {"softmax"} | {"none"}))
 
 
 def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows, objectives, context_for_plan,
@@ -239,7 +283,9 @@ def report_study(settings: SearchSettings) -> Path:
     import optuna
 
     objectives = declare_objectives(settings.objective)
-    bench, space = _open_for_space(settings)
+    bench, space = open_for_space(settings)
+    attach_head_choices(bench, space_options(space))
+    settings = replace(settings, workbench=bench.settings)
     if space_needs_bank(space):
         attach_bank(bench)
     name = study_name(settings, bench.info, bank_id_or_none(bench))
@@ -254,7 +300,7 @@ def report_study(settings: SearchSettings) -> Path:
     asked = asdict(settings.workload)
     searched = study.user_attrs.get(WORKLOAD_ATTR, asked)
     options = settings.workbench.options
-    cost = cost_model(bench.switcher, bench.info, options, Workload(**searched))
+    cost = cost_model(bench.switcher, bench.info, options, Workload(**searched), options=priced_options(space))
     run_dir = Path(settings.output_dir) / "runs" / name
     context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
                "workload": searched, "study": name, "storage": url, "layer_kinds": layer_kinds(bench.model),
@@ -284,10 +330,10 @@ def _resolve_for_workload(settings: SearchSettings, bench, space, study, objecti
     started = time.perf_counter()
     options = settings.workbench.options
     workload = asdict(settings.workload)
-    cost = cost_model(bench.switcher, bench.info, options, settings.workload)
+    cost = cost_model(bench.switcher, bench.info, options, settings.workload, options=priced_options(space))
     proxy = bench.proxy_evaluator()  # only used if the sensitivity cache is gone
     rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(),
-                              progress=settings.workbench.progress, options=_sensitivity_options(space))
+                              progress=settings.workbench.progress, options=sensitivity_options(space))
     out_dir = run_dir / "workloads" / workload_tag(workload)
     o = settings.objective
     table = resolve_front(study, objectives, space, cost, rows, bench.model.config, options,

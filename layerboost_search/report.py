@@ -386,6 +386,8 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
                f"- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
                f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
                + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
+               (f"- this run's stages (wall seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in context["stages"].items())
+                if context.get("stages") else ""),
                "", front_part, ""]
     write_text(run_dir / "summary.md", "\n".join(line for line in summary if line is not None) + "\n")
     return f"{answer}\n\n{front_part}"

@@ -17,7 +17,8 @@ def bench(cfg) -> None:
     from layerboost_core.models import dtype_name
     from layerboost_core.plan import LayerPlan, load_plan
     from layerboost_core.tables import write_csv
-    from layerboost_core.workbench import attach_bank, needs_bank, open_hybrid_workbench, open_workbench
+    from layerboost_core.workbench import (attach_bank, attach_head_choices, needs_bank, open_hybrid_workbench,
+                                           open_workbench)
 
     spec = plan_spec(cfg, " or plan=<hybrid folder>")
     settings = bench_settings(cfg)
@@ -27,6 +28,7 @@ def bench(cfg) -> None:
     else:
         bench_ = open_workbench(workbench)
         plan = load_plan(spec, bench_.info)
+        attach_head_choices(bench_, plan.layers)
         # Speed does not depend on the bank's weights; bench.bank=true only for outputs that look right.
         if bool(cfg.bench.bank) and needs_bank(plan.layers):
             attach_bank(bench_)

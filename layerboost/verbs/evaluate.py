@@ -21,8 +21,8 @@ def evaluate(cfg) -> None:
     from layerboost_core.hybrid_folder import plan_is_folder
     from layerboost_core.metrics import PROXY_METRICS
     from layerboost_core.plan import load_plan
-    from layerboost_core.workbench import (attach_bank, bank_id_or_none, needs_bank, open_hybrid_workbench,
-                                           open_workbench, original_reference)
+    from layerboost_core.workbench import (attach_bank, attach_head_choices, bank_id_or_none, needs_bank,
+                                           open_hybrid_workbench, open_workbench, original_reference)
 
     spec = plan_spec(cfg, PLAN_FORMS)
     settings, tasks = workbench_settings(cfg), eval_settings(cfg)
@@ -33,6 +33,7 @@ def evaluate(cfg) -> None:
     else:
         bench = open_workbench(settings)
         plan = load_plan(spec, bench.info)  # refuse a foreign plan before any training
+        attach_head_choices(bench, plan.layers)
         if needs_bank(plan.layers):
             attach_bank(bench)
         proxy = bench.proxy_evaluator()

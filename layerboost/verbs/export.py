@@ -14,10 +14,12 @@ def export(cfg) -> None:
     from ..settings import plan_spec, workbench_settings
 
     from layerboost_core.export import export_hybrid, export_plan
-    from layerboost_core.workbench import attach_bank, bank_id_or_none, needs_bank, open_workbench
+    from layerboost_core.plan import load_plan
+    from layerboost_core.workbench import attach_bank, attach_head_choices, bank_id_or_none, needs_bank, open_workbench
 
     spec = plan_spec(cfg, "")
     bench = open_workbench(workbench_settings(cfg))
+    attach_head_choices(bench, load_plan(spec, bench.info).layers)  # a mixed layer's kept heads, as searched
     plan, plan_json = export_plan(spec, bench.info, bench.settings.options)  # refused before any training
     if needs_bank(plan.layers):
         attach_bank(bench)

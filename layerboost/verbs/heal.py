@@ -14,12 +14,13 @@ def heal(cfg) -> None:
 
     from layerboost_core.heal import heal_to_folder
     from layerboost_core.plan import load_plan
-    from layerboost_core.workbench import open_workbench
+    from layerboost_core.workbench import attach_head_choices, open_workbench
 
     spec = plan_spec(cfg, "")
     workbench = workbench_settings(cfg)
     settings = heal_settings(cfg).for_blocks(workbench.data.seq_len)  # refused here, before any loading
     bench = open_workbench(workbench)
     plan = load_plan(spec, bench.info)  # a foreign plan is refused before any training
+    attach_head_choices(bench, plan.layers)
     out = Path(cfg.heal.out) if cfg.heal.get("out") else Path(cfg.output_dir) / "healed" / plan.id
     heal_to_folder(bench, plan, settings, out, source=spec)

@@ -25,9 +25,11 @@ import pytest
 from optuna.trial import TrialState
 
 ROOT = Path(__file__).resolve().parents[2]
+# 128-token blocks hold one planted fact (the proxy's) or two (the 256-token `long` rung); 2 confirmation blocks
 TINY = ["model=tiny:llama", "eval=none", "transfer.batches=2", "data.seq_len=128", "workload.prefill=128",
-        "workload.repeats=1", "progress=false"]
-REPORT_FILES = ["best", "pareto.csv", "pareto.html", "sensitivity.csv", "summary.md", "trials.csv"]
+        "workload.repeats=1", "progress=false", "proxy.facts=1", "fidelity.rungs.0.blocks=2",
+        "fidelity.rungs.0.facts=1", "fidelity.rungs.1.facts=2"]
+REPORT_FILES = ["best", "pareto.csv", "pareto.html", "sensitivity.csv", "sensitivity.html", "summary.md", "trials.csv"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -109,7 +111,8 @@ def test_search_writes_every_report_file_and_exactly_budget_distinct_plans(ray_s
     assert done[0].user_attrs["label"] == "all-softmax"
     sensitivity = (run_dir / "sensitivity.csv").read_text().splitlines()
     assert len(sensitivity) == 1 + 4 * 2  # header + every (layer, option) swap
-    assert f"Pareto front of {name}" in result.stdout
+    assert f"Search {name}:" in result.stdout and result.stdout.index("## What to ship") < result.stdout.index(
+        "## Pareto front (proxy)")
     assert f"optuna-dashboard {storage}" in result.stdout
 
 

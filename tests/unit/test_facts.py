@@ -81,6 +81,8 @@ def test_facts_are_where_the_blocks_say_and_queries_close_them(planted):
             assert start == 0 or tokenizer.decode(row[start - 1:start]).endswith((".", "<eos>"))  # a sentence start
             answer, width = int(p.answer_start[b, f]), int(p.answer_len[b, f])
             assert width == 5 and tokenizer.decode(row[answer:answer + width]) == code
+            source = int(p.source_start[b, f])
+            assert row[source:source + width] == row[answer:answer + width]  # what a copy of the fact reads
             assert tokenizer.decode(row[:answer]).endswith(QUERY.format(key=key))
             assert answer > previous_end  # queries in row order, each after the one before
             previous_end = answer + width
