@@ -2,6 +2,7 @@
 
     softmax  the full K/V of every token seen (a transformers `DynamicLayer`, as the unpatched model keeps)
     linear   the `LinearState`: sinks' and last W tokens' K/V plus the constant-size linear sums
+    mixed<k> the k kept KV heads' K/V as softmax keeps them, plus the other heads' `LinearState`
     none     nothing
 
 `HybridCache(model)` reads the options from the modules a `PlanSwitcher` put in place, so it works for any
@@ -16,6 +17,7 @@ from .errors import UserError
 from .families import family_of
 from .inference.hybrid_cache import LayerBoostCache
 from .inference.linear_attention import LinearSlidingWindowAttention
+from .inference.mixed_attention import MixedHeadAttention, mixed_option
 from .inference.no_attention import NoAttention
 from .plan import LayerPlan
 
@@ -25,6 +27,8 @@ def applied_plan(model) -> LayerPlan:
     def option(attn) -> str:
         if isinstance(attn, LinearSlidingWindowAttention):
             return "linear"
+        if isinstance(attn, MixedHeadAttention):
+            return mixed_option(len(attn.kept_heads))
         if isinstance(attn, NoAttention):
             return "none"
         return "softmax"

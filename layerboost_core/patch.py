@@ -13,7 +13,9 @@ class PlanSwitcher:
     """Owns, for one model, every layer's module for every option, built once; `apply` re-points layers.
 
     The `softmax` module of each layer is the model's original attention, so the all-softmax plan is the
-    unpatched model exactly. Modules of trainable options get their weights from the bank (`load_bank`).
+    unpatched model exactly. Modules of trainable options get their weights from the bank (`load_bank`); an
+    option that builds on another (`AttentionOption.builds_on`: `mixed<k>` on `linear`) is made from that
+    option's module of the same layer, built first, and shares its parts, so the bank reaches it too.
     """
 
     def __init__(self, model: nn.Module, settings: dict):
@@ -34,10 +36,11 @@ class PlanSwitcher:
         built = self._modules[layer]
         if option not in built:
             spec = OPTIONS.get(option)
+            base = {"base": self.module(layer, spec.builds_on)} if spec.builds_on else {}
             # Built outside inference mode even when first applied inside it (latency measurement), so the
             # option's parameters stay normal tensors that attention transfer can later train.
             with torch.inference_mode(False):
-                built[option] = spec.build(self.original[layer], self.family, self.settings.get(option, {}))
+                built[option] = spec.build(self.original[layer], self.family, self.settings.get(option, {}), **base)
         return built[option]
 
     def apply(self, plan: LayerPlan) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field, replace
 
-from .attention import OPTIONS
+from .attention import OPTIONS, bank_option
 from .data import DataSplits, make_splits
 from .errors import UserError
 from .metrics import DEFAULT_TOP_K
@@ -141,8 +141,9 @@ class Workbench:
 
 
 def needs_bank(options) -> bool:
-    """True when any of `options` (names, e.g. a plan's layers or a space's options) is trained by transfer."""
-    return any(OPTIONS.get(name).trainable for name in set(options))
+    """True when any of `options` (names, e.g. a plan's layers or a space's options) runs parts trained by transfer
+    (its own, or those of the option it builds on: `mixed<k>` runs the `linear` parts)."""
+    return any(bank_option(name) for name in set(options))
 
 
 def load_splits(tokenizer, data: DataSettings) -> DataSplits:

@@ -3,10 +3,12 @@
 Layers of one model have identical shapes, so a plan's forward time is additive in its options:
     T(plan) = T(all none) + sum_layers (t[option] - t[none]),  t[o] = (T(all o) - T(all none)) / n_layers
 A request is a prefill of `prefill` tokens followed by `decode` cached single-token steps (the hybrid cache:
-softmax layers keep all keys and values, linear layers a window plus a constant state, none nothing), so the
-uniform plans' times include the decode steps when `decode > 0`. The three uniform plans are timed
-round-robin (median of `repeats`), cached per device, model, option settings and workload, with the
-settings stored beside the numbers. KV bytes are exact from the plan.
+softmax layers keep all keys and values, linear layers a window plus a constant state, mixed<k> layers the k
+kept KV heads' keys and values plus the other heads' linear state, none nothing), so the uniform plans' times
+include the decode steps when `decode > 0`. The uniform plans of the options asked for (softmax, linear and
+none by default; a mixed option needs its `kept_heads` setting in the switcher, and its parts need not be
+trained to be timed) are timed round-robin (median of `repeats`), cached per device, model, option settings
+and workload, with the settings stored beside the numbers. KV bytes are exact from the plan.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from layerboost_core.attention.mixed import MIXED_OPTIONS
 from layerboost_core.cache_dir import cache_root, content_hash, write_json
 from layerboost_core.plan import LayerPlan
 from layerboost_core.timing import time_plans
@@ -42,7 +45,8 @@ def softmax_cached_tokens(config, context: int) -> list[int]:
 
 def kv_bytes_per_sequence(plan: LayerPlan, config, settings: dict, context: int, bytes_per_value: int) -> int:
     """Exact cache bytes of one sequence after `context` tokens under `plan`. A one-layer plan (per-option
-    figures for the solver) is priced as a global layer."""
+    figures for the solver) is priced as a global layer. A mixed<k> layer: its k kept heads' K/V as a softmax
+    layer keeps them plus the other KV heads' linear state (which needs no `kept_heads`: only k matters)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = config.num_key_value_heads
     kept = softmax_cached_tokens(config, context) if len(plan) > 1 else [context]
@@ -51,12 +55,23 @@ def kv_bytes_per_sequence(plan: LayerPlan, config, settings: dict, context: int,
         if option == "softmax":
             total += 2 * kv_heads * head_dim * kept[index]
         elif option == "linear":
-            linear = settings["linear"]
-            features = 2 * int(linear["feature_dim"])
-            window = min(int(linear["window"]), context)
-            sinks = min(int(linear.get("sinks", 0)), context)
-            total += kv_heads * (2 * head_dim * (window + sinks) + features * window + features * (head_dim + 1))
+            total += kv_heads * linear_state_values_per_head(settings["linear"], head_dim, context)
+        elif option in MIXED_OPTIONS:
+            k = MIXED_OPTIONS[option]
+            total += (2 * k * head_dim * kept[index]
+                      + (kv_heads - k) * linear_state_values_per_head(settings["linear"], head_dim, context))
+        elif option != "none":
+            raise ValueError(f"kv_bytes_per_sequence: no price for option {option!r}")
     return total * bytes_per_value
+
+
+def linear_state_values_per_head(linear: dict, head_dim: int, context: int) -> int:
+    """Values one KV head's `LinearState` holds after `context` tokens (`linear`: the option's settings): the
+    sinks' and window's K/V and phi(k), and the (F x (D + 1)) sums; constant once the window is full."""
+    features = 2 * int(linear["feature_dim"])
+    window = min(int(linear["window"]), context)
+    sinks = min(int(linear.get("sinks", 0)), context)
+    return 2 * head_dim * (window + sinks) + features * window + features * (head_dim + 1)
 
 
 @dataclass
@@ -71,10 +86,16 @@ class AdditiveCostModel:
     settings: dict
 
     def latency(self, plan: LayerPlan) -> float:
-        return self.base_seconds + sum(self.per_layer_seconds[o] for o in plan.layers)
+        return self.base_seconds + sum(self._seconds(o) for o in plan.layers)
 
     def fastest(self, options) -> float:
-        return self.base_seconds + min(self.per_layer_seconds[o] for o in options) * self.num_layers
+        return self.base_seconds + min(self._seconds(o) for o in options) * self.num_layers
+
+    def _seconds(self, option: str) -> float:
+        if option not in self.per_layer_seconds:
+            raise ValueError(f"the cost model timed {', '.join(self.per_layer_seconds)}, not {option!r}: build it "
+                             f"with options including {option!r}")
+        return self.per_layer_seconds[option]
 
     @property
     def num_layers(self) -> int:

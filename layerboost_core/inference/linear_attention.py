@@ -4,6 +4,8 @@ linear attention over the rest.
 Reuses the layer's own q/k/v/o projections (and q/k norms), RoPE and GQA; adds only a Hedgehog feature map for
 q and k and a per-head gate. Those learned parts live in `LearnedLinearParts` and are what the bank stores.
 The math is `linear_kernels.py`; with a cache, the layer keeps its `LinearState` in `cache.linear_states`.
+`attend_linear` is the option's attention on any subset of heads with those heads' learned parts: the mixed
+options (`mixed_attention.py`) run it on the heads they do not keep softmax.
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ class HedgehogFeatureMap(nn.Module):
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(heads, 1, feature_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.matmul(x, self.weight) + self.bias  # (B, H, S, D) @ (H, D, F) -> (B, H, S, F)
+    def forward(self, x: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """phi(x) for x (B, H, S, D): all heads, or with `heads` (H indices) the map's rows of those heads."""
+        weight, bias = (self.weight, self.bias) if heads is None else (self.weight[heads], self.bias[heads])
+        z = torch.matmul(x, weight) + bias  # (B, H, S, D) @ (H, D, F) -> (B, H, S, F)
         both = torch.stack([z, -z], dim=-2)  # (B, H, S, 2, F): one softmax call for both signs
         return torch.softmax(both, dim=-1).flatten(-2)  # (B, H, S, 2F)
 
@@ -41,14 +45,19 @@ class LearnedLinearParts(nn.Module):
         self.gate_logit = nn.Parameter(torch.zeros(q_heads))  # sigmoid(0) = 0.5: window and linear equal
         self._stacked = None  # (key, weight, bias) of `_stacked_maps`; a cache, not part of the state dict
 
-    def gate(self) -> torch.Tensor:
-        return torch.sigmoid(self.gate_logit)
+    def gate(self, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Per query head, the weight of the softmax part (of the query heads `heads` only, when given)."""
+        return torch.sigmoid(self.gate_logit if heads is None else self.gate_logit[heads])
 
-    def one_token_features(self, q: torch.Tensor, k: torch.Tensor):
+    def one_token_features(self, q: torch.Tensor, k: torch.Tensor, q_heads: torch.Tensor | None = None,
+                           kv_heads: torch.Tensor | None = None):
         """(feature_q(q), feature_k(k)) for a single position, q (B, Hq, 1, D) and k (B, Hkv, 1, D): both maps
         and both signs in one bmm batched over heads (B rows each) and one softmax. The results are views of
-        one (Hq + Hkv, B, 2F) tensor."""
+        one (Hq + Hkv, B, 2F) tensor. With `q_heads` and `kv_heads`, q and k hold only those heads."""
         weight, bias = self._stacked_maps()
+        if q_heads is not None:
+            rows = torch.cat([q_heads, kv_heads + self.gate_logit.shape[0]])  # k maps follow all Hq q maps
+            weight, bias = weight[rows], bias[rows]
         b, hq, _, d = q.shape
         h = weight.shape[0]
         x = torch.cat([q.reshape(b, hq, d), k.reshape(b, h - hq, d)], dim=1).transpose(0, 1)  # (H, B, D)
@@ -118,25 +127,8 @@ class LinearSlidingWindowAttention(nn.Module):
         return project_qkv(self, hidden, position_embeddings, self.qk_norm)
 
     def attend(self, q, k, v, state: LinearState | None = None, return_state: bool = False):
-        """Core attention on post-RoPE q/k/v (B, H, S, D) -> (B, Hq, S, D). With a state, continues from it
-        (and may update that state's buffers in place: use the returned state, never the one passed in)."""
-        learned = self.learned
-        gate = learned.gate()
-        if state is not None and q.shape[2] == 1:  # one decode step: the lean path
-            fq, fk = learned.one_token_features(q, k)
-            y, state = decode_step(q, k, v, fq, fk, gate, self.window, self.scaling, state, self.sinks)
-            return (y, state) if return_state else y
-        fq, fk = learned.feature_q(q), learned.feature_k(k)
-        if state is None:
-            return chunked_prefill(q, k, v, fq, fk, gate, self.window, self.scaling, self.sinks, return_state)
-        outputs = []
-        for t in range(q.shape[2]):  # continuation token by token (decode is one token at a time)
-            sl = slice(t, t + 1)
-            y, state = decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], gate,
-                                   self.window, self.scaling, state, self.sinks)
-            outputs.append(y)
-        y = torch.cat(outputs, dim=2)
-        return (y, state) if return_state else y
+        """Core attention on post-RoPE q/k/v (B, H, S, D) -> (B, Hq, S, D) (see `attend_linear`)."""
+        return attend_linear(self.learned, q, k, v, self.window, self.scaling, self.sinks, state, return_state)
 
     def empty_state(self, batch: int, like: torch.Tensor) -> LinearState:
         kv_heads = self.k_proj.out_features // self.head_dim
@@ -153,3 +145,29 @@ class LinearSlidingWindowAttention(nn.Module):
                                                           return_state=True)
         y = y.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)  # (B, S, Hq*D)
         return self.o_proj(y), None
+
+
+def attend_linear(learned: LearnedLinearParts, q, k, v, window: int, scale: float, sinks: int,
+                  state: LinearState | None = None, return_state: bool = False, heads=None):
+    """The `linear` option's attention on post-RoPE q (B, Hq, S, D), k and v (B, Hkv, S, D) -> (B, Hq, S, D).
+
+    With a state, continues from it (and may update that state's buffers in place: use the returned state,
+    never the one passed in). `heads`: (query head indices, KV head indices) of `learned`'s heads that q, k
+    and v hold (a `mixed` layer's linear heads, each KV head with its whole query group); None: all of them."""
+    q_heads, kv_heads = (None, None) if heads is None else heads
+    gate = learned.gate(q_heads)
+    if state is not None and q.shape[2] == 1:  # one decode step: the lean path
+        fq, fk = learned.one_token_features(q, k, q_heads, kv_heads)
+        y, state = decode_step(q, k, v, fq, fk, gate, window, scale, state, sinks)
+        return (y, state) if return_state else y
+    fq, fk = learned.feature_q(q, q_heads), learned.feature_k(k, kv_heads)
+    if state is None:
+        return chunked_prefill(q, k, v, fq, fk, gate, window, scale, sinks, return_state)
+    outputs = []
+    for t in range(q.shape[2]):  # continuation token by token (decode is one token at a time)
+        sl = slice(t, t + 1)
+        y, state = decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], fq[:, :, sl], fk[:, :, sl], gate, window,
+                               scale, state, sinks)
+        outputs.append(y)
+    y = torch.cat(outputs, dim=2)
+    return (y, state) if return_state else y

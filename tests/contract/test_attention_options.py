@@ -4,6 +4,8 @@ The module an option builds replaces a decoder layer's `self_attn`: same call, `
 output shaped like the hidden states, causal, differentiable, and able to continue from a generation cache.
 Caches follow one protocol: a transformers `DynamicCache` (softmax layers use it) carrying `linear_states`,
 a dict layer -> state that recurrent options fill (see `LinearSlidingWindowAttention.forward`).
+An option runs on every contract family whose tiny config has the KV heads it needs (`min_kv_heads`); on the
+others it must be refused in one line.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import torch
 from transformers import DynamicCache
 
 from layerboost_core.attention import OPTIONS
+from layerboost_core.errors import UserError
 from layerboost_core.families import family_of
+from layerboost_core.models import tiny_config
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
 
@@ -21,12 +25,22 @@ from ..conftest import CONTRACT_MODEL_TYPES, LINEAR_SETTINGS
 LAYER = 1  # not 0, so a module that ignores its own layer index is caught
 SEQ = 12  # longer than the linear window (4): every code path of `linear` is exercised
 
-# Settings variants per option (an option with settings lists them here); the others run once.
-VARIANTS = {"linear": {"": LINEAR_SETTINGS["linear"], "sinks2": {**LINEAR_SETTINGS["linear"], "sinks": 2}}}
-CASES = [(name, variant) for name in OPTIONS.names() for variant in VARIANTS.get(name, {"": None})]
+# Settings variants per option (an option with settings lists them here); the others run once. The tiny
+# models have 4 layers of 2 KV heads: `mixed1` keeps one of them (LAYER's is the second, then the first).
+VARIANTS = {"linear": {"": LINEAR_SETTINGS["linear"], "sinks2": {**LINEAR_SETTINGS["linear"], "sinks": 2}},
+            "mixed1": {"keep1": {"kept_heads": [[1]] * 4}, "keep0": {"kept_heads": [[0]] * 4}}}
+# Every (option, variant, family) whose tiny config has the KV heads the option needs; the others are refused.
+CASES, REFUSED = [], []
+for _name in OPTIONS.names():
+    for _type in CONTRACT_MODEL_TYPES:
+        _fits = tiny_config(_type).num_key_value_heads >= OPTIONS.get(_name).min_kv_heads
+        if _fits:
+            CASES += [(_name, variant, _type) for variant in VARIANTS.get(_name, {"": None})]
+        else:
+            REFUSED.append((_name, _type))
 
 
-@pytest.fixture(params=CASES, ids=[name + (f"-{variant}" if variant else "") for name, variant in CASES])
+@pytest.fixture(params=CASES, ids=[f"{name}{f'-{variant}' if variant else ''}-{t}" for name, variant, t in CASES])
 def case(request):
     return request.param
 
@@ -38,13 +52,13 @@ def option(case):
 
 @pytest.fixture
 def settings(case):
-    name, variant = case
+    name, variant, _ = case
     return {**LINEAR_SETTINGS, name: VARIANTS[name][variant]} if variant else dict(LINEAR_SETTINGS)
 
 
-@pytest.fixture(params=CONTRACT_MODEL_TYPES)
-def model_type(request):
-    return request.param
+@pytest.fixture
+def model_type(case):
+    return case[2]
 
 
 @pytest.fixture
@@ -70,10 +84,20 @@ def call(model, module, hidden, start: int = 0, cache=None):
     return result[0]
 
 
+@pytest.mark.parametrize("name, model_type", REFUSED)
+def test_an_option_needing_more_kv_heads_is_refused_in_one_line(tiny_model, name, model_type):
+    model = tiny_model(model_type)
+    heads = model.config.num_key_value_heads
+    switcher = PlanSwitcher(model, {**LINEAR_SETTINGS, name: {"kept_heads": [[0]] * 4}})
+    with pytest.raises(UserError, match=rf"^attention\.{name}: .* needs a model with at least "
+                                        rf"{OPTIONS.get(name).min_kv_heads} KV heads; this model has {heads}$"):
+        switcher.module(LAYER, name)
+
+
 def test_option_code_is_one_unique_character(option):
     spec = OPTIONS.get(option)
     assert spec.name == option
-    assert len(spec.code) == 1 and spec.code.isupper()
+    assert len(spec.code) == 1 and (spec.code.isupper() or spec.code.isdigit())
     assert sum(OPTIONS.get(n).code == spec.code for n in OPTIONS) == 1
     assert str(LayerPlan((option,))) == spec.code
 
@@ -130,9 +154,13 @@ def test_trainable_options_own_only_their_learned_parts(setup, option):
     model, switcher, module = setup
     original = {id(p) for p in switcher.original[LAYER].parameters()}
     new = [p for p in module.parameters() if id(p) not in original]
-    if OPTIONS.get(option).trainable:
+    spec = OPTIONS.get(option)
+    if spec.trainable:
         learned = {id(p) for p in module.learned.parameters()}
         assert learned and {id(p) for p in new} == learned
+    elif spec.builds_on:  # shares the parts of the module it builds on (the same Parameter objects), no others
+        shared = {id(p) for p in switcher.module(LAYER, spec.builds_on).parameters()} - original
+        assert {id(p) for p in new} == shared
     else:
         assert not new
 
@@ -155,6 +183,7 @@ def test_cache_round_trip(setup, prefix):
 @torch.no_grad()
 @pytest.mark.parametrize("sinks", [0, 2])
 @pytest.mark.parametrize("prefix", [1, 2, 4, 9])
+@pytest.mark.parametrize("model_type", CONTRACT_MODEL_TYPES)
 def test_linear_attend_state_round_trip(tiny_model, model_type, prefix, sinks):
     model = tiny_model(model_type)
     settings = {"linear": {**LINEAR_SETTINGS["linear"], "sinks": sinks}}

@@ -48,3 +48,21 @@ def test_cost_model_with_decode_is_additive_and_cached_with_its_workload(tiny_mo
     (stored,) = (tmp_path / "costs").glob("tiny-*.json")
     assert json.loads(stored.read_text())["workload"]["decode"] == 3
     assert cost_model(switcher, info, SETTINGS, workload) == cost  # second call reads the cache
+
+
+def test_a_uniform_mixed_plan_is_timed_like_the_others(tiny_model, tmp_path, monkeypatch):
+    """All-`mixed1` is built from its kept_heads setting and untrained `linear` parts (timing needs no bank)."""
+    monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path))
+    settings = {**SETTINGS, "mixed1": {"kept_heads": [[0], [1], [0], [1]]}}
+    switcher = PlanSwitcher(tiny_model("llama"), settings)
+    options = ("softmax", "linear", "mixed1", "none")
+    cost = cost_model(switcher, {"name": "tiny", "fingerprint": "f" * 16}, settings,
+                      Workload(prefill=16, decode=2, batch=1, repeats=1), options)
+    assert set(cost.per_layer_seconds) == set(options)
+    assert cost.latency(LayerPlan.uniform("mixed1", 4)) == pytest.approx(cost.uniform_seconds["mixed1"])
+    expected = cost.base_seconds + cost.per_layer_seconds["mixed1"] + cost.per_layer_seconds["softmax"]
+    assert cost.latency(LayerPlan.from_string("1SNN")) == pytest.approx(expected)
+    assert cost.fastest(options) <= cost.uniform_seconds["mixed1"]
+    with pytest.raises(ValueError, match=r"^the cost model timed softmax, linear, none, not 'mixed1'"):
+        cost_model(switcher, {"name": "tiny", "fingerprint": "f" * 16}, settings,
+                   Workload(prefill=16, decode=0, batch=1, repeats=1)).latency(LayerPlan.from_string("1SNN"))

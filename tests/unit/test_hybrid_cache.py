@@ -1,5 +1,5 @@
-"""HybridCache: cached decoding equals recomputing the whole sequence, for every option alone and mixed,
-and the cache holds exactly the bytes the cost model charges."""
+"""HybridCache: cached decoding equals recomputing the whole sequence, for every option alone and together
+(`mixed1` layers included), and the cache holds exactly the bytes the cost model charges."""
 from __future__ import annotations
 
 import pytest
@@ -12,9 +12,9 @@ from layerboost_core.plan import LayerPlan
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence
 
 # Window 4 + 2 sinks: an 11-token prompt already slides the window; a 3-token prompt starts inside it and
-# the decode steps move past it.
-SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}
-PLANS = ("SSSS", "LLLL", "NNNN", "SLNL", "NLSN", "LSLS")
+# the decode steps move past it. `mixed1` layers keep one of the two KV heads softmax.
+SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}, "mixed1": {"kept_heads": [[1], [0], [0], [1]]}}
+PLANS = ("SSSS", "LLLL", "NNNN", "SLNL", "NLSN", "LSLS", "1111", "1SN1", "L1S1")
 FAMILIES = ("llama", "qwen2", "qwen3")
 BATCH = 2
 
@@ -83,13 +83,17 @@ def test_kv_bytes_match_the_cost_model(tiny_model, model_type, plan, context):
 
 
 def test_kv_bytes_per_layer_follow_the_options(tiny_model):
-    model = patched(tiny_model, "llama", "SLNS")
+    model = patched(tiny_model, "llama", "SLN1")
     cache = HybridCache(model)
     with torch.no_grad():
         model(prompt(40), cache=cache)
-    softmax, linear, none, softmax_again = cache.layer_bytes()
-    assert softmax == softmax_again == 2 * BATCH * 2 * 16 * 40 * 4  # K and V, 2 kv heads, head_dim 16, fp32
+    softmax, linear, none, mixed = cache.layer_bytes()
+    assert softmax == 2 * BATCH * 2 * 16 * 40 * 4  # K and V, 2 kv heads, head_dim 16, fp32
     assert 0 < linear < softmax and none == 0
+    # mixed1: the kept head's K/V (every token) and the other head's linear state, nothing else
+    assert cache.layers[3].keys.shape == (BATCH, 1, 40, 16) and cache.linear_states[3].values.shape[1] == 1
+    assert mixed == softmax // 2 + linear // 2
+    assert cache.is_linear == [False, True, False, False]
     with torch.no_grad():
         model(prompt(1), cache=cache)
     assert cache.layer_bytes()[1] == linear  # constant size once the window is full
@@ -107,7 +111,7 @@ def test_a_prompt_fed_in_two_chunks_equals_one_prefill(tiny_model):
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-@pytest.mark.parametrize("plan", ["SLNL", "LLLL", "NNNN", "SSSS"])
+@pytest.mark.parametrize("plan", ["SLNL", "LLLL", "NNNN", "SSSS", "1SN1"])
 def test_generate_matches_a_no_cache_greedy_loop(tiny_model, model_type, plan):
     model = patched(tiny_model, model_type, plan)
     ids = prompt(9)
@@ -119,8 +123,9 @@ def test_generate_matches_a_no_cache_greedy_loop(tiny_model, model_type, plan):
         assert cache.get_seq_length() == expected.shape[1] - 1
 
 
-def test_generate_accepts_the_cache_directly_and_beam_search_reorders_it(tiny_model):
-    model = patched(tiny_model, "llama", "LSNL")
+@pytest.mark.parametrize("plan", ["LSNL", "1SN1"])
+def test_generate_accepts_the_cache_directly_and_beam_search_reorders_it(tiny_model, plan):
+    model = patched(tiny_model, "llama", plan)
     ids = prompt(9, batch=1)
     with torch.no_grad():
         cached = model.generate(ids, attention_mask=torch.ones_like(ids), cache=HybridCache(model), num_beams=2,
@@ -138,8 +143,9 @@ def test_the_cache_follows_the_applied_plan_and_refuses_another(tiny_model):
         HybridCache(model, LayerPlan.from_string("SSSS"))
 
 
-def test_linear_state_cannot_be_cropped(tiny_model):
-    model = patched(tiny_model, "llama", "LSSS")
+@pytest.mark.parametrize("plan", ["LSSS", "1SSS"])
+def test_linear_state_cannot_be_cropped(tiny_model, plan):
+    model = patched(tiny_model, "llama", plan)
     cache = HybridCache(model)
     with torch.no_grad():
         model(prompt(6), cache=cache)
@@ -150,10 +156,11 @@ def test_linear_state_cannot_be_cropped(tiny_model):
     assert cache.kv_bytes() == 0 and cache.get_seq_length() == 0
 
 
-@pytest.mark.parametrize("plan", ["SSSS", "SLNS"])
+@pytest.mark.parametrize("plan", ["SSSS", "SLNS", "1S1N", "11LS"])
 def test_kv_bytes_of_sliding_window_layers_match_the_cost_model(tiny_model, plan):
     """Gemma 3's local softmax layers keep only their window (the tiny config: window 8, local/global
-    alternating): the cost model prices each layer by its kind, as the hybrid cache stores it."""
+    alternating), and so do the kept heads of its local mixed layers: the cost model prices each layer by its
+    kind, as the hybrid cache stores it."""
     model = patched(tiny_model, "gemma3_text", plan)
     context = 17
     cache = HybridCache(model)
@@ -167,3 +174,15 @@ def test_kv_bytes_of_sliding_window_layers_match_the_cost_model(tiny_model, plan
     every_layer_global = sum(kv_bytes_per_sequence(LayerPlan((o,)), model.config, SETTINGS, context, 4)
                              for o in LayerPlan.from_string(plan).layers) * BATCH
     assert expected < every_layer_global  # the local layers' saving is counted
+
+
+@pytest.mark.parametrize("plan", ["1S1N", "11LS"])
+@pytest.mark.parametrize("prompt_length", [3, 11])
+def test_cached_decoding_of_sliding_mixed_layers_equals_recomputation(tiny_model, plan, prompt_length):
+    """Gemma 3's local mixed layers: the kept heads stay sliding (window 8) in prefill and in the cache."""
+    model = patched(tiny_model, "gemma3_text", plan)
+    ids = prompt(prompt_length)
+    tokens, logits, _ = cached_greedy(model, ids, steps=8)
+    expected_tokens, expected_logits = recomputed_greedy(model, ids, steps=8)
+    assert torch.equal(tokens, expected_tokens)
+    assert (logits - expected_logits).abs().max().item() <= 1e-4
