@@ -1,7 +1,7 @@
 """Export a plan as a model folder that plain transformers loads (`trust_remote_code=True`), healed or not.
 
-The folder holds the weights under the hybrid model's own parameter names (the `linear` layers' learned
-tensors included, `none` layers' attention left out), `config.json` naming the remote classes (`auto_map`)
+The folder holds the weights under the hybrid model's own parameter names (the `linear` and `mixed<k>` layers'
+learned tensors included, `none` layers' attention left out), `config.json` naming the remote classes (`auto_map`)
 with the plan and its settings, the remote code (`modeling_layerboost.py` plus the project's `inference/`
 modules it imports, verbatim: one source, no retyped twin), the tokenizer, `plan.json`, a model card, and
 the manifest of content hashes that `load_hybrid` verifies. Written under a temporary name, then renamed.
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import bank_option
 from .cache_dir import atomic_dir
 from .errors import UserError
 from .hybrid_folder import HYBRID_FORMAT, MANIFEST, METRICS_FILE, PARTS_FILE, PLAN_FILE, _content, _sha256
@@ -93,7 +94,8 @@ def _json(value):
 
 def _write_weights(tmp: Path, switcher: PlanSwitcher, plan: LayerPlan) -> None:
     """model.safetensors with the plan in place (so the keys are the remote model's), and the learned parts
-    alone in linear_parts.safetensors (the bank-shaped copy the project reads back as a bank)."""
+    alone in linear_parts.safetensors (the bank-shaped copy the project reads back as a bank: those of every
+    layer that runs them, `linear` or `mixed<k>`)."""
     from safetensors.torch import save_file
 
     previous = switcher.plan
@@ -103,7 +105,7 @@ def _write_weights(tmp: Path, switcher: PlanSwitcher, plan: LayerPlan) -> None:
     finally:
         switcher.apply(previous)
     parts = {f"layers.{i}.{name}": t.detach().cpu().contiguous()
-             for i, option in enumerate(plan.layers) if option == "linear"
+             for i, option in enumerate(plan.layers) if bank_option(option) == "linear"
              for name, t in switcher.module(i, "linear").learned.state_dict().items()}
     save_file(parts, str(tmp / PARTS_FILE))  # no metadata: its key order is not stable, the bytes would vary
 
@@ -145,13 +147,15 @@ def model_card(plan: LayerPlan, plan_json: dict, heal_metrics: dict | None) -> s
     """README.md of the folder: the plan, how it was measured, and how to load it."""
     model = plan_json.get("model") or {}
     name = model.get("name", "model")
-    counts = ", ".join(f"{plan.count(o)} {o}" for o in ("softmax", "linear", "none"))
+    mixed = sorted(set(plan.layers) - {"softmax", "linear", "none"})
+    counts = ", ".join(f"{plan.count(o)} {o}" for o in ("softmax", "linear", "none", *mixed))
     lines = [f"# {name}: LayerBoost hybrid {plan}", "",
              f"A LayerBoost hybrid of `{name}` (source `{model.get('source', '?')}`, fingerprint "
              f"`{model.get('fingerprint', '?')}`): per layer, attention is `softmax` (unchanged, full KV cache), "
              "`linear` (softmax over the first `sinks` and last `window` tokens plus linear attention with a "
-             "learned Hedgehog feature map over the rest: sink + window KV and a constant-size state) or `none` "
-             "(removed: no cache).", "",
+             "learned Hedgehog feature map over the rest: sink + window KV and a constant-size state), `mixed<k>` "
+             "(k KV heads per layer keep softmax over the whole context, the other heads are `linear`: the kept "
+             "heads' KV plus their state) or `none` (removed: no cache).", "",
              f"Plan `{plan}` (id `{plan.id}`): {counts} of {len(plan)} layers. Bank `{plan_json.get('bank_id')}`; "
              f"{'healed' if heal_metrics else 'not healed'}.", "",
              "| layer | option |", "|---|---|", *(f"| {i} | {o} |" for i, o in enumerate(plan.layers)), "",

@@ -10,6 +10,9 @@ instead of silently running every layer as softmax) and stores `layerboost_plan`
     softmax  the family's own attention, unchanged; the cache keeps its K/V (a local layer: its window)
     linear   softmax over the first `sinks` and the last `window` tokens plus linear attention with a learned
              Hedgehog feature map over the rest; the cache keeps sinks + window K/V and a constant-size state
+    mixed<k> per layer, the k KV heads `layerboost_settings["mixed<k>"]["kept_heads"]` names keep the family's
+             softmax (a local layer's window included), the other heads are `linear`; the cache keeps the kept
+             heads' K/V and the other heads' state
     none     nothing: the sublayer adds zero to the residual stream and keeps no cache
 
 This file holds only what loading needs: a layerboost config and model class per family (`CLASSES`), the
@@ -31,14 +34,22 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
 from .hybrid_cache import LayerBoostCache
 from .linear_attention import LinearSlidingWindowAttention
+from .mixed_attention import MIXED_OPTIONS, MixedHeadAttention
 from .no_attention import NoAttention
 
-# option -> build(the layer's own attention, the option's settings, the family's qk_norm): its new attention
+# option -> build(the layer's own attention, all options' settings, the family's qk_norm): its new attention
 MODULES = {
     "softmax": lambda attn, settings, qk_norm: attn,
-    "linear": LinearSlidingWindowAttention.from_settings,
+    "linear": lambda attn, settings, qk_norm: LinearSlidingWindowAttention.from_settings(attn, settings["linear"],
+                                                                                          qk_norm),
     "none": lambda attn, settings, qk_norm: NoAttention(attn.layer_idx),
+    **{name: (lambda attn, settings, qk_norm, name=name: MixedHeadAttention.from_settings(attn, settings, name, qk_norm))
+       for name in MIXED_OPTIONS},
 }
+# Options whose layers read no padding mask (their linear heads), so a padded batch is refused.
+NO_PADDING = ("linear", *MIXED_OPTIONS)
+# Plan codes, for messages (the project's option registry holds the same; a test checks they agree).
+CODES = {"softmax": "S", "linear": "L", "none": "N", **{name: str(k) for name, k in MIXED_OPTIONS.items()}}
 
 
 class LayerBoostMixin:
@@ -57,23 +68,23 @@ class LayerBoostMixin:
                              f"got {list(plan)}")
         settings = self.config.layerboost_settings
         for layer, option in zip(layers, plan):
-            layer.self_attn = MODULES[option](layer.self_attn, settings.get(option, {}), self.qk_norm)
+            layer.self_attn = MODULES[option](layer.self_attn, settings, self.qk_norm)
 
     def check_cache(self, cache) -> None:
         """Refuse a cache that cannot serve this plan (anything but a LayerBoostCache made for it)."""
         plan = tuple(self.config.layerboost_plan)
         if not isinstance(cache, LayerBoostCache) or cache.options != plan:
-            raise ValueError(f"this LayerBoost hybrid (plan {''.join(o[0].upper() for o in plan)}) needs its own "
+            raise ValueError(f"this LayerBoost hybrid (plan {''.join(CODES[o] for o in plan)}) needs its own "
                              f"cache: pass LayerBoostCache(model.config) or no cache at all, not "
                              f"{type(cache).__name__}" + (f" for plan {list(cache.options)}"
                                                            if isinstance(cache, LayerBoostCache) else ""))
 
     def _check_mask(self, attention_mask) -> None:
-        """`linear` layers read no padding mask: a padded batch would be silently wrong, so it is refused."""
-        if ("linear" in self.config.layerboost_plan and attention_mask is not None and attention_mask.dim() == 2
-                and not bool(attention_mask.all())):
-            raise ValueError("padded batches are not supported by `linear` layers (they read no padding mask); "
-                             "run unpadded sequences")
+        """`linear` and mixed layers read no padding mask: a padded batch would be silently wrong, so it is refused."""
+        if (any(option in NO_PADDING for option in self.config.layerboost_plan) and attention_mask is not None
+                and attention_mask.dim() == 2 and not bool(attention_mask.all())):
+            raise ValueError("padded batches are not supported by `linear` and mixed layers (they read no padding "
+                             "mask); run unpadded sequences")
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs):

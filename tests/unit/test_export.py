@@ -15,11 +15,12 @@ import torch
 from transformers import DynamicCache
 
 from layerboost_core import load_hybrid
+from layerboost_core.attention import OPTIONS
 from layerboost_core.cache import HybridCache
 from layerboost_core.errors import UserError
 from layerboost_core.export import CARD_FILE, export_hybrid, export_plan, remote_files
 from layerboost_core.families import FAMILIES
-from layerboost_core.hybrid_folder import METRICS_FILE, save_hybrid
+from layerboost_core.hybrid_folder import METRICS_FILE, PARTS_FILE, save_hybrid
 from layerboost_core.models import fingerprint
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
@@ -27,11 +28,14 @@ from layerboost_core.remote_code import modeling_layerboost
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence, softmax_cached_tokens
 from tests.conftest import MODEL_TYPES, NO_LAYERBOOST_PRELUDE
 
-# Window 4 + 2 sinks: the 11-token prompt already slides the window, decoding moves it further.
-SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}
+# Window 4 + 2 sinks: the 11-token prompt already slides the window, decoding moves it further. `mixed1`
+# layers keep one of the two KV heads softmax (which one differs per layer).
+SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}, "mixed1": {"kept_heads": [[1], [1], [0], [1]]}}
 PLAN = LayerPlan.from_string("SLNL")  # all three options, softmax and linear layers both holding a cache
-# Gemma 3's tiny layers alternate local (window 8, shorter than the prompt) and global: a softmax layer of each.
-FAMILY_PLANS = {"gemma3_text": LayerPlan.from_string("SSLN")}
+# Per family: the plans exported. Gemma 3's tiny layers alternate local (window 8, shorter than the prompt) and
+# global: a softmax layer of each, and mixed layers of each kind.
+PLANS = {"default": {"gemma3_text": LayerPlan.from_string("SSLN")},
+         "mixed": {"gemma3_text": LayerPlan.from_string("11SL"), None: LayerPlan.from_string("S1LN")}}
 STEPS = 6
 CONTEXT = {"model": {"name": "tiny", "source": "tiny:llama"}, "settings": SETTINGS, "bank_id": "bank123",
            "metrics": {"kl": {"value": 0.1234, "fidelity": "proxy"},
@@ -62,8 +66,11 @@ cache = generated.cache
 out["tokens"], out["step_logits"] = generated.sequences, torch.stack(generated.logits, dim=1)
 out["cache_type"], out["cache_bytes"] = type(cache).__name__, cache.kv_bytes()
 out["linear_kv_lengths"] = {i: s.values.shape[2] for i, s in cache.linear_states.items()}
+out["linear_heads"] = {i: s.values.shape[1] for i, s in cache.linear_states.items()}
 out["softmax_kv_lengths"] = {i: layer.keys.shape[2] for i, layer in enumerate(cache.layers)
                              if getattr(layer, "keys", None) is not None}
+out["softmax_heads"] = {i: layer.keys.shape[1] for i, layer in enumerate(cache.layers)
+                        if getattr(layer, "keys", None) is not None}
 for name, call in {"generate": lambda: model.generate(data["ids"], max_new_tokens=2, cache=DynamicCache()),
                    "forward": lambda: model(data["ids"], past_key_values=DynamicCache())}.items():
     try:
@@ -116,10 +123,11 @@ def run_without_layerboost(folder, data: dict, tmp_path) -> dict:
     return torch.load(tmp_path / "out.pt")
 
 
+@pytest.mark.parametrize("plans", PLANS)
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_plain_transformers_runs_the_exported_plan_exactly(tiny_model, model_type, tmp_path):
+def test_plain_transformers_runs_the_exported_plan_exactly(tiny_model, model_type, plans, tmp_path):
     model = tiny_model(model_type)
-    plan = FAMILY_PLANS.get(model_type, PLAN)
+    plan = PLANS[plans].get(model_type, PLANS[plans].get(None, PLAN))
     switcher = trained_switcher(model, plan)
     folder = export_hybrid(switcher, plan, None, tmp_path / "export", CONTEXT)
     ids = prompt()
@@ -138,11 +146,21 @@ def test_plain_transformers_runs_the_exported_plan_exactly(tiny_model, model_typ
     seen = ids.shape[1] + STEPS - 1  # the last token generated is never fed back
     sinks, window = SETTINGS["linear"]["sinks"], SETTINGS["linear"]["window"]
     kept = softmax_cached_tokens(model.config, seen)  # a local softmax layer keeps only its window
-    assert out["linear_kv_lengths"] == {i: sinks + window for i, o in enumerate(plan.layers) if o == "linear"}
-    assert out["softmax_kv_lengths"] == {i: kept[i] for i, o in enumerate(plan.layers) if o == "softmax"}
+    heads = model.config.num_key_value_heads
+    state_heads = {"linear": heads, "mixed1": heads - 1}  # a mixed1 layer: one head softmax, the others linear
+    kv_heads = {"softmax": heads, "mixed1": 1}
+    assert out["linear_kv_lengths"] == {i: sinks + window for i, o in enumerate(plan.layers) if o in state_heads}
+    assert out["linear_heads"] == {i: state_heads[o] for i, o in enumerate(plan.layers) if o in state_heads}
+    assert out["softmax_kv_lengths"] == {i: kept[i] for i, o in enumerate(plan.layers) if o in kv_heads}
+    assert out["softmax_heads"] == {i: kv_heads[o] for i, o in enumerate(plan.layers) if o in kv_heads}
     assert out["cache_bytes"] == ids.shape[0] * kv_bytes_per_sequence(plan, model.config, SETTINGS, seen, 4)
     for call in ("generate", "forward"):
         assert "needs its own cache" in out[f"wrong_cache_{call}"] and "DynamicCache" in out[f"wrong_cache_{call}"]
+
+
+def test_the_remote_code_knows_every_option_and_its_code():
+    assert modeling_layerboost.CODES == {name: OPTIONS.get(name).code for name in OPTIONS}
+    assert set(modeling_layerboost.MODULES) == set(OPTIONS.names())
 
 
 def test_the_remote_class_table_covers_every_family():
@@ -163,8 +181,8 @@ def test_the_folder_ships_the_inference_modules_verbatim():
     inference = Path(modeling_layerboost.__file__).parents[1] / "inference"
     assert files.pop("modeling_layerboost.py") == Path(modeling_layerboost.__file__)
     assert all(source.parent == inference for source in files.values())
-    assert {"hybrid_cache.py", "linear_attention.py", "no_attention.py", "linear_kernels.py", "flex.py",
-            "qkv.py"} <= set(files)
+    assert {"hybrid_cache.py", "linear_attention.py", "mixed_attention.py", "no_attention.py", "linear_kernels.py",
+            "flex.py", "qkv.py"} <= set(files)
 
 
 def test_a_family_without_remote_classes_is_refused(tiny_model, tmp_path, monkeypatch):
@@ -175,20 +193,27 @@ def test_a_family_without_remote_classes_is_refused(tiny_model, tmp_path, monkey
     assert not (tmp_path / "export").exists()
 
 
-def test_load_hybrid_verifies_and_generates_with_the_hybrid_cache(tiny_model, tmp_path):
+@pytest.mark.parametrize("plan", [PLAN, PLANS["mixed"][None]], ids=str)
+def test_load_hybrid_verifies_and_generates_with_the_hybrid_cache(tiny_model, plan, tmp_path):
+    """The project's own loader rebuilds the plan (mixed layers from the folder's settings); the learned parts of
+    every layer running them are in the bank-shaped copy."""
+    from safetensors.torch import load_file
+
     model = tiny_model("llama")
-    switcher = trained_switcher(model)
-    folder = export_hybrid(switcher, PLAN, None, tmp_path / "export", CONTEXT)
+    switcher = trained_switcher(model, plan)
+    folder = export_hybrid(switcher, plan, None, tmp_path / "export", CONTEXT)
+    assert {int(key.split(".")[1]) for key in load_file(str(folder / PARTS_FILE))} == \
+        {i for i, o in enumerate(plan.layers) if o in ("linear", "mixed1")}
     ids = prompt(batch=1)
     expected_tokens, _ = recomputed_greedy(model, ids, 3)
     hybrid = load_hybrid(folder, device="cpu", dtype="float32")
-    assert hybrid.plan == PLAN
+    assert hybrid.plan == plan
     with torch.no_grad():
         assert torch.equal(hybrid.model(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
     generated = hybrid.model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(generated.sequences, expected_tokens)
     assert isinstance(generated.cache, HybridCache)
-    with pytest.raises(UserError, match=r"^cache: the model runs plan SLNL and needs HybridCache\(model\), not "
+    with pytest.raises(UserError, match=rf"^cache: the model runs plan {plan} and needs HybridCache\(model\), not "
                                         r"DynamicCache"):
         hybrid.model.generate(ids, max_new_tokens=1, cache=DynamicCache())
 
