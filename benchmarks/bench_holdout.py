@@ -29,17 +29,15 @@ from layerboost.settings import search_settings
 from layerboost_core.pareto import hypervolume_2d, hypervolume_3d, non_dominated
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity_rows
-from layerboost_core.workbench import attach_bank, attach_head_choices, bank_id_or_none
+from layerboost_core.workbench import attach_bank, bank_id_or_none
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.fidelity import climb, rung_scores
 from layerboost_search.objectives import declare_objectives
-from layerboost_search.pipeline import (open_for_space, priced_options, run_search, scores_by_runner,
-                                        sensitivity_options, space_options)
+from layerboost_search.pipeline import prepare, run_search, scores_by_runner, sensitivity_options
 from layerboost_search.runner import make_runner
 from layerboost_search.seeds import heuristic_sweep
 from layerboost_search.settings import RungSettings
 from layerboost_search.study import PLAN_ATTR, open_study, storage_url, study_name
-from layerboost_surrogates.cost_model import cost_model
 
 
 def points_of(study, softmax_latency: float, original: float) -> dict[int, tuple[float, float, float]]:
@@ -67,11 +65,10 @@ def main(argv=None) -> None:
 
     rung = RungSettings(f"holdout-{args.source.replace(':', '-').replace(',', '-')}", factor=1, blocks=args.blocks,
                         facts=settings.workbench.proxy.facts, source=args.source)
-    bench, space = open_for_space(settings)
-    attach_head_choices(bench, space_options(space))
-    settings = dataclasses.replace(settings, workbench=bench.settings,
-                                   fidelity=dataclasses.replace(settings.fidelity, rungs=(*settings.fidelity.rungs, rung)))
-    cost = cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload, options=priced_options(space))
+    prepared = prepare(settings)  # the search's own model, narrowed space and cost model
+    bench, space, cost = prepared.bench, prepared.space, prepared.cost
+    settings = dataclasses.replace(prepared.settings, fidelity=dataclasses.replace(
+        settings.fidelity, rungs=(*settings.fidelity.rungs, rung)))
     attach_bank(bench)
     n = bench.switcher.num_layers
     softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
@@ -108,7 +105,7 @@ def main(argv=None) -> None:
 
     floor, agreement_floor = settings.objective.retrieval_floor, settings.fidelity.agreement_floor
     reference3, reference2 = (1.05, args.max_kl, 1.0), (1.05, args.max_kl)
-    table, measured = [], {}
+    measured = {}
     for label, (study, points, front) in fronts.items():
         scored = rung_scores(study)[rung.name]
         found0 = next(iter(scored.values()))["original"]["retrieval_acc"]

@@ -108,6 +108,7 @@ class Script:
             self.parser.add_argument("--runs", type=int, default=1,
                                      help="repeat the whole measurement N times; every run is kept")
         self.argv: list[str] = []
+        self.overrides: list[str] = []
         self.args: argparse.Namespace | None = None
         self.cfg = None
 
@@ -138,6 +139,7 @@ class Script:
         if getattr(args, "runs", 1) < 1:
             raise UserError(f"--runs: {args.runs} must be >= 1")
         self.cfg = compose(overrides)
+        self.overrides = overrides  # as given: a script that runs the CLI itself passes them on
         self.args = args
         setup_logging(bool(self.cfg.verbose))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -168,9 +168,6 @@ def attach_bank(bench: Workbench) -> Workbench:
     return bench
 
 
-MIXED = "mixed"  # option names mixed<k>: the k KV heads of each layer with the highest copy scores keep softmax
-
-
 def attach_head_choices(bench: Workbench, options) -> Workbench:
     """Fill in `kept_heads` for every `mixed<k>` option among `options` (names: a plan's layers or a space's
     options) that has none: per layer, the k KV heads the original model retrieves with (head_scores.py,
@@ -178,8 +175,9 @@ def attach_head_choices(bench: Workbench, options) -> Workbench:
     model and blocks; it travels in the option settings, so plan JSON and exported folders carry it."""
     from .errors import UserError
     from .head_scores import cached_head_scores, kept_heads
+    from .inference.mixed_attention import MIXED_OPTIONS  # option -> the KV heads it keeps softmax per layer
 
-    missing = sorted(o for o in set(options) if o.startswith(MIXED) and "kept_heads" not in bench.settings.options.get(o, {}))
+    missing = sorted(o for o in set(options) if o in MIXED_OPTIONS and "kept_heads" not in bench.settings.options.get(o, {}))
     if not missing:
         return bench
     if not bench.settings.proxy.facts:
@@ -187,7 +185,7 @@ def attach_head_choices(bench: Workbench, options) -> Workbench:
                         "set proxy.facts >= 1")
     bench.head_scores = cached_head_scores(bench.switcher, bench.info, bench.planted_heldout())
     options = {**bench.settings.options,
-               **{o: {**bench.settings.options.get(o, {}), "kept_heads": kept_heads(bench.head_scores, int(o[len(MIXED):]))}
+               **{o: {**bench.settings.options.get(o, {}), "kept_heads": kept_heads(bench.head_scores, MIXED_OPTIONS[o])}
                   for o in missing}}
     bench.settings = replace(bench.settings, options=options)
     bench.switcher.settings = options

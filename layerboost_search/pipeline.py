@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from optuna.trial import TrialState
@@ -29,6 +29,7 @@ from .picks import KEEP_BARS, LATENCY_TARGETS, floors_of, retrieval_floor
 from .report import ORIGINAL_ATTR, front_trials, write_report
 from .runner import make_runner
 from .seeds import retrieval_critical, seed_plans
+from .space import narrow
 from .settings import EvalSettings, FidelitySettings, SearchSettings
 from .study import PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_eval, storage_url, study_name
 
@@ -56,6 +57,45 @@ def open_for_space(settings: SearchSettings):
     bench = open_workbench(settings.workbench, with_bank=False)
     space = SearchSpace.from_mapping(settings.space, bench.switcher.num_layers)
     return bench, space
+
+
+@dataclass
+class Prepared:
+    """A search's model and data, the space it runs over (narrowed: space.narrow), and its cost model: the
+    settings carry the narrowed options and the mixed options' kept heads, so the study's name and every
+    evaluator follow them."""
+
+    settings: SearchSettings
+    bench: object  # layerboost_core.workbench.Workbench
+    space: SearchSpace
+    cost: object  # AdditiveCostModel at the workload
+    notes: list[str]  # one line per option not searched, and why
+
+
+def prepare(settings: SearchSettings, stage=None) -> Prepared:
+    """Open the model and data, drop the options this model cannot run, measure what the others cost at the
+    workload (cached per device) and drop those no cheaper than softmax (`space.prune_dominated`)."""
+    stage = stage or Stages()
+    with stage("model and data"):
+        bench, space = open_for_space(settings)
+    facts = settings.workbench.proxy.facts
+    space, notes = narrow(space, bench.model.config, facts)
+    with stage("head scores"):
+        attach_head_choices(bench, space_options(space))  # a `mixed` option's kept heads, before anything is priced
+    with stage("cost model"):
+        cost = cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload,
+                          options=priced_options(space))
+    kv = None
+    if settings.objective.memory:
+        from layerboost_surrogates.solver import kv_per_layer
+
+        kv = kv_per_layer(space.options, bench.model.config, bench.settings.options, settings.workload.context,
+                          bench.model.dtype.itemsize)
+    space, dominated = narrow(space, bench.model.config, facts, cost, kv, bool(settings.space.get("prune_dominated", True)))
+    for note in notes + dominated:
+        log.info("not searched: %s", note)
+    settings = replace(settings, workbench=bench.settings, space={**settings.space, "options": list(space.options)})
+    return Prepared(settings, bench, space, cost, notes + dominated)
 
 
 def space_options(space: SearchSpace) -> set[str]:
@@ -96,19 +136,12 @@ def run_search(settings: SearchSettings) -> Path:
     if needs_retrieval(settings.objective) and not settings.workbench.proxy.facts:
         raise UserError(f"proxy.facts: 0, but objective.retrieval={settings.objective.retrieval} reads "
                         "retrieval_acc; set proxy.facts >= 1 or objective.retrieval=off")
-    workload = settings.workload
-    options = settings.workbench.options
     # The bank (minutes when cold) comes after every check that can refuse the run: the space needs only the
     # layer count, and the cost model only the modules' shapes (timing does not depend on trained weights).
-    with stage("model and data"):
-        bench, space = open_for_space(settings)
+    prepared = prepare(settings, stage)
+    settings, bench, space, cost = prepared.settings, prepared.bench, prepared.space, prepared.cost
+    workload, options = settings.workload, settings.workbench.options
     info, n = bench.info, bench.switcher.num_layers
-    with stage("head scores"):
-        attach_head_choices(bench, space_options(space))  # a `mixed` option's kept heads, before anything is priced
-    settings = replace(settings, workbench=bench.settings)  # the evaluators build the same modules
-    options = bench.settings.options
-    with stage("cost model"):
-        cost = cost_model(bench.switcher, info, options, workload, options=priced_options(space))
     softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
     ceiling = settings.objective.latency_ceiling
     fastest = cost.fastest(space.options)
@@ -170,7 +203,7 @@ def run_search(settings: SearchSettings) -> Path:
     study.set_user_attr(STAGES_ATTR, stage.seconds)
 
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
-               "layer_kinds": layer_kinds(bench.model), "stages": stage.seconds,
+               "layer_kinds": layer_kinds(bench.model), "stages": stage.seconds, "not_searched": prepared.notes,
                "study": name, "storage": url, "softmax_latency": softmax_latency}
     printed = write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
                            floors_of(settings.fidelity, settings.objective, _original(study)))
@@ -283,9 +316,8 @@ def report_study(settings: SearchSettings) -> Path:
     import optuna
 
     objectives = declare_objectives(settings.objective)
-    bench, space = open_for_space(settings)
-    attach_head_choices(bench, space_options(space))
-    settings = replace(settings, workbench=bench.settings)
+    prepared = prepare(settings)
+    settings, bench, space = prepared.settings, prepared.bench, prepared.space
     if space_needs_bank(space):
         attach_bank(bench)
     name = study_name(settings, bench.info, bank_id_or_none(bench))
@@ -304,6 +336,7 @@ def report_study(settings: SearchSettings) -> Path:
     run_dir = Path(settings.output_dir) / "runs" / name
     context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
                "workload": searched, "study": name, "storage": url, "layer_kinds": layer_kinds(bench.model),
+               "not_searched": prepared.notes,
                "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
     print(write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
                        floors_of(settings.fidelity, settings.objective, _original(study))))

@@ -368,7 +368,7 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
         + " Latency: each plan against all-softmax at the workload, plans taking turns"
         + (", judged on its slowest round." if any(e.latency for e in evidence) else " (predicted: not measured)."),
         "", answer_table(picks, floors, export_command(context, run_dir)), ""]
-        + ([f"Candidates below the floors (not offered): "
+        + (["Candidates below the floors (not offered): "
             + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else []))
     marked = ladder.dominated()
     front_part = "\n".join(["## Pareto front (proxy)", "",
@@ -383,11 +383,12 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
                 f"each layer's own; `softmax_global` / `softmax_local` in trials.csv count what a plan kept)"
                 if original else ""),
                f"- storage: `{context['storage']}` (open with `optuna-dashboard {context['storage']}`)",
-               f"- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
+               "- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
                f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
                + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
-               (f"- this run's stages (wall seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in context["stages"].items())
+               ("- this run's stages (wall seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in context["stages"].items())
                 if context.get("stages") else ""),
+               *(f"- not searched: {note}" for note in context.get("not_searched") or ()),
                "", front_part, ""]
     write_text(run_dir / "summary.md", "\n".join(line for line in summary if line is not None) + "\n")
     return f"{answer}\n\n{front_part}"

@@ -190,11 +190,14 @@ DEFAULT_SAMPLER = {"_target_": "optuna.samplers.TPESampler", "multivariate": Tru
 
 
 def default_space() -> dict:
-    """Every layer may take any option (`SearchSpace.from_mapping` reads this mapping)."""
-    return {"options": ["softmax", "linear", "none"],  # allowed options (order = how the sampler sees them)
+    """Every layer may take any option (`SearchSpace.from_mapping` reads this mapping) the model can run and
+    that pays at the workload (layerboost_search.space.narrow)."""
+    return {"options": ["softmax", "linear", "none", "mixed1", "mixed2"],  # allowed (order = the sampler's)
             "pinned": {},  # layer index -> option, e.g. {0: softmax, 29: softmax}
             "min_count": {},  # option -> at least this many layers, e.g. {softmax: 4}
-            "max_count": {}}  # option -> at most this many layers, e.g. {none: 10}
+            "max_count": {},  # option -> at most this many layers, e.g. {none: 10}
+            # drop options measured no cheaper than softmax at the workload (softmax beats them in every layer)
+            "prune_dominated": True}
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,24 @@
 """The search space seen by Optuna: one categorical distribution per free layer (the space itself is the
-plain value layerboost_core.space.SearchSpace)."""
+plain value layerboost_core.space.SearchSpace), and the options a search can skip before it starts.
+
+Two kinds of option never belong in a study, and `narrow` drops them with a line saying why:
+* options the model cannot run (a `mixed<k>` option keeps k KV heads softmax and needs k + 1 of them: Gemma 3
+  270M has one), or that nothing can configure (`mixed` keeps the heads the planted facts show; no facts, no
+  choice);
+* options the cost model measured to be no cheaper than `softmax` (per layer; and no smaller in KV bytes when
+  memory is an objective): `softmax` is the original attention itself, so such an option loses to it in every
+  layer of every plan. On a CPU whose softmax attention is a fused kernel (AMX bf16) `linear` can cost more
+  than softmax at 2,048 tokens and pay only from longer contexts: measured, not assumed (`space.prune_dominated`).
+The study is then opened over the narrowed options, so its name records them.
+"""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import optuna
 
+from layerboost_core.attention import OPTIONS
+from layerboost_core.inference.mixed_attention import MIXED_OPTIONS
 from layerboost_core.plan import LayerPlan
 from layerboost_core.space import SearchSpace, layer_param
 
@@ -17,3 +32,30 @@ def suggest(space: SearchSpace, trial) -> LayerPlan:
     names = [space.pinned.get(i) or trial.suggest_categorical(layer_param(i), list(space.options))
              for i in range(space.num_layers)]
     return LayerPlan(tuple(names))
+
+
+def narrow(space: SearchSpace, model_config, facts: int, cost=None, kv_bytes: dict | None = None,
+           prune_dominated: bool = True) -> tuple[SearchSpace, list[str]]:
+    """(`space` without the options no plan of this search should use, one line per option dropped); see the
+    module docstring. `cost` (an AdditiveCostModel timing every option left) and `kv_bytes` (option -> bytes
+    of one layer, only when memory is an objective) decide the dominated ones. Pinned options stay."""
+    kv_heads = getattr(model_config.get_text_config(decoder=True), "num_key_value_heads", None) or 1
+    notes, kept = [], []
+    for option in space.options:
+        spec = OPTIONS.get(option)
+        if spec.min_kv_heads > kv_heads:
+            notes.append(f"{option}: needs a model with at least {spec.min_kv_heads} KV heads; this one has {kv_heads}")
+        elif option in MIXED_OPTIONS and not facts:
+            notes.append(f"{option}: keeps the heads that retrieve the planted facts, and proxy.facts is 0")
+        elif (prune_dominated and cost is not None and option != "softmax" and "softmax" in space.options
+              and cost.per_layer_seconds[option] >= cost.per_layer_seconds["softmax"]
+              and (kv_bytes is None or kv_bytes[option] >= kv_bytes["softmax"])):
+            notes.append(f"{option}: measured at {cost.per_layer_seconds[option] * 1e3:.1f} ms per layer, no cheaper "
+                         f"than softmax's {cost.per_layer_seconds['softmax'] * 1e3:.1f} ms at this workload")
+        else:
+            kept.append(option)
+    if len(kept) == len(space.options):
+        return space, []
+    narrowed = replace(space, options=tuple(kept))
+    narrowed.check_consistent()
+    return narrowed, notes

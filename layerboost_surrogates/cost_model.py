@@ -19,6 +19,7 @@ import statistics
 from dataclasses import asdict, dataclass
 
 import torch
+from filelock import FileLock
 
 from layerboost_core.attention.mixed import MIXED_OPTIONS
 from layerboost_core.cache_dir import cache_root, content_hash, write_json
@@ -141,16 +142,19 @@ def cost_model(switcher, model_info: dict, option_settings: dict, workload: Work
     dev = device_name(device)
     key = content_hash("cost/v1", dev, settings, asdict(workload), sorted(options))
     path = cache_root() / "costs" / f"{model_info['name'].replace('/', '--')}-{key}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            return AdditiveCostModel(**data)
-        except (OSError, ValueError, TypeError):
-            log.warning("cost model cache %s is unreadable; measuring again", path)
-    log.info("measuring per-layer latency of %s at %s on %s", ", ".join(options), asdict(workload), dev)
-    uniform = measure_uniform(switcher, workload, options, device)
-    base = uniform["none"] if "none" in uniform else 0.0
-    per_layer = {o: (t - base) / switcher.num_layers for o, t in uniform.items()}
-    model = AdditiveCostModel(base, per_layer, uniform, asdict(workload), dev, settings)
-    write_json(path, asdict(model))
-    return model
+    # Drivers started together wait for the one measuring: two timings at once would skew each other, and two
+    # cost models could send them to different studies (the space is narrowed by these numbers).
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                return AdditiveCostModel(**data)
+            except (OSError, ValueError, TypeError):
+                log.warning("cost model cache %s is unreadable; measuring again", path)
+        log.info("measuring per-layer latency of %s at %s on %s", ", ".join(options), asdict(workload), dev)
+        uniform = measure_uniform(switcher, workload, options, device)
+        base = uniform["none"] if "none" in uniform else 0.0
+        per_layer = {o: (t - base) / switcher.num_layers for o, t in uniform.items()}
+        model = AdditiveCostModel(base, per_layer, uniform, asdict(workload), dev, settings)
+        write_json(path, asdict(model))
+        return model

@@ -8,6 +8,7 @@ import pytest
 from layerboost_core.cache_dir import cache_root
 
 TINY = ["model=tiny:llama", "eval=none", "transfer.batches=2", "data.seq_len=128", "proxy.facts=1", "progress=false",
+        "space.prune_dominated=false",
         "runner=ray", "runner.num_workers=1"]
 
 

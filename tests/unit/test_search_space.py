@@ -303,3 +303,40 @@ def test_surrogate_settings_are_refused_with_the_field_named(field, value, messa
     SurrogateSettings()  # the defaults pass
     with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
         SurrogateSettings(**{field: value})
+
+
+# --- narrowing the space before a study opens ------------------------------------------------------------------
+
+
+class _Config:
+    def __init__(self, kv_heads):
+        self.num_key_value_heads = kv_heads
+
+    def get_text_config(self, decoder=True):
+        return self
+
+
+class _Cost:
+    def __init__(self, **per_layer):
+        self.per_layer_seconds = per_layer
+
+
+def test_narrow_drops_what_the_model_cannot_run_and_what_softmax_beats():
+    from layerboost_search.space import narrow
+
+    space = SearchSpace(4, ("softmax", "linear", "none", "mixed1", "mixed2"), pinned={0: "linear"})
+    # Gemma 3 270M's one KV head: no mixed option; SmolLM2's three: both
+    narrowed, notes = narrow(space, _Config(1), facts=16)
+    assert narrowed.options == ("softmax", "linear", "none")
+    assert [n.split(":")[0] for n in notes] == ["mixed1", "mixed2"] and "this one has 1" in notes[0]
+    assert narrow(space, _Config(3), facts=16) == (space, [])
+    assert narrow(space, _Config(3), facts=0)[0].options == ("softmax", "linear", "none")  # no facts: no heads to keep
+    # measured no cheaper than softmax: linear and mixed2 are dominated in every layer; pinned layers stay
+    cost = _Cost(softmax=0.015, linear=0.020, none=0.0, mixed1=0.012, mixed2=0.015)
+    narrowed, notes = narrow(space, _Config(3), 16, cost)
+    assert narrowed.options == ("softmax", "none", "mixed1") and narrowed.pinned == {0: "linear"}
+    assert notes[0] == "linear: measured at 20.0 ms per layer, no cheaper than softmax's 15.0 ms at this workload"
+    # with memory an objective, an option with less KV is not dominated
+    kv = {"softmax": 100, "linear": 10, "none": 0, "mixed1": 40, "mixed2": 70}
+    assert narrow(space, _Config(3), 16, cost, kv)[0].options == space.options
+    assert narrow(space, _Config(3), 16, cost, prune_dominated=False)[0] == space
