@@ -78,7 +78,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto`: bfloat16 where the device computes it natively (cuda; a CPU with bf16 instructions), else
-    float32. The proxy's ranking of plans and layers holds at bf16 (benchmarks/bench_dtype.py, README)."""
+    float32. The proxy's ranking of plans and layers holds at bf16 (benchmarks/bench_dtype.py)."""
     if name == "auto":
         native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return torch.bfloat16 if native else torch.float32

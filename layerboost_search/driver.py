@@ -156,7 +156,7 @@ class SearchRun:
     def _note_dtype(self, dtype: str) -> None:
         """Warn once per new dtype when this run's evaluations come back at more than one: each worker resolves
         `dtype=auto` on its own device (a GPU, a CPU with or without bf16 instructions), and a plan's KL at
-        bf16 reads 1-2% above fp32 (README, "Float32 or bfloat16 on a CPU"), so mixed trials do not compare
+        bf16 reads 1-2% above fp32 (benchmarks/bench_dtype.py), so mixed trials do not compare
         exactly."""
         if dtype in self.dtypes_seen:
             return

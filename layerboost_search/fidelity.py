@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import random
+import statistics
 
 log = logging.getLogger(__name__)
 
@@ -154,16 +155,17 @@ def climb(study, runner, candidates: list, rungs, plan_of, progress: bool) -> No
 # --- reading the ladder (in the report) -------------------------------------------------------------------------
 
 
-def bootstrap_interval(values: list[float], level: float = LEVEL, samples: int = 2000, seed: int = 0):
-    """(lo, hi): a percentile bootstrap interval of the mean of `values` (per-block values). One block gives
-    no spread to resample: the interval is the value itself, which the report marks n=1 ("one block", not
-    "certain")."""
+def bootstrap_interval(values: list[float], level: float = LEVEL, samples: int = 2000, seed: int = 0,
+                       statistic=statistics.fmean):
+    """(lo, hi): a percentile bootstrap interval of `statistic` (the mean; the median for timing rounds) of
+    `values` (per-block values). One block gives no spread to resample: the interval is the value itself,
+    which the report marks n=1 ("one block", not "certain")."""
     if len(values) < 2:
         return values[0], values[0]
     rng = random.Random(seed)  # fixed: the same report twice gives the same numbers
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
+    draws = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(samples))
     tail = (1 - level) / 2
-    return means[int(tail * (samples - 1))], means[int(math.ceil((1 - tail) * (samples - 1)))]
+    return draws[int(tail * (samples - 1))], draws[int(math.ceil((1 - tail) * (samples - 1)))]
 
 
 def binomial_interval(hits: int, n: int, level: float = LEVEL) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 The search ranks plans by predicted latency (the additive cost model); a pick is offered on measured latency:
 each candidate and the all-softmax plan serve the workload's request (prefill, then its decode steps) in turn,
 round after round (layerboost_core.timing), in the driver while the evaluators are idle. Each round gives one
-ratio to all-softmax; the report shows their median and spread, and picks on the slowest round.
+ratio to all-softmax; the report shows their median with a bootstrap interval, and picks on its high end.
 Results live in the study's user attrs, keyed by trial, with the settings they were measured under, so a
 resumed run re-measures nothing it already has.
 """

@@ -11,13 +11,14 @@ held-out text the search never scored), judged at the pessimistic end of 90% int
   `objective.retrieval_min_original` of them: the report says so instead.
 
 Among the plans that keep the floors: `keep-<pct>pct` is the fastest whose agreement keeps that share at the
-low end; `latency-<pct>pct` the lowest-KL one (high end of its interval) whose slowest measured round ran at
-or under that share of all-softmax's latency; `knee` the knee of the proxy front, only if it keeps the floors.
+low end; `latency-<pct>pct` the lowest-KL one (high end of its interval) whose measured latency (the median of
+per-round ratios to all-softmax, at the high end of its bootstrap interval) is at or under that share; `knee` the knee of the proxy front, only if it keeps the floors.
 A target no such plan meets is said, with the fastest plan that keeps the floors.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 from .fidelity import binomial_interval, bootstrap_interval
@@ -47,10 +48,10 @@ class Interval:
 
     @classmethod
     def of_rounds(cls, ratios: list[float]) -> "Interval":
-        ordered = sorted(ratios)
-        middle = len(ordered) // 2
-        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-        return cls(median, ordered[0], ordered[-1], len(ordered))
+        """The median of per-round latency ratios with a bootstrap interval of that median: one slow round (a
+        busy machine) moves it less than the mean or the slowest round would."""
+        lo, hi = bootstrap_interval(ratios, statistic=statistics.median)
+        return cls(statistics.median(ratios), lo, hi, len(ratios))
 
     def text(self, digits: int = 3, unit: str = "") -> str:
         value = f"{self.value:.{digits}f}{unit}"
@@ -107,7 +108,8 @@ class Evidence:
 
     @property
     def slowest(self) -> float:
-        """The latency share a pick is judged on: the slowest measured round, else the prediction."""
+        """The latency share a pick is judged on: the high end of the measured median's interval, else the
+        prediction."""
         if self.latency is not None:
             return self.latency.hi
         return self.predicted if self.predicted is not None else math.inf
@@ -174,7 +176,7 @@ def answer_table(picks: Picks, floors: Floors, export_command) -> str:
     """The answer first: per plan offered (with the best files that name it), measured speed with its spread,
     quality and retrieval with their intervals, at which fidelity, and the command that exports it.
     `export_command(name)` gives the command for best file `name`."""
-    lines = ["| best files | plan | latency vs all-softmax: measured median [fastest, slowest round] | predicted | "
+    lines = ["| best files | plan | latency vs all-softmax: measured median [90%] | predicted | "
              "KL [90%] | top-1 agreement [90%] | retrieval: facts found [90%] | fidelity | other rungs | export |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by_trial: dict[int, list[str]] = {}
@@ -182,7 +184,7 @@ def answer_table(picks: Picks, floors: Floors, export_command) -> str:
         by_trial.setdefault(e.number, []).append(name)
     for number, names in by_trial.items():
         e = picks.chosen[names[0]]
-        latency = (f"{e.latency.value:.2f}x [{e.latency.lo:.2f}, {e.latency.hi:.2f}], {e.latency.n} rounds"
+        latency = (f"{e.latency.value:.3f}x [{e.latency.lo:.3f}, {e.latency.hi:.3f}], {e.latency.n} rounds"
                    if e.latency is not None else "not measured")
         predicted = f"{e.predicted:.2f}x" if e.predicted is not None else ""
         retrieval = (f"{round(e.retrieval.value * e.retrieval.n)}/{e.retrieval.n} {e.retrieval.text()}"

@@ -366,7 +366,8 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
         "## What to ship", "",
         floors_line(floors, fidelity, originals[0] if originals else None)
         + " Latency: each plan against all-softmax at the workload, plans taking turns"
-        + (", judged on its slowest round." if any(e.latency for e in evidence) else " (predicted: not measured)."),
+        + (", judged on the high end of the 90% interval of its median per-round ratio." if any(e.latency for e in evidence)
+           else " (predicted: not measured)."),
         "", answer_table(picks, floors, export_command(context, run_dir)), ""]
         + (["Candidates below the floors (not offered): "
             + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else []))

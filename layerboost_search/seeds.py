@@ -22,30 +22,41 @@ import math
 from layerboost_core.plan import LayerPlan
 
 
-def heuristic_plan(rows: list[dict], num_layers: int, n_none: int, n_linear: int, metric: str = "kl") -> LayerPlan:
+def heuristic_plan(rows: list[dict], num_layers: int, n_none: int, n_linear: int, metric: str = "kl",
+                   middle: str | None = "linear") -> LayerPlan:
     """Tiers by thresholds on single-swap scores: the n_none layers with lowest `none` score get none, then
-    the n_linear lowest `linear` scores among the rest get linear."""
+    the n_linear lowest `middle` scores among the rest get `middle` (the paper's `linear`; another option
+    where the space has no `linear`, none where it has no middle tier)."""
     score = {(r["layer"], r["option"]): r[metric] for r in rows}
     names = ["softmax"] * num_layers
     by_none = sorted(range(num_layers), key=lambda i: score[(i, "none")])
     for i in by_none[:n_none]:
         names[i] = "none"
-    rest = sorted((i for i in range(num_layers) if names[i] == "softmax"), key=lambda i: score[(i, "linear")])
-    for i in rest[:n_linear]:
-        names[i] = "linear"
+    if middle is not None:
+        rest = sorted((i for i in range(num_layers) if names[i] == "softmax"), key=lambda i: score[(i, middle)])
+        for i in rest[:n_linear]:
+            names[i] = middle
     return LayerPlan(tuple(names))
 
 
+def middle_tier(options) -> str | None:
+    """The option of the heuristic's middle tier among `options` (those scored in the sensitivity rows): the
+    paper's `linear`, else the first other replacement (e.g. `mixed1` where `linear` was narrowed away)."""
+    others = [o for o in options if o not in ("softmax", "none")]
+    return "linear" if "linear" in others else (others[0] if others else None)
+
+
 def heuristic_sweep(rows: list[dict], num_layers: int, count: int, metric: str = "kl") -> list[tuple[str, LayerPlan]]:
-    """About `count` distinct heuristic plans from a grid of (n_none, n_linear) thresholds."""
+    """About `count` distinct heuristic plans from a grid of (n_none, n_middle) thresholds (see middle_tier)."""
+    middle = middle_tier(dict.fromkeys(r["option"] for r in rows))
     side = max(2, math.ceil(math.sqrt(2 * count)))
     plans: dict[str, tuple[str, LayerPlan]] = {}
     grid = sorted({round(k * num_layers / (side - 1)) for k in range(side)})
     for n_none in grid:
-        for n_linear in grid:
+        for n_linear in grid if middle is not None else [0]:
             if n_none + n_linear <= num_layers:
-                plan = heuristic_plan(rows, num_layers, n_none, n_linear, metric)
-                plans.setdefault(str(plan), (f"heuristic(none={n_none},linear={n_linear})", plan))
+                plan = heuristic_plan(rows, num_layers, n_none, n_linear, metric, middle)
+                plans.setdefault(str(plan), (f"heuristic(none={n_none},{middle}={n_linear})", plan))
     chosen = list(plans.values())
     if len(chosen) > count:  # keep an even spread over the sweep
         step = len(chosen) / count

@@ -155,7 +155,10 @@ class FidelitySettings:
     # Quality floor of every best file: top-1 agreement with the original (the share of next tokens it predicts
     # the same) at the low end of its 90% interval over blocks. The retrieval floor is objective.retrieval_floor.
     agreement_floor: float = 0.8
-    latency_rounds: int = 3  # measured prefill latency of the candidates: rounds of plans taking turns (0: predicted)
+    # Measured latency of the candidates: rounds of plans taking turns with all-softmax (0: predicted only). On a
+    # shared 2-core VM one forward varies by +-15% from run to run; 5 rounds give the median of the per-round
+    # ratios an interval a few percent wide.
+    latency_rounds: int = 5
 
     def __post_init__(self):
         _at_least("fidelity.top_k", self.top_k, 0)

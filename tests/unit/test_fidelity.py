@@ -283,7 +283,7 @@ def test_summary_opens_with_the_answer(laddered, tmp_path):
     lines = (tmp_path / "summary.md").read_text().splitlines()
     assert lines[0].startswith("# Search") and lines[2] == "## What to ship"
     assert lines[4].startswith("Every best file keeps, at fidelity `long`")
-    table = lines[lines.index("| best files | plan | latency vs all-softmax: measured median [fastest, slowest round] "
+    table = lines[lines.index("| best files | plan | latency vs all-softmax: measured median [90%] "
                               "| predicted | KL [90%] | top-1 agreement [90%] | retrieval: facts found [90%] | fidelity "
                               "| other rungs | export |") + 2:]
     assert table[0].startswith("| `keep-99pct.json` | `SSSS` |")

@@ -63,7 +63,7 @@ def test_floors_are_judged_at_the_pessimistic_end_of_the_intervals():
     assert pick([evidence(1, "SSLL", 0.805, 94, 0.7)], FLOORS).chosen == {}
     # 87 of 96 facts (0.906) against the original's 94 (0.979): the low end of the interval (~0.85) < 0.9 x 0.979
     assert 1 in pick([evidence(1, "SSLL", 0.95, 87, 0.7)], FLOORS).below
-    # the slowest round decides a latency target, not the median
+    # the high end of the median's interval decides a latency target, not the median itself
     e = evidence(1, "SSLL", 0.95, 94, 0.81)
     assert e.latency.value == pytest.approx(0.80) and "latency-80pct" not in pick([e], FLOORS).chosen
 

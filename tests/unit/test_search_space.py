@@ -340,3 +340,16 @@ def test_narrow_drops_what_the_model_cannot_run_and_what_softmax_beats():
     kv = {"softmax": 100, "linear": 10, "none": 0, "mixed1": 40, "mixed2": 70}
     assert narrow(space, _Config(3), 16, cost, kv)[0].options == space.options
     assert narrow(space, _Config(3), 16, cost, prune_dominated=False)[0] == space
+
+
+def test_the_heuristic_tiers_through_another_option_where_linear_was_narrowed_away():
+    from layerboost_search.seeds import middle_tier
+
+    without_linear = [r if r["option"] != "linear" else {**r, "option": "mixed1"} for r in rows()]
+    assert middle_tier(["none", "mixed1"]) == "mixed1" and middle_tier(["linear", "mixed1"]) == "linear"
+    assert middle_tier(["none"]) is None
+    sweep = heuristic_sweep(without_linear, 6, count=8)
+    assert all("linear" not in plan.layers for _, plan in sweep) and any("mixed1" in plan.layers for _, plan in sweep)
+    assert all(label.startswith("heuristic(none=") and ",mixed1=" in label for label, _ in sweep)
+    only_none = heuristic_sweep([r for r in rows() if r["option"] == "none"], 6, count=8)
+    assert {plan.count("softmax") + plan.count("none") for _, plan in only_none} == {6}
