@@ -26,7 +26,7 @@ from layerboost.settings import bench_settings, search_settings
 from layerboost_core.bench import measure_plans
 from layerboost_core.inference.mixed_attention import MIXED_OPTIONS
 from layerboost_core.plan import LayerPlan
-from layerboost_core.timing import round_ratios, summarize, time_plans
+from layerboost_core.timing import model_device, round_ratios, summarize, time_plans
 from layerboost_search.pipeline import prepare, run_search
 from layerboost_surrogates.cost_model import kv_bytes_per_sequence, measure_uniform, run_request
 
@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     prepared = prepare(dataclasses.replace(settings, space=every))
     bench, space = prepared.bench, prepared.space
     n, config = bench.switcher.num_layers, bench.model.config
-    device = bench.model.get_input_embeddings().weight.device
+    device = model_device(bench.model)
     options = list(space.options)
     costs = {}
     for context in args.contexts:

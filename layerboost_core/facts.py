@@ -35,6 +35,7 @@ NOUNS = ("apple", "bridge", "candle", "desert", "engine", "forest", "garden", "h
          "kettle", "ladder", "mirror", "needle", "orchard", "pencil", "quarry", "river", "saddle", "tunnel",
          "violin", "window", "anchor", "basket", "castle", "dragon", "falcon", "glacier", "helmet", "lantern",
          "meadow", "oyster", "parrot", "rocket", "statue", "tractor", "valley", "wagon", "beacon", "compass")
+MAX_FACTS = len(NOUNS)  # facts per block: each needs its own key
 FACT = " The secret code of the {key} is {key}-"  # + answer tokens + FACT_END
 FACT_END = "."
 QUERY = "\nThe secret code of the {key} is {key}-"  # + answer tokens (what is scored)
@@ -169,11 +170,12 @@ def _plant(tokenizer, block: list[int], n: int, rng: random.Random) -> dict:
             "answers": tuple(codes[i] for i in order)}
 
 
-def plant_facts(tokenizer, blocks: torch.Tensor, n: int, seed: int = 0) -> PlantedBlocks:
+def plant_facts(tokenizer, blocks: torch.Tensor, n: int, seed: int | str = 0) -> PlantedBlocks:
     """`blocks` (N, S) of held-out text with `n` facts planted in each and queried at its end (n = 0: the plain
-    blocks). Deterministic in (tokenizer, blocks, n, seed); block i draws from its own seeded generator."""
-    if n < 0 or n > len(NOUNS):
-        raise UserError(f"proxy.facts: {n}; allowed: 0 to {len(NOUNS)} facts per block")
+    blocks). Deterministic in (tokenizer, blocks, n, seed); block i draws from its own seeded generator, so two
+    sets of blocks planted with different seeds (the proxy's, each fidelity rung's) hold different facts."""
+    if n < 0 or n > MAX_FACTS:
+        raise UserError(f"proxy.facts: {n}; allowed: 0 to {MAX_FACTS} facts per block")
     if n == 0 or blocks.shape[0] == 0:
         return PlantedBlocks.plain(blocks)
     rows = [_plant(tokenizer, block.tolist(), n, random.Random(f"{seed}:facts:{i}")) for i, block in enumerate(blocks)]

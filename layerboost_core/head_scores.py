@@ -18,6 +18,7 @@ import torch
 from .cache_dir import cache_root, content_hash, write_json
 from .facts import PlantedBlocks
 from .families import layer_kinds
+from .timing import model_device
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def head_scores(switcher, blocks: PlantedBlocks) -> torch.Tensor:
     if blocks.num_facts == 0:
         raise ValueError("head scores need planted facts (proxy.facts >= 1)")
     model, family = switcher.model, switcher.family
-    device = model.get_input_embeddings().weight.device
+    device = model_device(model)
     windows = [int(kind.split(":")[1]) if kind.startswith("local:") else None for kind in layer_kinds(model)]
     totals, count = None, 0
     for b in range(blocks.num_blocks):

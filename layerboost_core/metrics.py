@@ -303,6 +303,8 @@ class ProxyEvaluator:
                     facts = self._facts_of(rows, ids, logits)
                     for metric in on_facts:
                         per_fact[metric.name] += metric.values(facts).tolist()
+        if on_tokens and not count:
+            raise UserError("proxy: no held-out token to score (the held-out split gave no block; see data.blocks)")
         values = {name: total / count for name, total in totals.items()}
         values.update({name: sum(v) / len(v) for name, v in per_fact.items()})
         return Measurement({m.name: values[m.name] for m in chosen}, per_block, per_fact)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from .attention import OPTIONS, bank_option
 from .data import DataSplits, make_splits
 from .errors import UserError
+from .facts import MAX_FACTS
 from .metrics import DEFAULT_TOP_K
 from .models import LoadedModel, load_model
 from .patch import PlanSwitcher
@@ -65,8 +66,8 @@ class ProxySettings:
     def __post_init__(self):
         if self.reference_top_k is not None and self.reference_top_k < 1:
             raise UserError(f"proxy.reference_top_k: {self.reference_top_k}; allowed: an integer >= 1, or null (exact)")
-        if self.facts < 0:
-            raise UserError(f"proxy.facts: {self.facts}; allowed: an integer >= 0")
+        if not 0 <= self.facts <= MAX_FACTS:
+            raise UserError(f"proxy.facts: {self.facts}; allowed: 0 to {MAX_FACTS} facts per block")
         if self.batch_size < 1:
             raise UserError(f"proxy.batch_size: {self.batch_size}; allowed: an integer >= 1")
 
@@ -136,8 +137,9 @@ class Workbench:
         return proxy
 
     def scoring_key(self) -> tuple:
-        """What proxy scores of this workbench depend on (cache keys): bank, held-out blocks, proxy settings."""
-        return (bank_id_or_none(self), self.splits.hashes["heldout"], asdict(self.settings.proxy))
+        """What proxy scores of this workbench depend on (cache keys): bank, held-out blocks, proxy settings and
+        the option settings (a `mixed` option's kept heads are not in the bank's id)."""
+        return (bank_id_or_none(self), self.splits.hashes["heldout"], asdict(self.settings.proxy), self.settings.options)
 
 
 def needs_bank(options) -> bool:

@@ -17,6 +17,8 @@ import math
 import random
 import statistics
 
+from .study import PLAN_ATTR
+
 log = logging.getLogger(__name__)
 
 # + "<rung>:trial:<n>" -> {"metrics", "per_block", "per_fact", "original", "settings"} (see record_rung)
@@ -53,7 +55,7 @@ def rung_blocks(tokenizer, rungs, name: str, data, prefill: int, fact_seed: int 
         raise UserError(f"fidelity.rungs: rung {name!r} asks for {rung.blocks} block(s) of {rung.seq_len(prefill)} "
                         f"tokens; the held-out text of {source!r} left after the proxy and the earlier rungs gives "
                         f"{blocks.shape[0]}")
-    return plant_facts(tokenizer, blocks, rung.facts, seed=fact_seed)
+    return plant_facts(tokenizer, blocks, rung.facts, seed=f"{fact_seed}:{name}")  # not the proxy's facts again
 
 
 def split_job(text: str) -> tuple[str, str]:
@@ -94,8 +96,8 @@ def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float
             picks.append(trial)
 
     kept = {t.number: retained(proxy_metrics(t)) or 0.0 for t in front}
-    front = [t for t in front if kept[t.number] >= floor or set(t.user_attrs.get("plan", "")) == {"S"}]
-    add(next((t for t in front if set(t.user_attrs.get("plan", "")) == {"S"}), None))
+    front = [t for t in front if kept[t.number] >= floor or set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}]
+    add(next((t for t in front if set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}), None))
     for bar in bars:
         add(next((t for t in front if kept[t.number] >= bar), None))  # front is sorted fastest first
     if softmax_latency:

@@ -15,7 +15,7 @@ from dataclasses import asdict
 import torch
 
 from layerboost_core.plan import LayerPlan
-from layerboost_core.timing import round_ratios, time_plans
+from layerboost_core.timing import model_device, round_ratios, time_plans
 from layerboost_surrogates.cost_model import device_name, run_request
 
 from .study import PLAN_ATTR
@@ -23,25 +23,31 @@ from .study import PLAN_ATTR
 log = logging.getLogger(__name__)
 
 LATENCY_STUDY_ATTR = "latency:trial:"  # + trial number -> see `measure_latencies`
+LATENCY_SETTINGS_ATTR = "latency_settings"  # what the last measurement was made under (workload, rounds, device)
 REFERENCE = "all-softmax"
 
 
 def latency_records(study) -> dict[int, dict]:
-    """{trial number: its measured latency record} of every measured trial."""
+    """{trial number: its measured latency record} of the trials measured under the study's latest latency
+    settings (a record from another device, dtype, workload or round count is not compared with them)."""
+    current = study.user_attrs.get(LATENCY_SETTINGS_ATTR)
     return {int(key.removeprefix(LATENCY_STUDY_ATTR)): value for key, value in study.user_attrs.items()
-            if key.startswith(LATENCY_STUDY_ATTR)}
+            if key.startswith(LATENCY_STUDY_ATTR) and value.get("settings") == current}
 
 
 def measure_latencies(study, switcher, trials: list, workload, rounds: int, cost, seed: int = 0) -> None:
     """Time every trial's plan and all-softmax at `workload`, plans taking turns for `rounds` rounds (one warm-up
     round first), and keep per trial {"seconds", "reference_seconds", "ratios", "predicted", "settings"}.
     Trials already measured under the same settings are skipped; nothing is timed when none is left."""
-    device = switcher.model.get_input_embeddings().weight.device
+    device = model_device(switcher.model)
     settings = {"workload": asdict(workload), "rounds": rounds, "device": device_name(device),
                 "dtype": str(switcher.model.dtype).removeprefix("torch.")}
+    if rounds < 1:
+        return
+    study.set_user_attr(LATENCY_SETTINGS_ATTR, settings)
     done = latency_records(study)
-    todo = [t for t in trials if done.get(t.number, {}).get("settings") != settings]
-    if not todo or rounds < 1:
+    todo = [t for t in trials if t.number not in done]
+    if not todo:
         return
     plans = {REFERENCE: LayerPlan.uniform("softmax", switcher.num_layers)}
     plans.update({str(t.number): LayerPlan.from_string(t.user_attrs[PLAN_ATTR]) for t in todo})

@@ -12,8 +12,10 @@ held-out text the search never scored), judged at the pessimistic end of 90% int
 
 Among the plans that keep the floors: `keep-<pct>pct` is the fastest whose agreement keeps that share at the
 low end; `latency-<pct>pct` the lowest-KL one (high end of its interval) whose measured latency (the median of
-per-round ratios to all-softmax, at the high end of its bootstrap interval) is at or under that share; `knee` the knee of the proxy front, only if it keeps the floors.
-A target no such plan meets is said, with the fastest plan that keeps the floors.
+per-round ratios to all-softmax, at the high end of its bootstrap interval) is at or under that share; `knee`
+the knee of the proxy front, only if it was confirmed and keeps the floors. The original (all-softmax) is
+measured as the reference and never offered. A target no plan meets is said, with the fastest plan that keeps
+the floors.
 """
 from __future__ import annotations
 
@@ -86,8 +88,13 @@ def retrieval_floor(objective, original: dict | None) -> tuple[float | None, str
 
 def floors_of(fidelity, objective, original: dict | None) -> Floors:
     """The floors every best file keeps: `fidelity.agreement_floor` and `objective.retrieval_floor` (as a share
-    of the original's retrieval, unless the original cannot retrieve: see `retrieval_floor`)."""
+    of the original's retrieval, unless the original cannot retrieve: see `retrieval_floor`, or the pick rung
+    plants no facts: then no retrieval is claimed, and the note says so)."""
     value, note = retrieval_floor(objective, original)
+    rung = next((r for r in fidelity.rungs if r.name == fidelity.pick_rung), None)
+    if value is not None and rung is not None and not rung.facts:
+        value, note = None, (f"No retrieval floor: the confirmation rung `{rung.name}` plants no facts "
+                             f"(fidelity.rungs[{rung.name}].facts = 0), so picks are not judged on retrieval.")
     return Floors(fidelity.agreement_floor, None if value is None else objective.retrieval_floor, note)
 
 
@@ -107,7 +114,7 @@ class Evidence:
     others: dict = field(default_factory=dict)  # other rungs: {rung: {"kl": Interval, "retrieval": Interval}}
 
     @property
-    def slowest(self) -> float:
+    def latency_high(self) -> float:
         """The latency share a pick is judged on: the high end of the measured median's interval, else the
         prediction."""
         if self.latency is not None:
@@ -118,7 +125,9 @@ class Evidence:
         """Why this plan is below the floors, or None when it keeps them."""
         if self.agreement.lo < floors.agreement:
             return f"top-1 agreement {self.agreement.text()} < {floors.agreement:g}"
-        if floors.retrieval_share is not None and self.retrieval is not None and self.original_retrieval is not None:
+        if floors.retrieval_share is not None:
+            if self.retrieval is None or self.original_retrieval is None:
+                return f"retrieval not measured at {self.fidelity}"
             found, original = self.retrieval, self.original_retrieval
             bar = floors.retrieval_share * original.value
             if found.value * found.n < original.value * original.n and found.lo < bar:
@@ -138,25 +147,28 @@ def pick(evidence: list[Evidence], floors: Floors, knee: int | None = None, bars
          targets=LATENCY_TARGETS) -> Picks:
     """The best files from the candidates' evidence (see the module docstring)."""
     below = {e.number: reason for e in evidence if (reason := e.shortfall(floors)) is not None}
-    keeping = sorted((e for e in evidence if e.number not in below), key=lambda e: (e.slowest, e.kl.hi))
+    # The original itself (all-softmax, measured as the reference) keeps every floor and is never offered: a
+    # best file names a plan that saves something.
+    keeping = sorted((e for e in evidence if e.number not in below and not is_original(e.plan)),
+                     key=lambda e: (e.latency_high, e.kl.hi))
     fastest = keeping[0] if keeping else None
     chosen: dict[str, Evidence] = {}
     unmet: list[str] = []
     fastest_line = (f"the fastest plan that keeps the floors is `{fastest.plan}` at {_share(fastest)}"
-                    if fastest else "no candidate keeps the floors")
+                    if fastest else "no plan but the original keeps the floors")
     for bar in bars:
         name = f"keep-{round(bar * 100)}pct"
         meeting = [e for e in keeping if e.agreement.lo >= bar]
         if meeting:
             chosen[name] = meeting[0]
         else:
-            unmet.append(f"`{name}`: no plan keeps {bar:.0%} top-1 agreement at the low end of its interval with "
-                         f"the floors kept")
+            unmet.append(f"`{name}`: no plan but the original keeps {bar:.0%} top-1 agreement at the low end of its "
+                         f"interval with the floors kept; {fastest_line}")
     for target in targets:
         name = f"latency-{round(target * 100)}pct"
-        fitting = [e for e in keeping if e.slowest <= target]
+        fitting = [e for e in keeping if e.latency_high <= target]
         if fitting:
-            chosen[name] = min(fitting, key=lambda e: (e.kl.hi, e.slowest))
+            chosen[name] = min(fitting, key=lambda e: (e.kl.hi, e.latency_high))
         else:
             unmet.append(f"`{name}`: no plan that keeps the floors runs at <= {target:.0%} of all-softmax's "
                          f"latency; {fastest_line}")
@@ -166,10 +178,17 @@ def pick(evidence: list[Evidence], floors: Floors, knee: int | None = None, bars
     return Picks(chosen, unmet, below, fastest)
 
 
+def is_original(plan: str) -> bool:
+    """True for the all-softmax plan: the original model itself."""
+    return set(plan) == {"S"}
+
+
 def _share(e: Evidence) -> str:
     if e.latency is not None:
         return f"{e.latency.text(2, 'x')} of all-softmax's measured latency"
-    return f"{e.predicted:.2f}x of all-softmax's predicted latency"
+    if e.predicted is not None:
+        return f"{e.predicted:.2f}x of all-softmax's predicted latency"
+    return "an unmeasured latency"
 
 
 def answer_table(picks: Picks, floors: Floors, export_command) -> str:
@@ -196,7 +215,7 @@ def answer_table(picks: Picks, floors: Floors, export_command) -> str:
         lines.append(f"| {files} | `{e.plan}` | {latency} | {predicted} | {e.kl.text(4)} | {e.agreement.text()} | "
                      f"{retrieval} | {e.fidelity} | {others} | `{export_command(names[0])}` |")
     if not picks.chosen:
-        lines.append("| (none) | no candidate keeps the floors |" + " |" * 8)
+        lines.append("| (none) | no plan but the original keeps the floors |" + " |" * 8)
     lines += [""] + [f"- {line}" for line in picks.unmet]
     return "\n".join(lines)
 

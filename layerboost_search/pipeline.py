@@ -19,10 +19,10 @@ from layerboost_core.tables import write_csv
 from layerboost_core.head_scores import head_score_rows
 from layerboost_core.workbench import attach_bank, attach_head_choices, bank_id_or_none, needs_bank, open_workbench
 from layerboost_core.workload import Workload
-from layerboost_surrogates.cost_model import cost_model
+from layerboost_surrogates.cost_model import cost_model, kv_bytes_per_sequence
 
 from .driver import SearchRun, enqueue_seeds
-from .fidelity import climb, ladder_candidates
+from .fidelity import climb, ladder_candidates, rung_blocks
 from .latency import measure_latencies
 from .objectives import declare_objectives, needs_retrieval
 from .picks import KEEP_BARS, LATENCY_TARGETS, floors_of, retrieval_floor
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
 STAGES_ATTR = "last_run_stages"  # study user attr: {stage: wall seconds} of the last run_search on it
+SPACE_ATTR = "searched_options"  # study user attr: the options the study searches (the space once narrowed)
 
 
 def scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
@@ -86,16 +87,32 @@ def prepare(settings: SearchSettings, stage=None) -> Prepared:
         cost = cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload,
                           options=priced_options(space))
     kv = None
-    if settings.objective.memory:
-        from layerboost_surrogates.solver import kv_per_layer
-
-        kv = kv_per_layer(space.options, bench.model.config, bench.settings.options, settings.workload.context,
-                          bench.model.dtype.itemsize)
-    space, dominated = narrow(space, bench.model.config, facts, cost, kv, bool(settings.space.get("prune_dominated", True)))
+    if settings.objective.memory:  # whole-model KV of each uniform plan (a one-layer price misses Gemma's local layers)
+        n = bench.switcher.num_layers
+        kv = {o: kv_bytes_per_sequence(LayerPlan.uniform(o, n), bench.model.config, bench.settings.options,
+                                       settings.workload.context, bench.model.dtype.itemsize) for o in space.options}
+    space, dominated = narrow(space, bench.model.config, facts, cost, kv, settings.space.get("prune_dominated", True))
     for note in notes + dominated:
         log.info("not searched: %s", note)
-    settings = replace(settings, workbench=bench.settings, space={**settings.space, "options": list(space.options)})
-    return Prepared(settings, bench, space, cost, notes + dominated)
+    # The study is named by the space asked for, not by this machine's timings (drivers on other machines, or
+    # after the cost cache is cleared, would narrow differently): its first driver records what it searches.
+    return Prepared(replace(settings, workbench=bench.settings), bench, space, cost, notes + dominated)
+
+
+def searched_space(study, space: SearchSpace) -> SearchSpace:
+    """The options `study` searches: those its first driver narrowed to (kept in its user attrs), so every
+    driver and `layerboost report` sample and read the same distributions; this driver's own narrowing when the
+    study has none yet (it is recorded)."""
+    searched = study.user_attrs.get(SPACE_ATTR)
+    if searched is None:
+        study.set_user_attr(SPACE_ATTR, list(space.options))
+        return space
+    if tuple(searched) != space.options:
+        log.warning("study %s searches %s (its first driver's narrowing); here the measurements would give %s",
+                    study.study_name, ", ".join(searched), ", ".join(space.options))
+        space = replace(space, options=tuple(searched))
+        space.check_consistent()
+    return space
 
 
 def space_options(space: SearchSpace) -> set[str]:
@@ -148,6 +165,7 @@ def run_search(settings: SearchSettings) -> Path:
     if ceiling is not None and ceiling < fastest:
         raise UserError(f"objective.latency_ceiling: {ceiling} s cannot be met; the fastest plan in the space is "
                         f"predicted at {fastest:.3f} s (all-softmax {softmax_latency:.3f} s) for this workload")
+    _check_rungs(settings, bench)  # a rung the held-out text cannot fill is refused now, not after the search
     with_bank = space_needs_bank(space)
     if with_bank:
         with stage("bank"):
@@ -159,6 +177,7 @@ def run_search(settings: SearchSettings) -> Path:
     study = open_study(url, name, objectives, sampler, settings.heartbeat_interval, settings.grace_period)
     if WORKLOAD_ATTR not in study.user_attrs:  # what `layerboost report` compares a new workload against
         study.set_user_attr(WORKLOAD_ATTR, asdict(workload))
+    space = searched_space(study, space)
     run_dir = Path(settings.output_dir) / "runs" / name
     fail_stale(study)  # trials whose driver stopped (other drivers' live trials are left running)
 
@@ -176,7 +195,7 @@ def run_search(settings: SearchSettings) -> Path:
         if bench.head_scores is not None:
             write_csv(run_dir / "head_scores.csv", head_score_rows(bench.head_scores))
         sensitivity_heatmap(rows, run_dir / "sensitivity.html", title=f"{info['name']}: single-layer swaps")
-        critical = retrieval_critical(rows, floor)
+        critical = retrieval_critical(rows, floor if settings.objective.retrieval == "floor" else None)
         if critical:
             log.info("retrieval needs softmax at %s (each swap alone loses the floor): seeds and surrogate keep them",
                      ", ".join(f"layer {layer} ({option})" for layer, option in sorted(critical)))
@@ -205,13 +224,24 @@ def run_search(settings: SearchSettings) -> Path:
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
                "layer_kinds": layer_kinds(bench.model), "stages": stage.seconds, "not_searched": prepared.notes,
                "study": name, "storage": url, "softmax_latency": softmax_latency}
-    printed = write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
+    printed = write_report(study, objectives, run_dir, context, settings.fidelity.rungs, settings.fidelity.pick_rung,
                            floors_of(settings.fidelity, settings.objective, _original(study)))
     print(f"\nSearch {name}: {len(front_trials(study))} plans on the proxy front; all-softmax predicted at "
           f"{softmax_latency:.3f} s\n")
     print(printed)
     print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {url}")
     return run_dir
+
+
+def _check_rungs(settings: SearchSettings, bench) -> None:
+    """Cut and plant every fidelity rung's blocks once (tokenising held-out text: seconds), so that a rung asking
+    for more text than there is, or more facts than its blocks hold, is one UserError before any training."""
+    if settings.fidelity.top_k <= 0:
+        return
+    w = settings.workbench
+    for rung in settings.fidelity.rungs:
+        rung_blocks(bench.loaded.tokenizer, list(settings.fidelity.rungs), rung.name, w.data, w.workload.prefill,
+                    w.proxy.fact_seed)
 
 
 def _original(study) -> dict | None:
@@ -262,11 +292,6 @@ def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows,
                       context_for_plan["bytes_per_value"])
     return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective, kv,
                                critical)
-
-
-def _rung_names(settings: SearchSettings) -> tuple[str, ...]:
-    """The configured fidelity rungs, lowest first (the report ranks fidelities by this order)."""
-    return tuple(r.name for r in settings.fidelity.rungs)
 
 
 def _candidates(study, k: int, f: FidelitySettings, softmax_latency: float) -> list:
@@ -329,6 +354,7 @@ def report_study(settings: SearchSettings) -> Path:
                         + _other_studies_hint(settings, name)) from None
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise UserError(f"study: {name!r} has no completed trials yet")
+    space = searched_space(study, space)
     asked = asdict(settings.workload)
     searched = study.user_attrs.get(WORKLOAD_ATTR, asked)
     options = settings.workbench.options
@@ -338,7 +364,7 @@ def report_study(settings: SearchSettings) -> Path:
                "workload": searched, "study": name, "storage": url, "layer_kinds": layer_kinds(bench.model),
                "not_searched": prepared.notes,
                "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
-    print(write_report(study, objectives, run_dir, context, _rung_names(settings), settings.fidelity.pick_rung,
+    print(write_report(study, objectives, run_dir, context, settings.fidelity.rungs, settings.fidelity.pick_rung,
                        floors_of(settings.fidelity, settings.objective, _original(study))))
     print(f"report: {run_dir}")
     if asked != searched:

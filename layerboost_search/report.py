@@ -7,6 +7,7 @@ for each rung of the ladder, see fidelity.py); a proxy-front plan that another p
 marked (`dominated_at`), not hidden."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -30,9 +31,17 @@ class Ladder:
     """What the study holds per fidelity: the proxy for every trial, and each rung's re-measured trials."""
 
     def __init__(self, study: optuna.Study, objectives, rungs=()):
+        """`rungs`: the configured rungs, lowest first, as names or as RungSettings; with settings, a record a
+        rung of the same name made under other settings (more blocks, other facts) is left out, not mixed in."""
         self.scores = rung_scores(study)
+        current = {r.name: dataclasses.asdict(r) for r in rungs if not isinstance(r, str)}
+        for name, wanted in current.items():
+            self.scores[name] = {n: s for n, s in self.scores.get(name, {}).items() if s.get("settings") == wanted}
+            if not self.scores[name]:
+                del self.scores[name]
+        names = [r if isinstance(r, str) else r.name for r in rungs]
         # configured rungs first, in their order; rungs the study holds but the settings no longer name after
-        self.rungs = [r for r in rungs if r in self.scores] + sorted(set(self.scores) - set(rungs))
+        self.rungs = [r for r in names if r in self.scores] + sorted(set(self.scores) - set(names))
         self.quality, self.direction = objectives[0].name, objectives[0].direction
         # predicted latency is the same at every fidelity: the cost model does not depend on the text
         self.latency = {t.number: t.values[1] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
@@ -56,8 +65,11 @@ class Ladder:
         if per_fact:
             if metric == "retrieval_acc":
                 return Interval.of_facts(round(sum(per_fact)), len(per_fact))
-            return Interval.of_blocks(per_fact)
-        return Interval.of_blocks(scored["per_block"][metric])
+            got = Interval.of_blocks(per_fact)
+        else:
+            got = Interval.of_blocks(scored["per_block"][metric])
+        # the recorded mean (token metrics weight blocks by their scored tokens), with the interval of the samples
+        return dataclasses.replace(got, value=scored["metrics"].get(metric, got.value))
 
     def original_retrieval(self, rung: str, number: int) -> Interval | None:
         """The original's retrieval on the facts trial `number` was measured on at `rung`."""
@@ -166,8 +178,8 @@ def trial_rows(study: optuna.Study, objectives, ladder: Ladder, original: str = 
         row.update(ladder.columns(t.number))
         if t.number in latencies:  # measured against all-softmax, plans taking turns (latency.py)
             measured = Interval.of_rounds(latencies[t.number]["ratios"])
-            row.update({"latency_share_measured": measured.value, "latency_share_measured_min": measured.lo,
-                        "latency_share_measured_max": measured.hi,
+            row.update({"latency_share_measured": measured.value, "latency_share_measured_lo": measured.lo,
+                        "latency_share_measured_hi": measured.hi,
                         "latency_share_predicted": latencies[t.number]["predicted"]})
         row["dominated_at"] = marked.get(t.number, "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else ""
@@ -221,9 +233,10 @@ def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, lad
                                          "samples": got.n}  # blocks, or facts for retrieval
     if evidence is not None and evidence.latency is not None:
         metrics["latency_share_measured"] = {
-            "value": evidence.latency.value, "fidelity": "measured", "min": evidence.latency.lo,
-            "max": evidence.latency.hi, "rounds": evidence.latency.n, "predicted": evidence.predicted,
-            "unit": "share of all-softmax latency at the workload"}
+            "value": evidence.latency.value, "fidelity": "measured",
+            "interval90": [evidence.latency.lo, evidence.latency.hi], "rounds": evidence.latency.n,
+            "predicted": evidence.predicted,
+            "unit": "median over rounds of the plan's latency over all-softmax's, at the workload"}
     extra = {}
     if floors is not None:
         extra["floors"] = {"fidelity": evidence.fidelity if evidence else None, "top1_agreement_low": floors.agreement,
@@ -368,7 +381,9 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
         + " Latency: each plan against all-softmax at the workload, plans taking turns"
         + (", judged on the high end of the 90% interval of its median per-round ratio." if any(e.latency for e in evidence)
            else " (predicted: not measured)."),
-        "", answer_table(picks, floors, export_command(context, run_dir)), ""]
+        "", answer_table(picks, floors, export_command(context, run_dir)), "",
+        "Export commands name the model and the file; add the search's own overrides (data.*, workload.*, "
+        "transfer.*, attention.*) where it had any: export refuses a plan measured with another bank.", ""]
         + (["Candidates below the floors (not offered): "
             + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else []))
     marked = ladder.dominated()
@@ -376,22 +391,22 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
                             front_table(front, objectives, ladder, lm_eval_scores(study), marked, original)])
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     dominated = [f"{n} (at {rung})" for n, rung in sorted(marked.items()) if n in numbers]
-    summary = [f"# Search {context['study']}", "", answer, "", "## Run", "",
-               f"- model: {context['model']['name']} ({context['model']['num_layers']} layers, "
-               f"fingerprint {context['model']['fingerprint']}), bank {context['bank_id']}",
-               f"- workload: {context['workload']}; all-softmax predicted latency {reference:.3f} s" if reference else "",
-               (f"- original attention per layer: `{original}` (G global, w sliding window; a plan's `S` keeps "
-                f"each layer's own; `softmax_global` / `softmax_local` in trials.csv count what a plan kept)"
-                if original else ""),
-               f"- storage: `{context['storage']}` (open with `optuna-dashboard {context['storage']}`)",
-               "- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
-               f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
-               + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
-               ("- this run's stages (wall seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in context["stages"].items())
-                if context.get("stages") else ""),
-               *(f"- not searched: {note}" for note in context.get("not_searched") or ()),
-               "", front_part, ""]
-    write_text(run_dir / "summary.md", "\n".join(line for line in summary if line is not None) + "\n")
+    run = [f"- model: {context['model']['name']} ({context['model']['num_layers']} layers, "
+           f"fingerprint {context['model']['fingerprint']}), bank {context['bank_id']}",
+           f"- workload: {context['workload']}; all-softmax predicted latency {reference:.3f} s" if reference else "",
+           (f"- original attention per layer: `{original}` (G global, w sliding window; a plan's `S` keeps "
+            f"each layer's own; `softmax_global` / `softmax_local` in trials.csv count what a plan kept)"
+            if original else ""),
+           f"- storage: `{context['storage']}` (open with `optuna-dashboard {context['storage']}`)",
+           "- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
+           f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
+           + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
+           ("- this run's stages (wall seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in context["stages"].items())
+            if context.get("stages") else ""),
+           *(f"- not searched: {note}" for note in context.get("not_searched") or ())]
+    summary = [f"# Search {context['study']}", "", answer, "", "## Run", "", *(line for line in run if line), "",
+               front_part, ""]
+    write_text(run_dir / "summary.md", "\n".join(summary))
     return f"{answer}\n\n{front_part}"
 
 

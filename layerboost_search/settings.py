@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layerboost_core.errors import UserError
+from layerboost_core.facts import MAX_FACTS
 from layerboost_core.lm_eval_tasks import OFFLINE_TASKS
 from layerboost_core.workbench import WorkbenchSettings
 from layerboost_core.workload import Workload
@@ -46,7 +47,7 @@ class ObjectiveSettings:
     memory_ceiling: float | None = None  # KV bytes per sequence
     # floor: a plan keeping less than `retrieval_floor` x the original's retrieval_acc (the facts planted in
     # the proxy's blocks, proxy.facts) is infeasible | objective: retrieval_acc maximised as a third objective
-    # | off: only recorded. Best files keep the floor in every mode (fidelity.agreement_floor).
+    # | off: only recorded. Best files keep this floor in every mode (and fidelity.agreement_floor's).
     retrieval: str = "floor"
     retrieval_floor: float = 0.9  # the share of the original's retrieval_acc a plan (and every best file) keeps
     # Below this retrieval_acc the original itself cannot retrieve at the workload's context: a floor of a share
@@ -131,7 +132,8 @@ class RungSettings:
             raise UserError(f"fidelity.rungs: name {self.name!r} must be non-empty, not 'proxy', without ':' or '|'")
         _at_least(f"fidelity.rungs[{self.name}].factor", self.factor, 0.01)
         _at_least(f"fidelity.rungs[{self.name}].blocks", self.blocks, 1)
-        _at_least(f"fidelity.rungs[{self.name}].facts", self.facts, 0)
+        if isinstance(self.facts, bool) or not isinstance(self.facts, int) or not 0 <= self.facts <= MAX_FACTS:
+            raise UserError(f"fidelity.rungs[{self.name}].facts: {self.facts!r}; allowed: 0 to {MAX_FACTS} facts per block")
 
     def seq_len(self, prefill: int) -> int:
         """Tokens per block at a workload of `prefill` tokens."""
@@ -146,9 +148,10 @@ class FidelitySettings:
     a plan that keeps the floors at rung `pick_rung`, at the pessimistic end of its 90% intervals.
 
     Defaults on SmolLM2 at 2,048 tokens: `confirm` gives 6 blocks (96 facts) at the workload context and `long`
-    2 blocks (32 facts) at twice it, 8 blocks in all; 6 candidates x both rungs take ~2 min on 2 CPU cores."""
+    2 blocks (32 facts) at twice it, 8 blocks in all; each candidate costs 10 block forwards (~25 s of one CPU
+    core at bf16), so 8 candidates x both rungs take ~3 min on 2 cores (benchmarks/bench_default_run.py)."""
 
-    top_k: int = 6  # front candidates confirmed (0: picks at the proxy, marked n=1)
+    top_k: int = 8  # candidates confirmed: all-softmax, then those a best file could name (0: picks at the proxy)
     rungs: tuple[RungSettings, ...] = (RungSettings("confirm", factor=1, blocks=6),  # at the workload context
                                        RungSettings("long", factor=2, blocks=2))  # at 2 x the workload context
     pick_rung: str = "confirm"  # where the floors are judged (the report shows every rung)
@@ -236,6 +239,9 @@ class SearchSettings:
         if self.grace_period <= self.heartbeat_interval:
             raise UserError(f"grace_period: {self.grace_period} must be longer than heartbeat_interval "
                             f"({self.heartbeat_interval}), or live drivers' trials would be failed")
+        prune = self.space.get("prune_dominated", True)
+        if not isinstance(prune, bool):
+            raise UserError(f"space.prune_dominated: {prune!r} is not true or false")
         if not isinstance(self.sampler.get("_target_"), str):
             raise UserError(f"sampler._target_: {self.sampler.get('_target_')!r}; allowed: an Optuna sampler class "
                             "path, e.g. optuna.samplers.TPESampler")

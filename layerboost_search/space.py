@@ -18,6 +18,7 @@ from dataclasses import replace
 import optuna
 
 from layerboost_core.attention import OPTIONS
+from layerboost_core.errors import UserError
 from layerboost_core.inference.mixed_attention import MIXED_OPTIONS
 from layerboost_core.plan import LayerPlan
 from layerboost_core.space import SearchSpace, layer_param
@@ -56,6 +57,13 @@ def narrow(space: SearchSpace, model_config, facts: int, cost=None, kv_bytes: di
             kept.append(option)
     if len(kept) == len(space.options):
         return space, []
+    why = "; ".join(notes)
+    if len(kept) < 2:  # one option is one plan: nothing to search
+        raise UserError(f"space.options: {list(space.options)} leaves {kept or 'nothing'} to search on this model and "
+                        f"workload ({why}); set space.prune_dominated=false, other options, or another workload")
+    for option in space.min_count:
+        if option not in kept and space.min_count[option] > 0:
+            raise UserError(f"space.min_count: asks for {option}, which is not searched here ({why})")
     narrowed = replace(space, options=tuple(kept))
     narrowed.check_consistent()
     return narrowed, notes

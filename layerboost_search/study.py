@@ -54,7 +54,7 @@ def study_name(settings: SearchSettings, info: dict, bank_id: str) -> str:
         return _safe(str(settings.study))
     key = content_hash(METRICS_VERSION, info["fingerprint"], bank_id, settings.space, asdict(settings.objective),
                        asdict(settings.workload), asdict(settings.workbench.data), asdict(settings.workbench.proxy),
-                       settings.sampler["_target_"])
+                       settings.workbench.options, settings.sampler["_target_"])
     return _safe(f"{info['name']}-{key[:10]}")
 
 

@@ -13,7 +13,9 @@ def export(cfg) -> None:
 
     from ..settings import plan_spec, workbench_settings
 
+    from layerboost_core.errors import UserError
     from layerboost_core.export import export_hybrid, export_plan
+    from layerboost_core.transfer import bank_id
     from layerboost_core.plan import load_plan
     from layerboost_core.workbench import attach_bank, attach_head_choices, bank_id_or_none, needs_bank, open_workbench
 
@@ -22,6 +24,11 @@ def export(cfg) -> None:
     attach_head_choices(bench, load_plan(spec, bench.info).layers)  # a mixed layer's kept heads, as searched
     plan, plan_json = export_plan(spec, bench.info, bench.settings.options)  # refused before any training
     if needs_bank(plan.layers):
+        expected, here = plan_json.get("bank_id"), bank_id(bench.info, bench.splits.hashes["train"],
+                                                           bench.settings.options, bench.settings.transfer)
+        if expected not in (None, "none", here):  # checked before any training: the ids are hashes of settings
+            raise UserError(f"plan: {spec!r} was measured with bank {expected}; this export would use bank {here} "
+                            "(other data, workload or transfer settings): pass the search's own overrides")
         attach_bank(bench)
     bench.switcher.apply(plan)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.output_dir) / "exported" / plan.id

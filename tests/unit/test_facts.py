@@ -64,6 +64,8 @@ def test_planting_is_deterministic_for_a_seed(planted):
     assert first.answers == again.answers and first.keys == again.keys
     other = plant_facts(tokenizer, blocks, N_FACTS, seed=4)
     assert other.hash != first.hash and other.answers != first.answers
+    rung = plant_facts(tokenizer, blocks, N_FACTS, seed="3:confirm")  # a fidelity rung's seed: other facts
+    assert rung.answers != first.answers and rung.keys != first.keys
 
 
 def test_facts_are_where_the_blocks_say_and_queries_close_them(planted):

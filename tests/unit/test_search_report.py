@@ -141,10 +141,10 @@ def test_write_report_writes_every_file(study, tmp_path):
     best = {p.name: json.loads(p.read_text()) for p in (run_dir / "best").iterdir()}
     # latency 90% to 60%: the best KL at latency <= 0.6 is trial 1; 50%: trial 2; knee: trial 2. No rung measured,
     # so everything reads the proxy (intervals n=1) and quality bars its top-1 agreement (1 - kl / 10): 99% only
-    # all-softmax (trial 0) keeps; 95% and 90%: trial 2 (0.95) is the fastest that keeps them
-    assert sorted(best) == ["keep-90pct.json", "keep-95pct.json", "keep-99pct.json", "knee.json",
+    # all-softmax (trial 0: the original, never offered) keeps; 95% and 90%: trial 2 (0.95) is the fastest
+    assert sorted(best) == ["keep-90pct.json", "keep-95pct.json", "knee.json",
                             *(f"latency-{p}pct.json" for p in (50, 60, 70, 80, 90))]
-    assert [best[f"keep-{p}pct.json"]["origin"]["trial"] for p in (99, 95, 90)] == [0, 2, 2]
+    assert [best[f"keep-{p}pct.json"]["origin"]["trial"] for p in (95, 90)] == [2, 2]
     assert [best[f"latency-{p}pct.json"]["origin"]["trial"] for p in (90, 80, 70, 60)] == [1, 1, 1, 1]
     assert best["latency-50pct.json"]["origin"]["trial"] == 2
     assert best["knee.json"]["origin"]["trial"] == 2
@@ -162,7 +162,8 @@ def test_write_report_writes_every_file(study, tmp_path):
     assert summary.startswith("# Search unit-report")
     assert "optuna-dashboard sqlite:///unit.db" in summary
     assert "complete 6" in summary and "fail 1" in summary and "pruned 1" in summary
-    assert "| `keep-99pct.json` | `SSSS` |" in summary and "`latency-50pct.json`, `knee.json` | `SLLN` |" in summary
+    assert "`keep-99pct`: no plan but the original keeps 99%" in summary
+    assert "`latency-50pct.json`, `knee.json` | `SLLN` |" in summary
     assert "Every best file keeps, at fidelity `proxy`" in table and "0.9500 (n=1)" not in table
     assert "| 0.950 (n=1) |" in table  # the proxy's one block: said, not given an interval
     for plan in ("SSSS", "SSLN", "SLLN", "LLNN"):

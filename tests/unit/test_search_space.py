@@ -353,3 +353,19 @@ def test_the_heuristic_tiers_through_another_option_where_linear_was_narrowed_aw
     assert all(label.startswith("heuristic(none=") and ",mixed1=" in label for label, _ in sweep)
     only_none = heuristic_sweep([r for r in rows() if r["option"] == "none"], 6, count=8)
     assert {plan.count("softmax") + plan.count("none") for _, plan in only_none} == {6}
+
+
+def test_narrowing_that_leaves_nothing_to_search_is_one_line():
+    from layerboost_core.errors import UserError
+    from layerboost_search.settings import SearchSettings, default_space
+    from layerboost_search.space import narrow
+
+    space = SearchSpace(4, ("softmax", "linear"))
+    with pytest.raises(UserError, match=r"^space.options: \['softmax', 'linear'\] leaves \['softmax'\] to search .*"
+                                        r"set space.prune_dominated=false"):
+        narrow(space, _Config(3), 16, _Cost(softmax=0.01, linear=0.02))
+    with pytest.raises(UserError, match=r"^space.min_count: asks for linear, which is not searched here"):
+        narrow(SearchSpace(4, ("softmax", "linear", "none"), min_count={"linear": 1}), _Config(3), 16,
+               _Cost(softmax=0.01, linear=0.02, none=0.0))
+    with pytest.raises(UserError, match=r"^space.prune_dominated: 'maybe' is not true or false"):
+        SearchSettings(space={**default_space(), "prune_dominated": "maybe"})
