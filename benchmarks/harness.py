@@ -40,7 +40,6 @@ import os
 import shlex
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -332,16 +331,7 @@ class Results:
 def run(main: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> None:
     """Run a script's `main(argv)` as the CLI runs a verb: bad input is one line on stderr and exit status 2
     (the traceback too with verbose=true)."""
-    from layerboost_core.errors import UserError
+    from layerboost_core.errors import one_line_errors
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        main(argv)
-    except UserError as error:
-        if any(a in ("verbose=true", "verbose=True", "verbose=1") for a in argv):
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    one_line_errors(lambda: main(argv), any(a in ("verbose=true", "verbose=True", "verbose=1") for a in argv))

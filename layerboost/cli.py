@@ -7,9 +7,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
 
-from layerboost_core.errors import UserError, did_you_mean
+from layerboost_core.errors import UserError, did_you_mean, one_line_errors
 
 # verb -> ("module:function", one-line summary). The summary is here so that `layerboost --help` imports nothing.
 VERBS: dict[str, tuple[str, str]] = {
@@ -64,32 +63,29 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     name, args = argv[0], argv[1:]
     verbose = any(a in ("verbose=true", "verbose=True", "verbose=1") for a in args)
-    try:
-        if name not in VERBS:
-            raise UserError(f"verb: unknown value {name!r}; {did_you_mean(name, VERBS)}")
-        if "-h" in args or "--help" in args:
-            print(_verb_help(name))
-            return
-        show_config = "--cfg" in args
-        overrides = [a for i, a in enumerate(args) if a != "--cfg" and not (i and args[i - 1] == "--cfg")]
-        from .config import compose
+    one_line_errors(lambda: _run(name, args), verbose,
+                    "interrupted; finished work is saved and the same command resumes it")
 
-        cfg = compose(overrides)
-        if show_config:
-            from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(cfg, resolve=True))
-            return
-        from layerboost_core.logs import setup_logging
+def _run(name: str, args: list[str]) -> None:
+    """Verb `name` with its arguments: help, the composed config (--cfg), or the verb itself."""
+    if name not in VERBS:
+        raise UserError(f"verb: unknown value {name!r}; {did_you_mean(name, VERBS)}")
+    if "-h" in args or "--help" in args:
+        print(_verb_help(name))
+        return
+    show_config = "--cfg" in args
+    overrides = [a for i, a in enumerate(args) if a != "--cfg" and not (i and args[i - 1] == "--cfg")]
+    from .config import compose
 
-        setup_logging(bool(cfg.verbose))
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        resolve(name)(cfg)
-    except UserError as error:
-        if verbose:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; finished work is saved and the same command resumes it", file=sys.stderr)
-        sys.exit(130)
+    cfg = compose(overrides)
+    if show_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        return
+    from layerboost_core.logs import setup_logging
+
+    setup_logging(bool(cfg.verbose))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    resolve(name)(cfg)
