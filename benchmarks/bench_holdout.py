@@ -33,7 +33,7 @@ from layerboost_core.workbench import attach_bank, bank_id_or_none
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.fidelity import climb, rung_scores
 from layerboost_search.objectives import declare_objectives
-from layerboost_search.pipeline import prepare, run_search, scores_by_runner, sensitivity_options
+from layerboost_search.pipeline import prepare, run_search, scores_by_runner, sensitivity_options, space_needs_bank
 from layerboost_search.runner import make_runner
 from layerboost_search.seeds import heuristic_sweep
 from layerboost_search.settings import RungSettings
@@ -69,7 +69,8 @@ def main(argv=None) -> None:
     bench, space, cost = prepared.bench, prepared.space, prepared.cost
     settings = dataclasses.replace(prepared.settings, fidelity=dataclasses.replace(
         settings.fidelity, rungs=(*settings.fidelity.rungs, rung)))
-    attach_bank(bench)
+    if space_needs_bank(space):  # as the search did: the bank is part of the study's name only where it is used
+        attach_bank(bench)
     n = bench.switcher.num_layers
     softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
     objectives = declare_objectives(settings.objective)

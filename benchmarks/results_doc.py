@@ -72,9 +72,15 @@ def _commit(git: dict) -> str:
     return f"`{commit[:12]}`" + (" (tree had uncommitted changes)" if git.get("dirty") else "")
 
 
-def section(result: dict) -> str:
+def label(result: dict, results: list[dict]) -> str:
+    """The result's title, with its file name where another file has the same title (one script, two runs)."""
+    shared = sum(r["title"] == result["title"] for r in results) > 1
+    return f"{result['title']} ({result['name']})" if shared else result["title"]
+
+
+def section(result: dict, results: list[dict]) -> str:
     """One results file as a section of RESULTS.md."""
-    lines = [f'<a id="{result["name"]}"></a>', f"## {result['title']}", "", f"`{result['command']}`", "",
+    lines = [f'<a id="{result["name"]}"></a>', f"## {label(result, results)}", "", f"`{result['command']}`", "",
              "| | |", "|---|---|",
              f"| date (UTC) | {result.get('date') or 'unknown'} |",
              f"| commit | {_commit(result.get('git'))} |",
@@ -106,9 +112,9 @@ def build_document(results: list[dict]) -> str:
         lines += ["No results files yet: every script in `benchmarks/` writes `benchmarks/results/<name>.json` "
                   "when it runs; then run `python benchmarks/results_doc.py`."]
         return "\n".join(lines) + "\n"
-    lines += [f"- [{r['title']}](#{r['name']})" for r in results]
+    lines += [f"- [{label(r, results)}](#{r['name']})" for r in results]
     for result in results:
-        lines += ["", section(result)]
+        lines += ["", section(result, results)]
     return "\n".join(lines) + "\n"
 
 
@@ -120,7 +126,7 @@ def build_headline(results: list[dict]) -> str:
     lines = ["| figure | value | measured in |", "|---|---|---|"]
     for h, r in rows:
         value = f"{cell(h['value'])} {h.get('unit') or ''}".strip()
-        lines.append(f"| {cell(h['name'])} | {value} | [{cell(r['title'])}](benchmarks/RESULTS.md#{r['name']}) |")
+        lines.append(f"| {cell(h['name'])} | {value} | [{cell(label(r, results))}](benchmarks/RESULTS.md#{r['name']}) |")
     return "\n".join(lines)
 
 

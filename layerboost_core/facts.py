@@ -11,8 +11,8 @@ of all of them close the block, in a shuffled order:
 One forward of the block scores every fact (teacher-forced: the answer's NLL, and whether the argmax is the
 answer token at every answer position, i.e. greedy decoding would write it), so retrieval costs no extra
 forward beside the KL on the same block. The answer repeats its key ("apple-48213"), so finding it is an
-exact lookup far back in the context: the original SmolLM2-135M finds 47 of 48 such facts in 2,048-token
-blocks, all-`linear` none, and a single layer swapped alone shows which layers carry it (RESULTS.md). Facts
+exact lookup far back in the context: the original SmolLM2-135M finds all 16 facts of a 2,048-token block,
+all-`linear` none, and a single layer swapped alone shows which layers carry it (RESULTS.md, retrieval cost). Facts
 whose value had to be recalled from the key alone ("... of the apple is 48213") were found 1 time in 3 by
 the original with 16 per block: keys interfere in a small model, and the probe would not separate plans.
 
