@@ -113,6 +113,16 @@ class Evidence:
     predicted: float | None = None  # the cost model's share
     others: dict = field(default_factory=dict)  # other rungs: {rung: {"kl": Interval, "retrieval": Interval}}
 
+    def as_dict(self) -> dict:
+        """JSON-ready: every interval as {value, lo, hi, n}."""
+        def of(i: Interval | None):
+            return None if i is None else {"value": i.value, "lo": i.lo, "hi": i.hi, "n": i.n}
+        return {"trial": self.number, "plan": self.plan, "fidelity": self.fidelity, "kl": of(self.kl),
+                "top1_agreement": of(self.agreement), "retrieval_acc": of(self.retrieval),
+                "original_retrieval_acc": of(self.original_retrieval), "latency_share_measured": of(self.latency),
+                "latency_share_predicted": self.predicted,
+                "other_rungs": {rung: {k: of(v) for k, v in metrics.items()} for rung, metrics in self.others.items()}}
+
     @property
     def latency_high(self) -> float:
         """The latency share a pick is judged on: the high end of the measured median's interval, else the
@@ -176,6 +186,17 @@ def pick(evidence: list[Evidence], floors: Floors, knee: int | None = None, bars
     if knee_evidence is not None:
         chosen["knee"] = knee_evidence
     return Picks(chosen, unmet, below, fastest)
+
+
+def answer_json(picks: Picks, floors: Floors) -> dict:
+    """The answer as data (answer.json): the floors, every plan offered and why each unmet target is unmet,
+    the fastest plan that keeps the floors (offered or not) and the candidates below the floors."""
+    return {"schema": "layerboost.answer/v1",
+            "floors": {"top1_agreement": floors.agreement, "retrieval_share_of_original": floors.retrieval_share},
+            "best": {name: e.as_dict() for name, e in picks.chosen.items()},
+            "unmet": list(picks.unmet),
+            "fastest_keeping_floors": picks.fastest.as_dict() if picks.fastest else None,
+            "below_floors": {str(n): reason for n, reason in sorted(picks.below.items())}}
 
 
 def is_original(plan: str) -> bool:

@@ -20,7 +20,7 @@ from layerboost_core.tables import write_csv
 
 from .fidelity import dominated_at, proxy_metrics, rung_scores
 from .latency import latency_records
-from .picks import Evidence, Floors, Interval, answer_table, floors_line, pick
+from .picks import Evidence, Floors, Interval, answer_json, answer_table, floors_line, pick
 from .study import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
 
 PROXY = "proxy"  # the lowest fidelity: what every trial was measured at during the search
@@ -372,6 +372,7 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     knee_trial = knee(front, objectives)
     picks = pick(evidence, floors, knee=knee_trial.number if knee_trial is not None else None)
     _write_best_files(run_dir / "best", picks, study, objectives, context, ladder, floors)
+    write_json(run_dir / "answer.json", answer_json(picks, floors))  # what summary.md opens with, as data
 
     fidelity = evidence[0].fidelity if evidence else PROXY
     originals = [e.original_retrieval for e in evidence if e.original_retrieval is not None]

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=tiny:llama", "eval=none", "transfer.batches=2", "data.seq_len=128", "workload.prefill=128",
         "workload.repeats=1", "progress=false", "proxy.facts=1", "fidelity.rungs.0.blocks=2",
         "fidelity.rungs.0.facts=1", "fidelity.rungs.1.facts=2", "space.prune_dominated=false"]
-REPORT_FILES = ["best", "head_scores.csv", "pareto.csv", "pareto.html", "sensitivity.csv", "sensitivity.html",
+REPORT_FILES = ["answer.json", "best", "head_scores.csv", "pareto.csv", "pareto.html", "sensitivity.csv", "sensitivity.html",
                 "summary.md", "trials.csv"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -109,6 +109,8 @@ def test_search_writes_every_report_file_and_exactly_budget_distinct_plans(ray_s
         data = json.loads(path.read_text())
         assert data["schema"] == "layerboost.plan/v1" and len(data["layers"]) == data["num_layers"] == 4
         assert data["origin"]["study"] == name
+    answer = json.loads((run_dir / "answer.json").read_text())
+    assert sorted(answer["best"]) == sorted(p.stem for p in best)
     done = complete_trials(name, storage)
     assert len(done) == BUDGET
     plans = [t.user_attrs["plan"] for t in done]

@@ -291,6 +291,24 @@ def test_summary_opens_with_the_answer(laddered, tmp_path):
     assert lines.index("## What to ship") < lines.index("## Pareto front (proxy)")
 
 
+def test_answer_json_holds_the_answer_and_the_fastest_plan_keeping_the_floors(laddered, tmp_path):
+    write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                 floors=Floors(agreement=0.8, retrieval_share=None))
+    answer = json.loads((tmp_path / "answer.json").read_text())
+    best = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "best").iterdir()}
+    assert answer["schema"] == "layerboost.answer/v1" and answer["floors"]["top1_agreement"] == 0.8
+    assert set(answer["best"]) == set(best)  # one entry per best file, naming the same trial
+    assert all(answer["best"][name]["trial"] == best[name]["origin"]["trial"] for name in best)
+    assert answer["fastest_keeping_floors"]["trial"] == 2 and answer["below_floors"]["3"].startswith("top-1 agreement")
+    assert answer["best"]["keep-95pct"]["top1_agreement"]["n"] == 2
+    assert any(line.startswith("`keep-99pct`") for line in answer["unmet"])
+    # floors only the original keeps: no plan offered, none keeping the floors, every target unmet
+    write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
+                 floors=Floors(agreement=0.97, retrieval_share=None))
+    answer = json.loads((tmp_path / "answer.json").read_text())
+    assert answer["best"] == {} and answer["fastest_keeping_floors"] is None and len(answer["unmet"]) == 8
+
+
 def test_a_file_of_an_earlier_report_for_a_plan_below_the_floors_is_removed(laddered, tmp_path):
     write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
                  floors=Floors(agreement=0.8, retrieval_share=None))
