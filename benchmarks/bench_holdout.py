@@ -139,6 +139,9 @@ def main(argv=None) -> None:
                     m["hv3_usable"]] for label, m in measured.items()]
                   + [["search / heuristic", "", "", "", ratio["hv2"], ratio["hv3"], ratio["hv2_usable"],
                       ratio["hv3_usable"]]])
+    if measured["heuristic"]["evaluations"] < budget:  # a threshold sweep has only so many distinct plans
+        results.note(f"the heuristic's sweep has {measured['heuristic']['evaluations']} distinct plans over "
+                     f"{', '.join(space.options)}: every one of them evaluated, fewer than the search's {budget}")
     results.headline("search / heuristic hypervolume in (latency, KL, retrieval), equal evaluations, held-out text",
                      round(ratio["hv3"], 3), "x")
     results.headline("search / heuristic hypervolume in (latency, KL), equal evaluations, held-out text",
