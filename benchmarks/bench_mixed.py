@@ -126,6 +126,14 @@ def main(argv=None) -> None:
         gain = shares["layer options"]["ratio"]["median"] - shares["with mixed"]["ratio"]["median"]
         results.headline("fastest retrieval-keeping plan: layer-only minus with-mixed, share of all-softmax latency",
                          round(gain, 3))
+    for label in ("layer options", "with mixed"):
+        if label in plans:
+            row = by_label[label]
+            results.headline(f"fastest retrieval-keeping plan ({label}): KV bytes over all-softmax's",
+                             round(row["kv_bytes"] / base["kv_bytes"], 3), "x")
+            results.headline(f"fastest retrieval-keeping plan ({label}): decode tokens/s over all-softmax's at "
+                             f"{decode.contexts[0]:,} x batch {decode.batches[0]}",
+                             round(row["decode_tok_s"] / base["decode_tok_s"], 3), "x")
     results.write()
 
 
