@@ -123,7 +123,8 @@ def read_csv(path):
 def test_write_report_writes_every_file(study, tmp_path):
     run_dir = tmp_path / "runs" / "unit-report"
     table = write_report(study, OBJECTIVES, run_dir, CONTEXT)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["best", "pareto.csv", "pareto.html", "summary.md", "trials.csv"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["answer.json", "best", "pareto.csv", "pareto.html", "summary.md",
+                                                         "trials.csv"]
 
     trials = read_csv(run_dir / "trials.csv")
     assert [int(r["number"]) for r in trials] == list(range(8))
