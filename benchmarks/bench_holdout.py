@@ -29,7 +29,7 @@ from layerboost.settings import search_settings
 from layerboost_core.pareto import hypervolume_2d, hypervolume_3d, non_dominated
 from layerboost_core.plan import LayerPlan
 from layerboost_core.sensitivity import cached_sensitivity_rows
-from layerboost_core.workbench import attach_bank, bank_id_or_none
+from layerboost_core.workbench import attach_bank
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.fidelity import climb, rung_scores
 from layerboost_search.objectives import declare_objectives
@@ -37,7 +37,7 @@ from layerboost_search.pipeline import prepare, run_search, scores_by_runner, se
 from layerboost_search.runner import make_runner
 from layerboost_search.seeds import heuristic_sweep
 from layerboost_search.settings import RungSettings
-from layerboost_search.study import PLAN_ATTR, open_study, storage_url, study_name
+from layerboost_search.study import PLAN_ATTR, open_study, storage_url
 
 
 def points_of(study, softmax_latency: float, original: float) -> dict[int, tuple[float, float, float]]:
@@ -61,7 +61,9 @@ def main(argv=None) -> None:
     script.parser.add_argument("--max-kl", type=float, default=1.0, help="KL of the hypervolume's reference point")
     args, cfg = script.parse(argv)
     settings = search_settings(cfg)
-    run_search(settings)  # the user's command: resumes (nothing re-evaluated) when the study is complete
+    # the user's command: resumes (nothing re-evaluated) when the study is complete; its run directory is named
+    # by its study
+    name = run_search(settings).name
 
     rung = RungSettings(f"holdout-{args.source.replace(':', '-').replace(',', '-')}", factor=1, blocks=args.blocks,
                         facts=settings.workbench.proxy.facts, source=args.source)
@@ -69,12 +71,11 @@ def main(argv=None) -> None:
     bench, space, cost = prepared.bench, prepared.space, prepared.cost
     settings = dataclasses.replace(prepared.settings, fidelity=dataclasses.replace(
         settings.fidelity, rungs=(*settings.fidelity.rungs, rung)))
-    if space_needs_bank(space):  # as the search did: the bank is part of the study's name only where it is used
+    if space_needs_bank(space):  # the heuristic's evaluations need the bank only where the search did
         attach_bank(bench)
     n = bench.switcher.num_layers
     softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
     objectives = declare_objectives(settings.objective)
-    name = study_name(settings, bench.info, bank_id_or_none(bench))
     search = optuna.load_study(study_name=name, storage=storage_url(settings, name))
     original = search.user_attrs["original_retrieval"]["metrics"]["retrieval_acc"]
     budget = len(search.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

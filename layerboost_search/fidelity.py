@@ -82,6 +82,11 @@ def proxy_metrics(trial) -> dict:
     return {k.removeprefix("proxy:"): v for k, v in trial.user_attrs.items() if k.startswith("proxy:")}
 
 
+def is_original(plan: str) -> bool:
+    """True for the all-softmax plan: the original model itself (measured as the reference, never offered)."""
+    return set(plan) == {"S"}
+
+
 def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float | None, floor: float = 0.0) -> list:
     """Up to `k` trials of the latency-sorted proxy `front` worth re-measuring: the plans the best-plan files can
     name. In order: all-softmax (the reference every "kept" share and retrieval is read against), for each
@@ -96,8 +101,8 @@ def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float
             picks.append(trial)
 
     kept = {t.number: retained(proxy_metrics(t)) or 0.0 for t in front}
-    front = [t for t in front if kept[t.number] >= floor or set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}]
-    add(next((t for t in front if set(t.user_attrs.get(PLAN_ATTR, "")) == {"S"}), None))
+    front = [t for t in front if kept[t.number] >= floor or is_original(t.user_attrs.get(PLAN_ATTR, ""))]
+    add(next((t for t in front if is_original(t.user_attrs.get(PLAN_ATTR, ""))), None))
     for bar in bars:
         add(next((t for t in front if kept[t.number] >= bar), None))  # front is sorted fastest first
     if softmax_latency:

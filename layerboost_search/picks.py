@@ -23,7 +23,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .fidelity import binomial_interval, bootstrap_interval
+from .fidelity import binomial_interval, bootstrap_interval, is_original
 
 KEEP_BARS = (0.99, 0.95, 0.9)  # best/keep-<pct>pct.json
 LATENCY_TARGETS = (0.9, 0.8, 0.7, 0.6, 0.5)  # best/latency-<pct>pct.json, shares of all-softmax latency
@@ -197,11 +197,6 @@ def answer_json(picks: Picks, floors: Floors) -> dict:
             "unmet": list(picks.unmet),
             "fastest_keeping_floors": picks.fastest.as_dict() if picks.fastest else None,
             "below_floors": {str(n): reason for n, reason in sorted(picks.below.items())}}
-
-
-def is_original(plan: str) -> bool:
-    """True for the all-softmax plan: the original model itself."""
-    return set(plan) == {"S"}
 
 
 def _share(e: Evidence) -> str:
