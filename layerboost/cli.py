@@ -79,6 +79,11 @@ def _run(name: str, args: list[str]) -> None:
     from .config import compose
 
     cfg = compose(overrides)
+    function = resolve(name)
+    if getattr(function, "adopts_plan_file", False):  # plan=<file>: the settings it was made with
+        from .plan_file import adopt_plan_settings
+
+        cfg = adopt_plan_settings(cfg, overrides, compose([]))
     if show_config:
         from omegaconf import OmegaConf
 
@@ -88,4 +93,4 @@ def _run(name: str, args: list[str]) -> None:
 
     setup_logging(bool(cfg.verbose))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    resolve(name)(cfg)
+    function(cfg)

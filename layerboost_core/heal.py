@@ -386,6 +386,7 @@ def heal_to_folder(bench, plan: LayerPlan, settings: HealSettings, out: Path, so
     plan_metrics = {name: {"value": value, "fidelity": "proxy", "before_heal": result.before[name]}
                     for name, value in result.after.items()}
     context = {"model": bench.info, "settings": options, "bank_id": bank_id, "metrics": plan_metrics,
+               "made_with": bench.settings.record(),
                "origin": {"healed_by": "layerboost heal", "source": source or str(plan),
                           "heal": asdict(settings), "train_data_hash": bench.splits.hashes["train"]}}
     save_hybrid(out, bench.switcher, plan, bench.loaded.tokenizer, context, metrics, heal_key=key)

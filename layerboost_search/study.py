@@ -25,6 +25,7 @@ from .settings import SearchSettings
 log = logging.getLogger(__name__)
 
 PLAN_ATTR, LABEL_ATTR, FEASIBLE_ATTR = "plan", "label", "feasible"
+REQUEUED_ATTR = "requeued_from"  # trial user attr: the number of the stale trial whose plan this one re-runs
 # lm-eval scores arrive after a trial has finished, and Optuna refuses to change a finished trial, so they
 # live in the study's user attrs under this prefix + the trial number ({task: accuracy}); the dashboard
 # shows them there and the report merges them into the trial's own `lm_eval:<task>` columns.
@@ -131,15 +132,40 @@ def storage_url_of(study: optuna.Study) -> str | None:
 
 class StaleRequeue:
     """The storage's heartbeat-stale callback: the plan of a trial whose driver stopped goes back in the queue
-    with its label (`requeued_from` points to the failed trial); the numbers are kept for the log."""
+    with its label (`requeued_from` points to the failed trial; `pop_requeued` hands it out before anything
+    else waiting); the numbers are kept for the log."""
 
     def __init__(self):
         self.requeued: list[int] = []
 
     def __call__(self, study: optuna.Study, trial) -> None:
         study.enqueue_trial(trial.params, user_attrs={LABEL_ATTR: trial.user_attrs.get(LABEL_ATTR, "sampled"),
-                                                       "requeued_from": trial.number})
+                                                       REQUEUED_ATTR: trial.number})
         self.requeued.append(trial.number)
+
+
+def pop_requeued(study: optuna.Study, fixed_distributions: dict) -> "optuna.Trial | None":
+    """The oldest waiting trial that re-runs a stopped driver's plan, claimed for this driver (RUNNING), with
+    `fixed_distributions` suggested as `Study.ask` does; None when there is none. `Study.ask` pops waiting
+    trials oldest first, and a re-queued plan is enqueued behind every seed and proposal still waiting: a run
+    whose budget fills first would leave it waiting for ever. Its slot was taken before its driver stopped, so
+    it goes first. Claimed as Optuna claims a waiting trial (the storage's WAITING -> RUNNING update succeeds
+    for one driver only); call it under `waiting_trial_lock`."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if REQUEUED_ATTR not in trial.user_attrs:
+            continue
+        try:
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        claimed = optuna.Trial(study, trial._trial_id)
+        for name, distribution in fixed_distributions.items():
+            claimed._suggest(name, distribution)
+        return claimed
+    return None
 
 
 def fail_stale(study: optuna.Study) -> list[int]:

@@ -7,3 +7,10 @@ def shows(*keys: str):
         function.settings = keys
         return function
     return decorator
+
+
+def adopts_plan_file(function):
+    """Mark a verb whose `plan=<file>` brings its own settings (plan_file.adopt_plan_settings): the CLI puts them
+    in the config before the verb runs."""
+    function.adopts_plan_file = True
+    return function

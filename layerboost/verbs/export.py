@@ -1,9 +1,10 @@
 """`layerboost export`."""
 from __future__ import annotations
 
-from . import shows
+from . import adopts_plan_file, shows
 
 
+@adopts_plan_file
 @shows("plan", "out", "model.name", "output_dir")
 def export(cfg) -> None:
     """A plan straight from the search (bank weights, no healing) as a model folder that plain transformers
@@ -28,12 +29,14 @@ def export(cfg) -> None:
                                                            bench.settings.options, bench.settings.transfer)
         if expected not in (None, "none", here):  # checked before any training: the ids are hashes of settings
             raise UserError(f"plan: {spec!r} was measured with bank {expected}; this export would use bank {here} "
-                            "(other data, workload or transfer settings): pass the search's own overrides")
+                            "(other data, workload or transfer settings, and the file does not record its own): "
+                            "pass the search's own overrides")
         attach_bank(bench)
     bench.switcher.apply(plan)
     out = Path(cfg.out) if cfg.get("out") else Path(cfg.output_dir) / "exported" / plan.id
     context = {"model": bench.info, "settings": bench.settings.options, "bank_id": bank_id_or_none(bench),
                "metrics": plan_json.get("metrics") or {}, "workload": plan_json.get("workload"),
+               "made_with": bench.settings.record(),
                "origin": {"exported_by": "layerboost export", "source": spec, **(plan_json.get("origin") or {})}}
     export_hybrid(bench.switcher, plan, bench.loaded.tokenizer, out, context)
     print(f"plan {plan} (id {plan.id}) of {bench.info['name']} exported to {out}")

@@ -1,9 +1,10 @@
 """`layerboost heal`."""
 from __future__ import annotations
 
-from . import shows
+from . import adopts_plan_file, shows
 
 
+@adopts_plan_file
 @shows("plan", "heal.tokens", "heal.lr", "heal.batch_size", "heal.lora.enabled", "heal.out", "output_dir")
 def heal(cfg) -> None:
     """Distil `plan=` from the original model (KL of next-token distributions on train blocks) and save a
