@@ -5,11 +5,12 @@
 Each run is `python search.py [key=value ...]` in a subprocess: cold with an empty cache (a fresh
 LAYERBOOST_CACHE: the model converted, the bank trained, the cost model, head scores and sensitivity measured),
 then warm on the same cache with a new study (`study=<name>-warm`). `--warm-only` runs once on the user's own
-cache (LAYERBOOST_CACHE or ~/.cache/layerboost), e.g. a long floor-on search: `--warm-only budget=300 --result
-default_run_long`. Per run: the wall time, each stage's
-seconds (the study's `last_run_stages`), and every best file: its plan, its latency measured against all-softmax
-(median and the fastest and slowest round) beside the cost model's prediction, its KL and top-1 agreement at the
-confirmation rung with 90% intervals, and the facts it finds there against the original's.
+cache (LAYERBOOST_CACHE or ~/.cache/layerboost). Per run: the wall time, each stage's seconds and, where counted,
+forward passes and tokens (the study's `last_run_stages`, summary.md), and every best file: its plan, its serving
+measured against all-softmax (the searched speed metric and the others, median of per-round ratios with the
+interval) beside the cost model's prediction, the sequences it serves at once, its KL and top-1 agreement at the
+confirmation rung with 90% intervals, and the facts it finds there (answered by generation) against the
+original's. With `workload=prefill-only` it reports today's prefill-only workload the same way.
 """
 from __future__ import annotations
 
@@ -44,27 +45,44 @@ def search(overrides: list[str], cache: Path, output_dir: Path) -> dict:
     for path in sorted((run_dir / "best").glob("*.json")):
         data = json.loads(path.read_text())
         metrics = data["metrics"]
-        latency = metrics.get("latency_share_measured") or {}
         retrieval = metrics.get("confirm:retrieval_acc") or {}
+        serving = {m: metrics.get(f"{m}_vs_original") or {} for m in ("throughput", "ttft", "tpot", "latency")}
         best[path.stem] = {
-            "plan": data["plan"], "measured_share": latency.get("value"), "interval": latency.get("interval90"),
-            "rounds": latency.get("rounds"), "predicted_share": latency.get("predicted"),
+            "plan": data["plan"], "rounds": (serving["ttft"] or {}).get("rounds"),
+            **{f"{m}_measured": v.get("value") for m, v in serving.items()},
+            **{f"{m}_interval": v.get("interval90") for m, v in serving.items()},
+            **{f"{m}_predicted": v.get("predicted") for m, v in serving.items()},
+            "concurrency": (metrics.get("concurrency") or {}).get("value"),
+            "original_concurrency": (metrics.get("concurrency") or {}).get("original"),
             "kl": (metrics.get("confirm:kl") or {}).get("value"), "kl_interval": (metrics.get("confirm:kl") or {}).get("interval90"),
             "agreement": (metrics.get("confirm:top1_agreement") or {}).get("value"),
             "agreement_interval": (metrics.get("confirm:top1_agreement") or {}).get("interval90"),
             "retrieval": retrieval.get("value"), "retrieval_interval": retrieval.get("interval90"),
             "facts": retrieval.get("samples")}
+    answer = json.loads((run_dir / "answer.json").read_text())
     original = study.user_attrs.get("original_retrieval", {})
-    return {"wall_s": wall, "run_dir": str(run_dir), "study": run_dir.name, "stages_s": study.user_attrs.get("last_run_stages", {}),
-            "best": best, "original_proxy_retrieval": original.get("metrics", {}).get("retrieval_acc"),
-            "summary_head": (run_dir / "summary.md").read_text().split("## Run")[0]}
+    summary = (run_dir / "summary.md").read_text()
+    stages = next((line for line in summary.splitlines() if line.startswith("- this run's stages: ")), "")
+    return {"wall_s": wall, "run_dir": str(run_dir), "study": run_dir.name,
+            "stages_s": study.user_attrs.get("last_run_stages", {}), "stages": stages.removeprefix("- this run's stages: "),
+            "best": best, "speed": answer.get("speed", {}).get("metric"), "unmet": answer.get("unmet", []),
+            "fastest_keeping_floors": answer.get("fastest_keeping_floors"),
+            "original_proxy_retrieval": original.get("metrics", {}).get("retrieval_acc"),
+            "summary_head": summary.split("## Run")[0]}
 
 
 def best_rows(run_index: int, kind: str, measured: dict) -> list[list]:
     """One table row per best file of a run."""
-    return [[run_index, kind, name, pick["plan"], pick["measured_share"],
-             f"[{pick['interval'][0]:.3f}, {pick['interval'][1]:.3f}]" if pick["interval"] else "",
-             pick["predicted_share"], pick["kl"], pick["agreement"], pick["retrieval"], pick["facts"]]
+    def ratio(pick, metric):
+        value, interval = pick[f"{metric}_measured"], pick[f"{metric}_interval"]
+        if value is None:
+            return ""
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else f"{value:.3f}"
+
+    return [[run_index, kind, name, pick["plan"], pick["concurrency"], pick["original_concurrency"],
+             ratio(pick, "throughput"), pick["throughput_predicted"], ratio(pick, "ttft"), pick["ttft_predicted"],
+             ratio(pick, "latency"), pick["latency_predicted"], pick["kl"], pick["agreement"], pick["retrieval"],
+             pick["facts"]]
             for name, pick in measured["best"].items()]
 
 
@@ -89,8 +107,7 @@ def main(argv=None) -> None:
                 runs = {"warm": search(overrides, cache_root(), Path(folder) / "outputs")}
             print(f"run {index + 1}: {runs['warm']['wall_s'] / 60:.1f} min")
             results.add_run(runs)
-            rows.append([index + 1, "warm", round(runs["warm"]["wall_s"] / 60, 2),
-                         ", ".join(f"{k} {v:.0f}" for k, v in runs["warm"]["stages_s"].items())])
+            rows.append([index + 1, "warm", round(runs["warm"]["wall_s"] / 60, 2), runs["warm"]["stages"]])
             pick_rows += best_rows(index + 1, "warm", runs["warm"])
             continue
         with tempfile.TemporaryDirectory(prefix="layerboost-cold-") as folder:
@@ -103,25 +120,35 @@ def main(argv=None) -> None:
                 print(f"run {index + 1} warm: {runs['warm']['wall_s'] / 60:.1f} min")
         results.add_run(runs)
         for kind, measured in runs.items():
-            rows.append([index + 1, kind, round(measured["wall_s"] / 60, 2),
-                         ", ".join(f"{k} {v:.0f}" for k, v in measured["stages_s"].items())])
+            rows.append([index + 1, kind, round(measured["wall_s"] / 60, 2), measured["stages"]])
             pick_rows += best_rows(index + 1, kind, measured)
-    results.table("Wall time (minutes) and stages (seconds)", ["run", "cache", "wall min", "stages s"], rows)
-    results.table("Best files: latency measured against all-softmax (median of per-round ratios, [90% interval]) "
-                  "beside the cost model's prediction; quality and retrieval at the confirmation rung",
-                  ["run", "cache", "file", "plan", "measured share", "90%", "predicted share", "KL",
-                   "top-1 agreement", "retrieval", "facts"], pick_rows)
+    results.table("Wall time (minutes), and each stage's seconds with the forward passes and tokens it ran",
+                  ["run", "cache", "wall min", "stages"], rows)
+    results.table("Best files: serving measured against all-softmax (median of per-round ratios [90% interval]), each "
+                  "at the concurrency its cache allows, beside the cost model's prediction; quality and retrieval at "
+                  "the confirmation rung (facts answered by generation)",
+                  ["run", "cache", "file", "plan", "sequences at once", "original's", "throughput x", "predicted",
+                   "TTFT x", "predicted", "request latency x", "predicted", "KL", "top-1 agreement", "retrieval",
+                   "facts"], pick_rows)
     colds = [r[2] for r in rows if r[1] == "cold"]
     warms = [r[2] for r in rows if r[1] == "warm"]
     if colds:
         results.headline("default run, cold (minutes, slowest run)", max(colds), "min")
     if warms:
         results.headline("warm run (minutes, slowest run)", max(warms), "min")
-    offered = [p for p in pick_rows if p[4] is not None]
-    fastest = {(p[0], p[1]): min(q[4] for q in offered if (q[0], q[1]) == (p[0], p[1])) for p in offered}
-    if fastest:
-        results.headline("fastest best file, measured share of all-softmax latency (slowest of the runs)",
-                         round(max(fastest.values()), 3), "x")
+    speed = next((m["speed"] for run in results.runs for m in run.values()), None)
+    key = {"throughput": 6, "latency": 10, "ttft": 8}.get(speed)
+    offered = [p for p in pick_rows if key is not None and p[key]]
+    if offered:  # the fastest best file of each run (in the searched metric), its worst run
+        values = {}
+        for p in offered:
+            value = float(p[key].split()[0])
+            best = values.get((p[0], p[1]))
+            if best is None or (value > best if speed == "throughput" else value < best):
+                values[(p[0], p[1])] = value
+        worst = min(values.values()) if speed == "throughput" else max(values.values())
+        label = "output tokens/s over all-softmax's" if speed == "throughput" else f"{speed} share of all-softmax's"
+        results.headline(f"fastest best file, measured {label} (slowest of the runs)", round(worst, 3), "x")
     else:
         results.note("no run offered a best file: no plan but the original kept the floors (see each summary)")
     results.write()

@@ -8,14 +8,15 @@
 2. The paper's threshold heuristic given the same number of evaluations: a sweep of `budget` tier plans from
    the same single-swap sensitivity table, evaluated by the same proxy into a study of its own
    (`<study>-heuristic<budget>`, resumed if it exists).
-3. Each method's front in (predicted latency, proxy KL, proxy retrieval lost) re-measured on `--blocks` blocks of
+3. Each method's front in (predicted speed cost, proxy KL, proxy retrieval lost) re-measured on `--blocks` blocks of
    `--source`'s held-out text at the workload's context, with the proxy's facts per block (a fidelity rung named
    `holdout-<source>`, kept in each study, so a second run measures nothing again).
-4. Hypervolumes at the hold-out rung, search over heuristic: over (latency, KL) and over (latency, KL, retrieval
+4. Hypervolumes at the hold-out rung, search over heuristic: over (speed, KL) and over (speed, KL, retrieval
    lost), for the whole front and for the usable region (plans keeping the floors at the hold-out rung: top-1
-   agreement >= fidelity.agreement_floor, retrieval >= objective.retrieval_floor x the original's). Latency is
-   the cost model's share of all-softmax (the same for both), KL up to `--max-kl`, retrieval lost = 1 - found /
-   the original's found, clipped to [0, 1]; reference point (1.05, max KL, 1).
+   agreement >= fidelity.agreement_floor, retrieval >= objective.retrieval_floor x the original's). Speed is the
+   serving cost model's cost in the searched metric (objective.speed: at the default workload, seconds per output
+   token at the concurrency each plan's cache allows) as a share of all-softmax's (the same model for both), KL up
+   to `--max-kl`, retrieval lost = 1 - found / the original's found, clipped to [0, 1]; reference (1.05, max KL, 1).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from layerboost_core.sensitivity import cached_sensitivity_rows
 from layerboost_core.workbench import attach_bank
 from layerboost_search.driver import SearchRun, enqueue_seeds
 from layerboost_search.fidelity import climb, rung_scores
-from layerboost_search.objectives import declare_objectives
+from layerboost_search.objectives import SPEEDS, declare_objectives
 from layerboost_search.pipeline import prepare, run_search, scores_by_runner, sensitivity_options, space_needs_bank
 from layerboost_search.runner import make_runner
 from layerboost_search.seeds import heuristic_sweep
@@ -40,12 +41,12 @@ from layerboost_search.settings import RungSettings
 from layerboost_search.study import PLAN_ATTR, open_study, storage_url
 
 
-def points_of(study, softmax_latency: float, original: float) -> dict[int, tuple[float, float, float]]:
-    """{trial: (latency share, proxy KL, retrieval lost)} of the study's completed trials."""
+def points_of(study, speed, reference_cost: float, original: float) -> dict[int, tuple[float, float, float]]:
+    """{trial: (speed cost share of all-softmax's, proxy KL, retrieval lost)} of the study's completed trials."""
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         found = t.user_attrs.get("proxy:retrieval_acc", 0.0)
-        out[t.number] = (t.values[1] / softmax_latency, t.user_attrs["proxy:kl"], lost(found, original))
+        out[t.number] = (speed.cost(t.values[1]) / reference_cost, t.user_attrs["proxy:kl"], lost(found, original))
     return out
 
 
@@ -74,8 +75,9 @@ def main(argv=None) -> None:
     if space_needs_bank(space):  # the heuristic's evaluations need the bank only where the search did
         attach_bank(bench)
     n = bench.switcher.num_layers
-    softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
-    objectives = declare_objectives(settings.objective)
+    speed = SPEEDS[settings.speed]
+    reference_cost = cost.latency(LayerPlan.uniform("softmax", n))
+    objectives = declare_objectives(settings.objective, settings.speed)
     search = optuna.load_study(study_name=name, storage=storage_url(settings, name))
     original = search.user_attrs["original_retrieval"]["metrics"]["retrieval_acc"]
     budget = len(search.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -90,13 +92,11 @@ def main(argv=None) -> None:
                                settings.grace_period)
         plans = heuristic_sweep(rows, n, budget)
         enqueue_seeds(heuristic, space, plans)
-        context = {"model_config": bench.model.config, "option_settings": bench.settings.options,
-                   "bytes_per_value": bench.model.dtype.itemsize}
-        SearchRun(settings.objective, settings.workload.context, space, objectives, heuristic, cost, runner,
-                  context).run(len(plans), progress=settings.workbench.progress)
+        SearchRun(settings.objective, space, objectives, heuristic, cost, runner).run(
+            len(plans), progress=settings.workbench.progress)
         fronts = {}
         for label, study in (("search", search), ("heuristic", heuristic)):
-            points = points_of(study, softmax_latency, original)
+            points = points_of(study, speed, reference_cost, original)
             numbers = list(points)
             front = [numbers[i] for i in non_dominated([points[k] for k in numbers])]
             trials = [t for t in study.get_trials(deepcopy=False) if t.number in front]
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
                            "hv3": hypervolume_3d(list(held.values()), reference3),
                            "hv2_usable": hypervolume_2d([p[:2] for p in usable.values()], reference2),
                            "hv3_usable": hypervolume_3d(list(usable.values()), reference3), "usable": len(usable),
-                           "plans": {study.trials[k].user_attrs[PLAN_ATTR]: {"latency_share": p[0], "kl": p[1],
+                           "plans": {study.trials[k].user_attrs[PLAN_ATTR]: {"speed_share": p[0], "kl": p[1],
                                                                             "retrieval_lost": p[2]}
                                      for k, p in held.items()}}
     ratio = {key: (measured["search"][key] / measured["heuristic"][key] if measured["heuristic"][key] else float("nan"))
@@ -134,8 +134,9 @@ def main(argv=None) -> None:
     results.table(f"At equal evaluations ({budget} each), front re-measured on {args.blocks} block(s) of {args.source} "
                   f"({rung.facts} facts each); usable: agreement >= {agreement_floor:g}, retrieval >= {floor:.0%} of "
                   "the original's",
-                  ["method", "evaluations", "front plans", "usable", "HV (latency, KL)", "HV (latency, KL, retrieval)",
-                   "HV usable (latency, KL)", "HV usable (latency, KL, retrieval)"],
+                  ["method", "evaluations", "front plans", "usable", f"HV ({speed.key}, KL)",
+                   f"HV ({speed.key}, KL, retrieval)", f"HV usable ({speed.key}, KL)",
+                   f"HV usable ({speed.key}, KL, retrieval)"],
                   [[label, m["evaluations"], m["front"], m["usable"], m["hv2"], m["hv3"], m["hv2_usable"],
                     m["hv3_usable"]] for label, m in measured.items()]
                   + [["search / heuristic", "", "", "", ratio["hv2"], ratio["hv3"], ratio["hv2_usable"],
@@ -143,9 +144,9 @@ def main(argv=None) -> None:
     if measured["heuristic"]["evaluations"] < budget:  # a threshold sweep has only so many distinct plans
         results.note(f"the heuristic's sweep has {measured['heuristic']['evaluations']} distinct plans over "
                      f"{', '.join(space.options)}: every one of them evaluated, fewer than the search's {budget}")
-    results.headline("search / heuristic hypervolume in (latency, KL, retrieval), equal evaluations, held-out text",
-                     round(ratio["hv3"], 3), "x")
-    results.headline("search / heuristic hypervolume in (latency, KL), equal evaluations, held-out text",
+    results.headline(f"search / heuristic hypervolume in ({speed.label}, KL, retrieval), equal evaluations, "
+                     "held-out text", round(ratio["hv3"], 3), "x")
+    results.headline(f"search / heuristic hypervolume in ({speed.label}, KL), equal evaluations, held-out text",
                      round(ratio["hv2"], 3), "x")
     results.write()
 

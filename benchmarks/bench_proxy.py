@@ -19,7 +19,7 @@ import torch
 from scipy.stats import spearmanr
 
 from harness import Script, run
-from layerboost.settings import eval_settings, workbench_settings
+from layerboost.settings import eval_settings, search_settings, workbench_settings
 from layerboost_core import lm_eval_tasks
 from layerboost_core.metrics import ProxyEvaluator
 from layerboost_core.plan import LayerPlan
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     tasks = list(settings.tasks)
     task_dir = lm_eval_tasks.write_offline_tasks(
         None, bench.splits.documents["heldout"], bench.loaded.tokenizer,
-        {"n_examples": settings.n_examples, "passkey_context": settings.passkey_context, "seed": settings.seed})
+        settings.task_settings(search_settings(cfg).workload.prefill))
 
     def score(plan: LayerPlan) -> tuple[float, dict]:
         bench.switcher.apply(plan)
@@ -104,7 +104,8 @@ def main(argv=None) -> None:
         correlation[t] = {"spearman": float(rho), "p": float(p)}
     results.add_run({"overhead": overhead, "uniform": uniform, "spearman_kl_vs_accuracy": correlation,
                      "random_plans_seconds": random_seconds, "random_plans": sampled})
-    results.table(f"Offline tasks ({settings.n_examples} examples each; passkey context {settings.passkey_context} "
+    results.table(f"Offline tasks ({settings.n_examples} examples each; passkey context "
+                  f"{settings.task_settings(search_settings(cfg).workload.prefill)['passkey_context']} "
                   "tokens)", ["plan", "KL", *tasks, "seconds"],
                   [[label, u["kl"], *(u[t] for t in tasks), round(u["seconds"])] for label, u in uniform.items()])
     results.table(f"Over {args.plans} random plans ({random_seconds:.0f} s; KL "

@@ -30,10 +30,10 @@ from layerboost_core.sensitivity import cached_sensitivity
 from layerboost_core.space import SearchSpace
 from layerboost_core.workbench import open_workbench
 from layerboost_search.driver import SearchRun, enqueue_seeds
-from layerboost_search.objectives import declare_objectives
+from layerboost_search.objectives import SPEEDS, declare_objectives
 from layerboost_search.pipeline import make_surrogate_feed
 from layerboost_search.seeds import heuristic_sweep, seed_plans
-from layerboost_surrogates.cost_model import cost_model
+from layerboost_surrogates.serving_cost import serving_cost_model
 
 
 class CachedEvaluator:
@@ -89,15 +89,15 @@ def main(argv=None) -> None:
     n = bench.switcher.num_layers
     proxy = ProxyEvaluator(bench.model, bench.splits.heldout)
     rows = cached_sensitivity(bench.switcher, proxy, (bench.bank.id, bench.splits.hashes["heldout"]), progress=False)
-    cost = cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload)
     space = SearchSpace.from_mapping(settings.space, n)
-    objectives = declare_objectives(settings.objective)
+    cost = serving_cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload,
+                              space.options, speed=settings.speed)  # cost.latency: the searched metric's cost
+    objectives = declare_objectives(settings.objective, settings.speed)
+    speed = SPEEDS[settings.speed]
     runner = CachedEvaluator(bench, proxy, args.cache_file,
                              f"{bench.bank.id}/{bench.splits.hashes['heldout']}/metrics-v{METRICS_VERSION}")
     if runner.loaded:
         print(f"{runner.loaded} plans' metrics reused from {args.cache_file}")
-    context = {"model_config": bench.model.config, "option_settings": bench.settings.options,
-               "bytes_per_value": bench.model.dtype.itemsize}
     top = max(args.budgets)
 
     def points_of(plans):
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     # The reference KL bounds the region that matters: with all-none's KL (~8 nats) as the bound, plans a
     # user could never ship would dominate the hypervolume and every method would look alike.
     reference = (cost.latency(LayerPlan.uniform("softmax", n)) * 1.05, args.max_kl)
-    print(f"reference point: latency {reference[0]:.3f} s (1.05 x all-softmax), KL {reference[1]:.3f}")
+    print(f"reference point: {speed.label} cost {reference[0]:.4g} (1.05 x all-softmax's), KL {reference[1]:.3f}")
 
     results: dict[str, dict[int, float]] = {}
     started = time.perf_counter()
@@ -128,16 +128,16 @@ def main(argv=None) -> None:
         study = optuna.create_study(directions=[o.direction for o in objectives], sampler=sampler)
         if seeded:
             enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost))
-        feed = (make_surrogate_feed(surrogate_on, space, cost, rows, objectives, context)
+        feed = (make_surrogate_feed(surrogate_on, space, cost, rows, objectives)
                 if name == "ours (default)" else None)
-        search = SearchRun(settings.objective, settings.workload.context, space, objectives, study, cost, runner,
-                           context, feed)
+        search = SearchRun(settings.objective, space, objectives, study, cost, runner, feed)
         print(f"{name} ...", flush=True)
         search.run(top, progress=True)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for budget in args.budgets:
             first = done[:budget]
-            results.setdefault(name, {})[budget] = hypervolume_2d([(t.values[1], t.values[0]) for t in first], reference)
+            results.setdefault(name, {})[budget] = hypervolume_2d([(speed.cost(t.values[1]), t.values[0])
+                                                                   for t in first], reference)
         print(f"{name} done ({time.perf_counter() - started:.0f} s, {len(runner.cache)} distinct plans evaluated)")
         runner.save()
 
@@ -150,13 +150,13 @@ def main(argv=None) -> None:
     out = script.results()
     out.describe(bench.loaded.device, bench.loaded.dtype)
     out.add_run({"hypervolume": {name: {str(b): v for b, v in by_budget.items()} for name, by_budget in results.items()},
-                 "reference": {"latency_s": reference[0], "kl": reference[1]},
+                 "reference": {"speed_cost": reference[0], "kl": reference[1]},
                  "distinct_plans_evaluated": len(runner.cache), "seconds": time.perf_counter() - started})
-    out.table("Hypervolume (KL vs predicted latency) and ratio to the paper heuristic",
+    out.table(f"Hypervolume (KL vs predicted {speed.label}) and ratio to the paper heuristic",
               ["method", *(f"{b} evals" for b in args.budgets)],
               [[name, *(f"{by_budget[b]:.4f} ({by_budget[b] / base[b]:.3f}x)" for b in args.budgets)]
                for name, by_budget in results.items()],
-              note=f"reference point: latency {reference[0]:.3f} s (1.05 x all-softmax), KL {reference[1]:.3f}")
+              note=f"reference point: {speed.label} cost {reference[0]:.4g} (1.05 x all-softmax's), KL {reference[1]:.3f}")
     out.table("Ratio to the best of random / NSGA-II / TPE", ["method", *(f"{b} evals" for b in args.budgets)],
               [[name, *(results[name][b] / best_plain[b] for b in args.budgets)]
                for name in ("ours, surrogate off", "ours (default)")])

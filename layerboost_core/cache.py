@@ -17,6 +17,7 @@ from .errors import UserError
 from .families import family_of
 from .inference.hybrid_cache import LayerBoostCache
 from .inference.linear_attention import LinearSlidingWindowAttention
+from .inference.linear_kernels import LinearState
 from .inference.mixed_attention import MixedHeadAttention, mixed_option
 from .inference.no_attention import NoAttention
 from .plan import LayerPlan
@@ -64,3 +65,22 @@ def hybrid_generate(model, input_ids: torch.Tensor, max_new_tokens: int, plan: L
                          max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                          pad_token_id=model.config.pad_token_id, **generate_kwargs)
     return ids, cache
+
+
+def stack_caches(caches: list[HybridCache]) -> HybridCache:
+    """One cache holding the sequences of `caches` (same plan, same length each) along the batch, in order: what
+    a batched server holds after prefilling its requests one at a time. Built in the first cache, which it
+    returns; the others are left as they were."""
+    first = caches[0]
+    lengths = {c.get_seq_length() for c in caches}
+    if any(c.options != first.options for c in caches) or len(lengths) != 1:
+        raise ValueError("stack_caches: every cache must hold the same plan and the same number of tokens")
+    for index, layer in enumerate(first.layers):
+        if getattr(layer, "keys", None) is not None:  # softmax (full or sliding) and mixed layers' kept heads
+            layer.keys = torch.cat([c.layers[index].keys for c in caches])
+            layer.values = torch.cat([c.layers[index].values for c in caches])
+        if index in first.linear_states:  # linear layers and mixed layers' linear heads
+            states = [c.linear_states[index] for c in caches]
+            first.linear_states[index] = LinearState(*(torch.cat(parts) for parts in zip(*(s.tensors() for s in states))),
+                                                     states[0].position)
+    return first

@@ -45,6 +45,16 @@ SNAP_REACH = 64
 _SENTENCE_ENDS = (".", "!", "?", "\n")
 # At least this share of a block stays original text (what the KL is computed on).
 MIN_TEXT_SHARE = 0.5
+# Facts per block when none is set: one per this many tokens, at most DEFAULT_MAX (8 in a 512-token block, the most
+# that leave MIN_TEXT_SHARE of it original text with SmolLM2's tokenizer; 16 from 1,024 tokens on, which the
+# original SmolLM2 finds in a 2,048-token block).
+TOKENS_PER_FACT = 64
+DEFAULT_MAX = 16
+
+
+def facts_for(tokens: int) -> int:
+    """The facts planted per block of `tokens` tokens when a setting leaves it null."""
+    return max(1, min(DEFAULT_MAX, tokens // TOKENS_PER_FACT))
 
 
 @dataclass(frozen=True)
@@ -116,9 +126,10 @@ def _snap_to_sentence(tokenizer, text: list[int], position: int, lowest: int) ->
     return max(position, lowest)
 
 
-def _plant(tokenizer, block: list[int], n: int, rng: random.Random) -> dict:
-    """One block with `n` facts planted and queried (see the module docstring); same length as `block`."""
-    keys = rng.sample(NOUNS, n)
+def _plant(tokenizer, block: list[int], n: int, rng: random.Random, keys=None, order=None) -> dict:
+    """One block with `n` facts planted and queried (see the module docstring); same length as `block`. `keys`
+    and `order` (the query order), when given, are the block's instead of drawn from `rng`."""
+    keys = list(keys) if keys is not None else rng.sample(NOUNS, n)
     codes: list[str] = []
     while len(codes) < n:  # distinct 5-digit codes: two facts never share an answer
         code = str(rng.randrange(10_000, 100_000))
@@ -127,8 +138,9 @@ def _plant(tokenizer, block: list[int], n: int, rng: random.Random) -> dict:
     answers = [_ids(tokenizer, code) for code in codes]
     prefixes = [_ids(tokenizer, FACT.format(key=k)) for k in keys]
     facts = [prefix + a + _ids(tokenizer, FACT_END) for prefix, a in zip(prefixes, answers)]
-    order = list(range(n))
-    rng.shuffle(order)
+    if order is None:
+        order = list(range(n))
+        rng.shuffle(order)
     queries = [(_ids(tokenizer, QUERY.format(key=keys[i])), answers[i]) for i in order]
     planted = sum(map(len, facts)) + sum(len(q) + len(a) for q, a in queries)
     text_len = len(block) - planted
@@ -170,15 +182,25 @@ def _plant(tokenizer, block: list[int], n: int, rng: random.Random) -> dict:
             "answers": tuple(codes[i] for i in order)}
 
 
-def plant_facts(tokenizer, blocks: torch.Tensor, n: int, seed: int | str = 0) -> PlantedBlocks:
+def plant_facts(tokenizer, blocks: torch.Tensor, n: int, seed: int | str = 0, shared_keys: bool = False) -> PlantedBlocks:
     """`blocks` (N, S) of held-out text with `n` facts planted in each and queried at its end (n = 0: the plain
     blocks). Deterministic in (tokenizer, blocks, n, seed); block i draws from its own seeded generator, so two
-    sets of blocks planted with different seeds (the proxy's, each fidelity rung's) hold different facts."""
+    sets of blocks planted with different seeds (the proxy's, each fidelity rung's) hold different facts. With
+    `shared_keys`, every block asks about the same keys in the same order (codes, depths and text still its
+    own): their queries then sit at the same positions wherever the codes tokenize alike, so the blocks can be
+    answered by generation as one batch (metrics.ProxyEvaluator)."""
     if n < 0 or n > MAX_FACTS:
         raise UserError(f"proxy.facts: {n}; allowed: 0 to {MAX_FACTS} facts per block")
     if n == 0 or blocks.shape[0] == 0:
         return PlantedBlocks.plain(blocks)
-    rows = [_plant(tokenizer, block.tolist(), n, random.Random(f"{seed}:facts:{i}")) for i, block in enumerate(blocks)]
+    keys = order = None
+    if shared_keys:
+        shared = random.Random(f"{seed}:keys")
+        keys = shared.sample(NOUNS, n)
+        order = list(range(n))
+        shared.shuffle(order)
+    rows = [_plant(tokenizer, block.tolist(), n, random.Random(f"{seed}:facts:{i}"), keys, order)
+            for i, block in enumerate(blocks)]
 
     def stack(key, dtype=torch.long):
         return torch.tensor([r[key] for r in rows], dtype=dtype)

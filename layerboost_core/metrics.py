@@ -101,6 +101,13 @@ class _Reference:
     argmax: torch.Tensor  # (B, S-1)
     nll: torch.Tensor  # (B, S-1)
 
+    def head(self, positions: int) -> "_Reference":
+        """The reference of the first `positions` positions only (a prefix of the blocks)."""
+        def cut(t):
+            return None if t is None else t[:, :positions]
+        return _Reference(cut(self.probs), cut(self.index), cut(self.rest), cut(self.prob_sum), cut(self.neg_entropy),
+                          cut(self.argmax), cut(self.nll))
+
     def cross(self, part: slice, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
         """sum p log q of the logits chunk `z` (B, positions, V) at `part`. Top-k: the tokens outside the
         top k are one bucket whose q is q's mass outside them."""
@@ -110,6 +117,10 @@ class _Reference:
         head = _cross(self.probs[:, part], self.prob_sum[:, part], top_z, lse)
         return head + torch.xlogy(self.rest[:, part], _tail_mass(top_z, lse))
 
+
+# Blocks answered together by generation (ProxyEvaluator with `generate`): a decode step of 8 sequences costs
+# little more than one of 1 on a CPU (it reads the same weights), and their caches stay small.
+GENERATE_BATCH = 8
 
 # Positions per elementwise pass: small enough that a chunk's (B, positions, V) temporaries stay in cache.
 # The passes are memory-bound: on SmolLM2's 49k vocabulary, 8 positions at a time with logsumexp instead of
@@ -229,23 +240,26 @@ class ProxyEvaluator:
     the original's k most likely tokens per position plus the remaining mass (None: the whole distribution,
     B x S x V floats, 16.8 GB at 16 x 2,048 tokens of a 128k vocabulary). The top-k KL treats the other
     tokens as one bucket: by the log-sum inequality it is a lower bound of the exact KL, equal when k covers
-    the vocabulary.
+    the vocabulary. With `generate`, every block is served as a deployed model serves it: prefilled into the
+    hybrid cache up to its first answer, each fact answered by greedy decode steps (`_answer`, blocks of one
+    layout as a batch); the original's own retrieval is measured the same way.
     """
 
     def __init__(self, model, blocks: PlantedBlocks | torch.Tensor, batch_size: int = 4,
-                 reference_top_k: int | None = DEFAULT_TOP_K):
+                 reference_top_k: int | None = DEFAULT_TOP_K, generate: bool = False):
         if reference_top_k is not None and reference_top_k < 1:
             raise UserError(f"proxy.reference_top_k: {reference_top_k}; allowed: an integer >= 1, or None (exact)")
         self.model = model
         self.blocks = blocks if isinstance(blocks, PlantedBlocks) else PlantedBlocks.plain(blocks)
         self.batch_size = batch_size
+        self.generate = generate and self.blocks.num_facts > 0
         self.reference_top_k = reference_top_k
         self.device = model.get_input_embeddings().weight.device
         self.reference: list[_Reference] = []
         facts = []
-        for rows, ids, logits in self._logits():
-            self.reference.append(reference_of(logits, ids[:, 1:], reference_top_k))
-            facts.append(self._facts_of(rows, ids, logits))
+        for rows, ids, logits, generated in self._scored_batches():  # the original, served as the plans will be
+            self.reference.append(reference_of(logits, ids[:, 1:logits.shape[1] + 1], reference_top_k))
+            facts.append(generated if generated is not None else self._facts_of(rows, ids, logits))
         self.original_per_fact = {m.name: torch.cat([m.values(f) for f in facts]).tolist() for m in self._retrieval()}
         self.original = {name: sum(v) / len(v) for name, v in self.original_per_fact.items()}
 
@@ -280,19 +294,93 @@ class ProxyEvaluator:
                                 f"(proxy.facts >= 1)")
         return chosen
 
+    def _groups(self) -> list[list[int]]:
+        """Blocks whose queries and answers sit at the same positions (blocks planted with shared keys, where the
+        codes tokenize alike), at most GENERATE_BATCH per group: their answers are generated as one batch."""
+        groups: dict[tuple, list[list[int]]] = {}
+        for row in range(self.blocks.num_blocks):
+            layout = (tuple(self.blocks.answer_start[row].tolist()), tuple(self.blocks.answer_len[row].tolist()))
+            batches = groups.setdefault(layout, [[]])
+            if len(batches[-1]) == GENERATE_BATCH:
+                batches.append([])
+            batches[-1].append(row)
+        return [batch for batches in groups.values() for batch in batches]
+
+    def _served_batches(self):
+        """Per block, (rows, ids (1, S), next-token logits of the positions before its first answer, FactStats):
+        each block's text up to its first answer prefilled into its own `HybridCache` (every scored position lies
+        before the queries), then the facts of a group of blocks (`_groups`) answered together by generation
+        through their caches stacked into one batch (`_answer`); a group's facts come with its last block, the
+        others' stats are empty."""
+        from .cache import HybridCache, stack_caches
+
+        empty = FactStats(nll=torch.zeros(0), hit=torch.zeros(0))
+        for group in self._groups():
+            first = int(self.blocks.answer_start[group[0], 0])
+            caches, last = [], []
+            for position, row in enumerate(group):
+                rows = slice(row, row + 1)
+                ids = self.blocks.input_ids[rows].to(self.device)
+                with torch.inference_mode():
+                    cache = HybridCache(self.model)
+                    prefix = self.model(input_ids=ids[:, :first], cache=cache).logits  # (1, first, V)
+                caches.append(cache)
+                last.append(prefix[:, -1:])
+                facts = self._answer(group, stack_caches(caches), torch.cat(last)) if position == len(group) - 1 else empty
+                yield rows, ids, prefix[:, :-1], facts
+
+    def _answer(self, group: list[int], cache, logits: torch.Tensor) -> FactStats:
+        """The facts of `group`'s blocks answered by generation through `cache` (theirs, stacked, holding each
+        block up to its first answer), `logits` (G, 1, V) predicting each block's first answer token: every
+        answer token a greedy decode step of the batch (a fact is found when each step's argmax is its next
+        token), each next query fed through the same cache. Each step's input is the true token, which is the
+        generated one up to the first miss, so a hit is exactly greedy generation writing the answer, and the
+        answer NLL is the teacher-forced one. Facts in row-major order (block, then fact), as `fact_stats`."""
+        ids = self.blocks.input_ids[group].to(self.device)  # (G, S)
+        starts, lengths = self.blocks.answer_start[group[0]].tolist(), self.blocks.answer_len[group[0]].tolist()
+        nll, hit = [], []  # per fact: (G,)
+        fed = starts[0]
+        with torch.inference_mode():
+            for start, length in zip(starts, lengths):
+                if start > fed:  # the rest of the previous answer and this fact's query, as one chunk
+                    logits = self.model(input_ids=ids[:, fed:start], cache=cache, logits_to_keep=1).logits
+                steps = [logits]
+                for position in range(start, start + length - 1):  # one decode step per answer token
+                    steps.append(self.model(input_ids=ids[:, position:position + 1], cache=cache,
+                                            logits_to_keep=1).logits)
+                fed = start + length - 1
+                z = torch.cat(steps, dim=1).float()  # (G, A, V): the prediction of each answer token
+                target = ids[:, start:start + length]
+                nll.append(_target_nll(z, torch.logsumexp(z, dim=-1), target).mean(-1))
+                hit.append((z.argmax(dim=-1) == target).all(-1).float())
+        return FactStats(nll=torch.stack(nll, 1).flatten(), hit=torch.stack(hit, 1).flatten())
+
+    def _scored_batches(self):
+        """Per batch of blocks, (rows, ids, next-token logits, FactStats or None): with `generate`, one block at a
+        time served through the hybrid cache (`_served_batches`); else one forward of whole blocks, facts
+        teacher-forced."""
+        if self.generate:
+            yield from self._served_batches()
+            return
+        for rows, ids, logits in self._logits():
+            yield rows, ids, logits, None
+
     def measure(self, metrics=None) -> Measurement:
-        """Every metric (or those named) of the current plan, with the per-block and per-fact values."""
+        """Every metric (or those named) of the current plan, with the per-block and per-fact values. With
+        `generate`, planted facts are answered by generation through the hybrid cache (`_answer`), and token
+        metrics come from a forward of each block up to its queries (the same scored positions)."""
         chosen = self._chosen(metrics)
         on_tokens = [m for m in chosen if m.over == "tokens"]
         on_facts = [m for m in chosen if m.over == "facts"]
         per_block = {m.name: [] for m in on_tokens}
         per_fact = {m.name: [] for m in on_facts}
         totals, count = {m.name: 0.0 for m in on_tokens}, 0
-        for reference, (rows, ids, logits) in zip(self.reference, self._logits()):
+        for reference, (rows, ids, logits, generated) in zip(self.reference, self._scored_batches()):
             with torch.inference_mode():
                 if on_tokens:
-                    stats = token_stats(logits, ids[:, 1:], reference)
-                    mask = self.blocks.scored[rows].to(logits.device).float()  # (B, S-1): original text only
+                    positions = logits.shape[1]  # all of them, or those before the queries (generate)
+                    stats = token_stats(logits, ids[:, 1:positions + 1], reference.head(positions))
+                    mask = self.blocks.scored[rows][:, :positions].to(logits.device).float()  # original text only
                     tokens = mask.sum(1)
                     for metric in on_tokens:
                         sums = (metric.values(stats) * mask).sum(1)
@@ -300,7 +388,7 @@ class ProxyEvaluator:
                         totals[metric.name] += sums.sum().item()
                     count += int(tokens.sum().item())
                 if on_facts:
-                    facts = self._facts_of(rows, ids, logits)
+                    facts = generated if generated is not None else self._facts_of(rows, ids, logits)
                     for metric in on_facts:
                         per_fact[metric.name] += metric.values(facts).tolist()
         if on_tokens and not count:

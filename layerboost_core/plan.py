@@ -30,6 +30,8 @@ class LayerPlan:
         for index, name in enumerate(self.layers):
             if name not in OPTIONS:
                 raise UserError(f"plan: layer {index} has unknown option {name!r}; {did_you_mean(name, OPTIONS)}")
+        # the compact form, once: the search and its surrogates key, compare and print plans by it constantly
+        object.__setattr__(self, "_text", "".join(OPTIONS.get(n).code for n in self.layers))
 
     @classmethod
     def uniform(cls, option: str, num_layers: int) -> "LayerPlan":
@@ -50,7 +52,7 @@ class LayerPlan:
         return cls(tuple(names))
 
     def __str__(self) -> str:
-        return "".join(OPTIONS.get(n).code for n in self.layers)
+        return self._text
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -2,6 +2,7 @@
 it) the bank. Settings come in as typed values; reading a config file is the application's job."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 
@@ -42,9 +43,10 @@ class DataSettings:
     # Tokens per calibration/train block (the bank's attention transfer, healing); None: workload.prefill.
     seq_len: int | None = None
     fractions: dict = field(default_factory=lambda: {"calibration": 0.1, "train": 0.6, "heldout": 0.3})
-    # Cap per split (None: all). Held-out blocks are the proxy's, at the workload's context: one 2,048-token
-    # block is the least text at that context (RESULTS.md, search wall time); use more blocks on a GPU.
-    blocks: dict = field(default_factory=lambda: {"calibration": 8, "train": None, "heldout": 1})
+    # Cap per split (None: all). Held-out blocks are the proxy's, at the workload's prompt length: two 512-token
+    # blocks hold 16 planted facts, the fewest that tell a plan losing retrieval from one keeping it often enough
+    # to steer the search (one block's 8 let most through to fail at the confirmation rung); more on a GPU.
+    blocks: dict = field(default_factory=lambda: {"calibration": 8, "train": None, "heldout": 2})
     heldout_seq_len: int | None = None  # tokens per held-out block; None: workload.prefill
     mix_sources: bool = True  # held-out blocks drawn across every source of the whole split, not its first documents
 
@@ -58,15 +60,16 @@ class ProxySettings:
     reference_top_k: int | None = DEFAULT_TOP_K
     # Facts planted in each held-out block and queried together at its end (facts.py): retrieval scored from
     # the same forward as the KL, which skips their tokens. 16 per 2,048-token block costs no extra forward and
-    # separates plans (the original finds ~47 of 48, all-`linear` none); 0: no retrieval metrics.
-    facts: int = 16
+    # separates plans (the original finds ~47 of 48, all-`linear` none); 0: no retrieval metrics; null: one per
+    # 64 tokens of the held-out blocks, at most 16 (facts.facts_for), decided in WorkbenchSettings.
+    facts: int | None = None
     fact_seed: int = 0
     batch_size: int = 4
 
     def __post_init__(self):
         if self.reference_top_k is not None and self.reference_top_k < 1:
             raise UserError(f"proxy.reference_top_k: {self.reference_top_k}; allowed: an integer >= 1, or null (exact)")
-        if not 0 <= self.facts <= MAX_FACTS:
+        if self.facts is not None and not 0 <= self.facts <= MAX_FACTS:
             raise UserError(f"proxy.facts: {self.facts}; allowed: 0 to {MAX_FACTS} facts per block")
         if self.batch_size < 1:
             raise UserError(f"proxy.batch_size: {self.batch_size}; allowed: an integer >= 1")
@@ -98,6 +101,20 @@ class WorkbenchSettings:
         if data.seq_len is None or data.heldout_seq_len is None:
             object.__setattr__(self, "data", replace(data, seq_len=data.seq_len or prefill,
                                                      heldout_seq_len=data.heldout_seq_len or prefill))
+        if self.proxy.facts is None:
+            from .facts import facts_for
+
+            object.__setattr__(self, "proxy", replace(self.proxy, facts=facts_for(self.data.heldout_seq_len)))
+
+    def record(self) -> dict:
+        """What a plan's numbers were made with, as config sections (plan JSON `made_with`): the model (not its
+        device or dtype: where it runs), data, workload, option settings (`attention`), proxy and transfer
+        settings. `export|heal|bench|eval plan=<file>` adopt it, so the file alone rebuilds the same bank."""
+        m = self.model
+        return json.loads(json.dumps({
+            "model": {"name": m.name, "source": m.source, "fallback_source": m.fallback_source},
+            "data": asdict(self.data), "workload": asdict(self.workload), "attention": self.options,
+            "proxy": asdict(self.proxy), "transfer": asdict(self.transfer)}))
 
 
 @dataclass

@@ -21,9 +21,11 @@ from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_core.space import SearchSpace
 
+from .objectives import predicted_constraints, retrieval_shortfall, speed_of
 from .settings import ObjectiveSettings
 from .space import distributions, suggest
-from .study import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, Heartbeat, fail_stale, storage_url_of, waiting_trial_lock
+from .study import (FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, REQUEUED_ATTR, Heartbeat, fail_stale, pop_requeued, storage_url_of,
+                    waiting_trial_lock)
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,17 @@ class SearchRun:
     drivers racing for one plan or the last slot at least one sees the other; both may back off (one retries).
     """
 
-    def __init__(self, objective: ObjectiveSettings, context_tokens: int, space: SearchSpace, objectives,
-                 study: optuna.Study, cost, runner, config_for_plan, surrogate=None,
-                 retrieval_floor: float | None = None):
-        """`context_tokens`: the workload's tokens per sequence (what KV bytes are counted at); `surrogate`: an
-        optional `SurrogateFeed` whose proposals are enqueued as the search runs; `retrieval_floor`: the
-        `retrieval_acc` a plan must keep to be feasible (known only once it is evaluated)."""
-        self.objective, self.context_tokens, self.retrieval_floor = objective, context_tokens, retrieval_floor
+    def __init__(self, objective: ObjectiveSettings, space: SearchSpace, objectives, study: optuna.Study, cost,
+                 runner, surrogate=None, retrieval_floor: float | None = None, retrieval_facts: int = 0):
+        """`cost`: the serving cost model at the workload (serving_cost.ServingCostModel: every plan's predicted
+        TTFT, TPOT, throughput, request latency and cache bytes); `surrogate`: an optional `SurrogateFeed` whose
+        proposals are enqueued as the search runs; `retrieval_floor`: the `retrieval_acc` a plan must keep to be
+        feasible (known only once it is evaluated), judged over the `retrieval_facts` facts the proxy plants
+        (objectives.retrieval_shortfall: only a plan certainly below it is infeasible)."""
+        self.objective, self.retrieval_floor, self.retrieval_facts = objective, retrieval_floor, retrieval_facts
         self.space, self.objectives, self.study = space, objectives, study
-        self.cost, self.runner, self.config_for_plan, self.surrogate = cost, runner, config_for_plan, surrogate
+        self.cost, self.runner, self.surrogate = cost, runner, surrogate
+        self.speed = speed_of(objectives)
         self.in_flight: dict[int, tuple] = {}  # trial number -> (trial, plan)
         self.dtypes_seen: set[str] = set()  # the dtypes evaluations of this run came back at
         self.ask_lock = waiting_trial_lock(storage_url_of(study))
@@ -65,14 +69,8 @@ class SearchRun:
         return sum(t.state == TrialState.COMPLETE or FEASIBLE_ATTR in t.user_attrs for t in self._claims(own))
 
     def constraints(self, plan: LayerPlan) -> dict[str, float]:
-        """Named constraints known before evaluation (feasible when every value is <= 0)."""
-        o = self.objective
-        values = {}
-        if o.latency_ceiling is not None:
-            values["latency_ceiling"] = self.cost.latency(plan) - float(o.latency_ceiling)
-        if o.memory_ceiling is not None:
-            values["memory_ceiling"] = float(self.kv_bytes(plan)) - float(o.memory_ceiling)
-        return values
+        """Named constraints known before evaluation (objectives.predicted_constraints)."""
+        return predicted_constraints(self.objective, self.cost, plan)
 
     @staticmethod
     def _record_constraints(trial, constraints: dict[str, float]) -> None:
@@ -82,19 +80,20 @@ class SearchRun:
             trial.set_constraint(name, value)
         trial.set_user_attr(FEASIBLE_ATTR, all(v <= 0 for v in constraints.values()))
 
-    def kv_bytes(self, plan: LayerPlan) -> int:
-        from layerboost_surrogates.cost_model import kv_bytes_per_sequence
-
-        model = self.config_for_plan["model_config"]
-        return kv_bytes_per_sequence(plan, model, self.config_for_plan["option_settings"],
-                                     self.context_tokens, self.config_for_plan["bytes_per_value"])
+    def predicted_attrs(self, plan: LayerPlan) -> dict:
+        """What the cost model predicts for `plan` at the workload, as trial user attrs (trials.csv columns)."""
+        served = self.cost.predict(plan)
+        return {"ttft_s": served.ttft_s, "tpot_s": served.tpot_s, "throughput_tok_s": served.throughput,
+                "latency_s": served.latency_s, "concurrency": served.concurrency,
+                "kv_bytes": self.cost.kv_bytes(plan)}
 
     def _ask(self, budget: int) -> str:
         """Ask one trial and submit it: "submitted", "skipped" (duplicate or outside the space) or "backed off"
         (the last budget slot went to another driver; a queued plan goes back in the queue)."""
         with warnings.catch_warnings(), self.ask_lock:  # ask/tell with our own heartbeat thread, not optimize
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = self.study.ask(distributions(self.space))
+            fixed = distributions(self.space)
+            trial = pop_requeued(self.study, fixed) or self.study.ask(fixed)  # a stopped driver's plan first
         self.heartbeat.add(trial._trial_id)
         queued = LABEL_ATTR in trial.user_attrs  # enqueued plans carry their label
         plan = suggest(self.space, trial)
@@ -124,18 +123,23 @@ class SearchRun:
         self.heartbeat.discard(trial._trial_id)
         if not requeue:
             return "skipped"
-        self.study.enqueue_trial(trial.params, user_attrs={LABEL_ATTR: trial.user_attrs[LABEL_ATTR]})
+        kept = {k: trial.user_attrs[k] for k in (LABEL_ATTR, REQUEUED_ATTR) if k in trial.user_attrs}
+        self.study.enqueue_trial(trial.params, user_attrs=kept)  # a re-queued plan stays first in line
         return "backed off"
 
-    def _enqueue_surrogate_plans(self, done: int) -> None:
-        """Ask the surrogate for plans once the queue (seeds, earlier proposals) has drained."""
+    def _enqueue_surrogate_plans(self, done: int, budget: int) -> None:
+        """Ask the surrogate for plans once the queue (seeds, earlier proposals) has drained; no more than the
+        budget has slots left, so a run that reaches its budget leaves no proposal waiting."""
         waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if waiting:
             return
         claims = self._claims(-1)
+        slots = budget - self._slots_taken()
+        if slots <= 0:
+            return
         completed = [(LayerPlan.from_string(t.user_attrs[PLAN_ATTR]), t.values[0])
                      for t in claims if t.state == TrialState.COMPLETE]
-        for plan in self.surrogate.propose(done, completed, {t.user_attrs[PLAN_ATTR] for t in claims}):
+        for plan in self.surrogate.propose(done, completed, {t.user_attrs[PLAN_ATTR] for t in claims})[:slots]:
             self.study.enqueue_trial(self.space.params_of(plan), user_attrs={LABEL_ATTR: "surrogate"})
 
     def _tell_once(self, number: int, result: dict) -> bool:
@@ -182,18 +186,18 @@ class SearchRun:
         if "dtype" in result:
             trial.set_user_attr("dtype", result["dtype"])
             self._note_dtype(result["dtype"])
+        predicted = self.predicted_attrs(plan)
+        for name, value in predicted.items():
+            trial.set_user_attr(name, value)
         values = []
         for objective in self.objectives:
-            if objective.name == "latency_s":
-                values.append(self.cost.latency(plan))
-            elif objective.name == "kv_bytes":
-                values.append(float(self.kv_bytes(plan)))
+            if objective.name in predicted:  # the speed objective, kv_bytes
+                values.append(float(predicted[objective.name]))
             else:
                 values.append(metrics[objective.name])
-        trial.set_user_attr("latency_s", self.cost.latency(plan))
-        trial.set_user_attr("kv_bytes", self.kv_bytes(plan))
         if self.retrieval_floor is not None:  # a constraint that needs the evaluation: added before tell
-            floor = {"retrieval_floor": self.retrieval_floor - metrics["retrieval_acc"]}
+            floor = {"retrieval_floor": retrieval_shortfall(metrics["retrieval_acc"], self.retrieval_facts,
+                                                            self.retrieval_floor)}
             trial.set_constraint("retrieval_floor", floor["retrieval_floor"])
             trial.set_user_attr(FEASIBLE_ATTR, all(v <= 0 for v in {**self.constraints(plan), **floor}.values()))
         self.study.tell(trial, values)
@@ -212,7 +216,7 @@ class SearchRun:
                     fail_stale(self.study)
                     last_stale_check = time.monotonic()
                 if self.surrogate is not None and self.surrogate.due(done):
-                    self._enqueue_surrogate_plans(done)
+                    self._enqueue_surrogate_plans(done, budget)
                 while len(self.in_flight) < self.runner.capacity and self._slots_taken() < budget:
                     outcome = self._ask(budget)
                     if outcome == "backed off":

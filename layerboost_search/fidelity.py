@@ -55,7 +55,10 @@ def rung_blocks(tokenizer, rungs, name: str, data, prefill: int, fact_seed: int 
         raise UserError(f"fidelity.rungs: rung {name!r} asks for {rung.blocks} block(s) of {rung.seq_len(prefill)} "
                         f"tokens; the held-out text of {source!r} left after the proxy and the earlier rungs gives "
                         f"{blocks.shape[0]}")
-    return plant_facts(tokenizer, blocks, rung.facts, seed=f"{fact_seed}:{name}")  # not the proxy's facts again
+    # planted with the rung's own seed (not the proxy's facts again); a rung answered by generation asks every block
+    # about the same keys, so its blocks are answered as one batch
+    return plant_facts(tokenizer, blocks, rung.facts_per_block(prefill), seed=f"{fact_seed}:{name}",
+                       shared_keys=rung.generate)
 
 
 def split_job(text: str) -> tuple[str, str]:
@@ -87,13 +90,14 @@ def is_original(plan: str) -> bool:
     return set(plan) == {"S"}
 
 
-def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float | None, floor: float = 0.0) -> list:
-    """Up to `k` trials of the latency-sorted proxy `front` worth re-measuring: the plans the best-plan files can
+def ladder_candidates(front: list, k: int, bars, shares, reference_cost: float | None, cost_of, floor: float = 0.0) -> list:
+    """Up to `k` trials of the fastest-first proxy `front` worth re-measuring: the plans the best-plan files can
     name. In order: all-softmax (the reference every "kept" share and retrieval is read against), for each
-    quality bar the fastest plan keeping it at the proxy (see `retained`), for each latency target (a share of
-    all-softmax latency) the plan keeping the most under it, then plans spread over the front. Spreading alone
-    spent most re-measurements on plans far past any bar a user accepts; plans keeping less than `floor` at
-    the proxy (the quality floor of every best file) are not candidates."""
+    quality bar the fastest plan keeping it at the proxy (see `retained`), for each speed target (`shares` of
+    all-softmax's cost `reference_cost`; `cost_of(trial)` is a trial's) the plan keeping the most within it,
+    then plans spread over the front. Spreading alone spent most re-measurements on plans far past any bar a
+    user accepts; plans keeping less than `floor` at the proxy (the quality floor of every best file) are not
+    candidates."""
     picks: list = []
 
     def add(trial) -> None:
@@ -105,9 +109,9 @@ def ladder_candidates(front: list, k: int, bars, targets, softmax_latency: float
     add(next((t for t in front if is_original(t.user_attrs.get(PLAN_ATTR, ""))), None))
     for bar in bars:
         add(next((t for t in front if kept[t.number] >= bar), None))  # front is sorted fastest first
-    if softmax_latency:
-        for target in targets:
-            under = [t for t in front if t.values[1] <= target * softmax_latency]
+    if reference_cost:
+        for share in shares:
+            under = [t for t in front if cost_of(t) <= share * reference_cost]
             add(max(under, key=lambda t: kept[t.number]) if under else None)
     for trial in [*spread(front, k), *front]:
         add(trial)
@@ -137,26 +141,30 @@ def rung_scores(study) -> dict[str, dict[int, dict]]:
     return scores
 
 
-def climb(study, runner, candidates: list, rungs, plan_of, progress: bool) -> None:
+def climb(study, runner, candidates: list, rungs, plan_of, progress: bool) -> list[str]:
     """Measure every candidate trial at every rung, skipping those the study already has (resumable).
-    `plan_of(trial)` gives the plan string; failures are logged and left unmeasured."""
+    `plan_of(trial)` gives the plan string; failures are logged and left unmeasured. Returns the rung name of
+    each measurement made (what the run counts as its work)."""
     done = rung_scores(study)
     todo = [(rung, t) for rung in rungs for t in candidates
             if done.get(rung.name, {}).get(t.number, {}).get("settings") != dataclasses.asdict(rung)]
     if not todo:
-        return
+        return []
     from tqdm.auto import tqdm
 
     log.info("fidelity ladder: %d measurement(s) of %d front candidate(s) at %s", len(todo), len(candidates),
              ", ".join(r.name for r in rungs))
     for rung, trial in todo:
         runner.submit((rung, trial.number), "evaluate_at", f"{rung.name}{SEPARATOR}{plan_of(trial)}")
+    measured = []
     for _ in tqdm(todo, desc="fidelity", unit="plan", disable=not progress):
         (rung, number), result = runner.next_result()
         if "error" in result:
             log.warning("fidelity %s of trial %d failed: %s", rung.name, number, result["error"])
             continue
         record_rung(study, rung, number, result)
+        measured.append(rung.name)
+    return measured
 
 
 # --- reading the ladder (in the report) -------------------------------------------------------------------------

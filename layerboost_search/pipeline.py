@@ -19,18 +19,18 @@ from layerboost_core.tables import write_csv
 from layerboost_core.head_scores import head_score_rows
 from layerboost_core.workbench import attach_bank, attach_head_choices, bank_id_or_none, needs_bank, open_workbench
 from layerboost_core.workload import Workload
-from layerboost_surrogates.cost_model import cost_model, kv_bytes_per_sequence
+from layerboost_surrogates.serving_cost import serving_cost_model
 
 from .driver import SearchRun, enqueue_seeds
-from .fidelity import climb, ladder_candidates, rung_blocks
-from .latency import measure_latencies
-from .objectives import declare_objectives, needs_retrieval
-from .picks import KEEP_BARS, LATENCY_TARGETS, floors_of, retrieval_floor
-from .report import ORIGINAL_ATTR, front_trials, write_report
+from .fidelity import climb, is_original, ladder_candidates, rung_blocks
+from .objectives import SPEEDS, declare_objectives, needs_retrieval, speed_of
+from .picks import KEEP_BARS, floors_of, retrieval_floor
+from .speed import measure_serving
+from .report import ORIGINAL_ATTR, front_trials, speed_of_study, write_report
 from .runner import make_runner
 from .seeds import retrieval_critical, seed_plans
 from .space import narrow
-from .settings import EvalSettings, FidelitySettings, SearchSettings
+from .settings import SearchSettings
 from .study import PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_eval, storage_url, study_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WORKLOAD_ATTR = "workload"  # study user attr: the workload the study's latencies were predicted for
 STAGES_ATTR = "last_run_stages"  # study user attr: {stage: wall seconds} of the last run_search on it
 SPACE_ATTR = "searched_options"  # study user attr: the options the study searches (the space once narrowed)
+MADE_WITH_ATTR = "made_with"  # study user attr: the workbench settings its plans were measured with (plan JSON)
 
 
 def scores_by_runner(runner, jobs: dict, progress: bool) -> dict:
@@ -69,7 +70,7 @@ class Prepared:
     settings: SearchSettings
     bench: object  # layerboost_core.workbench.Workbench
     space: SearchSpace
-    cost: object  # AdditiveCostModel at the workload
+    cost: object  # ServingCostModel at the workload, pricing plans by the searched speed metric
     notes: list[str]  # one line per option not searched, and why
 
 
@@ -84,14 +85,15 @@ def prepare(settings: SearchSettings, stage=None) -> Prepared:
     with stage("head scores"):
         attach_head_choices(bench, space_options(space))  # a `mixed` option's kept heads, before anything is priced
     with stage("cost model"):
-        cost = cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload,
-                          options=priced_options(space))
-    kv = None
-    if settings.objective.memory:  # whole-model KV of each uniform plan (a one-layer price misses Gemma's local layers)
-        n = bench.switcher.num_layers
-        kv = {o: kv_bytes_per_sequence(LayerPlan.uniform(o, n), bench.model.config, bench.settings.options,
-                                       settings.workload.context, bench.model.dtype.itemsize) for o in space.options}
-    space, dominated = narrow(space, bench.model.config, facts, cost, kv, settings.space.get("prune_dominated", True))
+        cost = serving_cost_model(bench.switcher, bench.info, bench.settings.options, settings.workload,
+                                  priced_options(space), speed=settings.speed)
+    stage.add("cost model", cost.measured_work)
+    # Cache bytes decide when they limit the concurrency (a memory budget), are an objective or have a ceiling.
+    kv_matters = (settings.workload.memory_bound or settings.objective.memory
+                  or settings.objective.memory_ceiling is not None
+                  or settings.objective.ceilings.get("kv_bytes") is not None)
+    space, dominated = narrow(space, bench.model.config, facts, cost, kv_matters,
+                              settings.space.get("prune_dominated", True))
     for note in notes + dominated:
         log.info("not searched: %s", note)
     # The study is named by the space asked for, not by this machine's timings (drivers on other machines, or
@@ -131,10 +133,27 @@ def space_needs_bank(space: SearchSpace) -> bool:
 
 class Stages:
     """Wall seconds of each stage of this run, in order: logged as each ends, kept in the study (`last_run_stages`)
-    and shown in summary.md, so a user sees what the run spent where."""
+    and shown in summary.md, so a user sees what the run spent where; and, where counted, the forward passes and
+    tokens a stage ran (`work`): what a slower machine pays in proportion, where seconds only say this one's."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.work: dict[str, dict] = {}
+
+    def count(self, name: str, items, blocks: int, tokens_per_block: int):
+        """Record `len(items)` evaluations of `blocks` blocks of `tokens_per_block` tokens under stage `name`;
+        returns `items` (so it wraps a call)."""
+        forwards = len(items) * int(blocks)
+        self.add(name, {"forwards": forwards, "tokens": forwards * int(tokens_per_block)})
+        return items
+
+    def add(self, name: str, work: dict | None) -> None:
+        """Record `work` ({"forwards", "tokens"}, or None: nothing) under stage `name`."""
+        if not work:
+            return
+        mine = self.work.setdefault(name, {"forwards": 0, "tokens": 0})
+        mine["forwards"] += int(work["forwards"])
+        mine["tokens"] += int(work["tokens"])
 
     @contextmanager
     def __call__(self, name: str):
@@ -148,7 +167,7 @@ def run_search(settings: SearchSettings) -> Path:
     """The whole search for `settings` (its Optuna sampler built from `settings.sampler`); returns the run
     directory."""
     stage = Stages()
-    objectives = declare_objectives(settings.objective)
+    objectives = declare_objectives(settings.objective, settings.speed)
     sampler = settings.build_sampler()  # a bad sampler is refused before minutes of loading and training
     if needs_retrieval(settings.objective) and not settings.workbench.proxy.facts:
         raise UserError(f"proxy.facts: 0, but objective.retrieval={settings.objective.retrieval} reads "
@@ -159,12 +178,8 @@ def run_search(settings: SearchSettings) -> Path:
     settings, bench, space, cost = prepared.settings, prepared.bench, prepared.space, prepared.cost
     workload, options = settings.workload, settings.workbench.options
     info, n = bench.info, bench.switcher.num_layers
-    softmax_latency = cost.latency(LayerPlan.uniform("softmax", n))
-    ceiling = settings.objective.latency_ceiling
-    fastest = cost.fastest(space.options)
-    if ceiling is not None and ceiling < fastest:
-        raise UserError(f"objective.latency_ceiling: {ceiling} s cannot be met; the fastest plan in the space is "
-                        f"predicted at {fastest:.3f} s (all-softmax {softmax_latency:.3f} s) for this workload")
+    reference = reference_serving(cost, n)
+    _check_ceilings(settings, cost, space)
     _check_rungs(settings, bench)  # a rung the held-out text cannot fill is refused now, not after the search
     with_bank = space_needs_bank(space)
     if with_bank:
@@ -177,11 +192,14 @@ def run_search(settings: SearchSettings) -> Path:
     study = open_study(url, name, objectives, sampler, settings.heartbeat_interval, settings.grace_period)
     if WORKLOAD_ATTR not in study.user_attrs:  # what `layerboost report` compares a new workload against
         study.set_user_attr(WORKLOAD_ATTR, asdict(workload))
+    if MADE_WITH_ATTR not in study.user_attrs:  # what its best files were made with (a report may ask otherwise)
+        study.set_user_attr(MADE_WITH_ATTR, settings.workbench.record())
     space = searched_space(study, space)
     run_dir = Path(settings.output_dir) / "runs" / name
     fail_stale(study)  # trials whose driver stopped (other drivers' live trials are left running)
 
     progress = settings.workbench.progress
+    proxy_tokens = settings.workbench.data.blocks.get("heldout") or 0, settings.workbench.data.heldout_seq_len
     with stage("evaluators"):
         runner = make_runner(settings.evaluator(with_bank), settings.runner, bench.bank)
     try:
@@ -190,47 +208,88 @@ def run_search(settings: SearchSettings) -> Path:
         with stage("sensitivity"):
             rows = cached_sensitivity_rows(
                 bench.scoring_key(), n,
-                lambda jobs: scores_by_runner(runner, jobs, progress), sensitivity_options(space))
+                lambda jobs: stage.count("sensitivity", scores_by_runner(runner, jobs, progress), *proxy_tokens),
+                sensitivity_options(space))
         write_csv(run_dir / "sensitivity.csv", rows)
         if bench.head_scores is not None:
             write_csv(run_dir / "head_scores.csv", head_score_rows(bench.head_scores))
         sensitivity_heatmap(rows, run_dir / "sensitivity.html", title=f"{info['name']}: single-layer swaps")
-        critical = retrieval_critical(rows, floor if settings.objective.retrieval == "floor" else None)
+        facts = int(study.user_attrs[ORIGINAL_ATTR].get("facts", 0))  # planted in the proxy's blocks
+        critical = retrieval_critical(rows, floor if settings.objective.retrieval == "floor" else None, facts)
         if critical:
             log.info("retrieval needs softmax at %s (each swap alone loses the floor): seeds and surrogate keep them",
                      ", ".join(f"layer {layer} ({option})" for layer, option in sorted(critical)))
         seeded = enqueue_seeds(study, space, seed_plans(rows, n, space=space, cost=cost, critical=critical))
         if seeded:
             log.info("enqueued %d seed plans", seeded)
-        context_for_plan = {"model_config": bench.model.config, "option_settings": options,
-                            "bytes_per_value": bench.model.dtype.itemsize}
-        surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, context_for_plan, critical)
-        search = SearchRun(settings.objective, workload.context, space, objectives, study, cost, runner,
-                           context_for_plan, surrogate, floor if settings.objective.retrieval == "floor" else None)
+        surrogate = make_surrogate_feed(settings, space, cost, rows, objectives, critical)
+        search = SearchRun(settings.objective, space, objectives, study, cost, runner, surrogate,
+                           floor if settings.objective.retrieval == "floor" else None, facts)
         with stage("search"):
+            before = search.completed()
             search.run(settings.budget, progress=progress)
+            stage.count("search", range(search.completed() - before), *proxy_tokens)
         with stage("confirmation"):
-            candidates = _climb_fidelity_ladder(settings.fidelity, study, runner, softmax_latency, progress)
+            candidates = _climb_fidelity_ladder(settings, study, runner, reference, progress, stage)
         with stage("lm-eval"):
-            _score_front_with_lm_eval(settings.eval, study, runner, softmax_latency, settings.fidelity, progress)
+            _score_front_with_lm_eval(settings, study, runner, reference, progress)
     finally:
         runner.close()
-    # Timed only now, with the evaluators gone: a measured latency is the plan's alone, not a share of the CPU.
-    with stage("latency"):
-        measure_latencies(study, bench.switcher, candidates, workload, settings.fidelity.latency_rounds, cost,
-                          settings.seed)
+    # Timed only now, with the evaluators gone: a measured speed is the plan's alone, not a share of the CPU.
+    with stage("serving"):
+        served = _servable(study, candidates, settings)
+        stage.add("serving", measure_serving(study, bench.switcher, served, workload, settings.fidelity.serving_rounds,
+                                             cost, settings.seed))
     study.set_user_attr(STAGES_ATTR, stage.seconds)
 
     context = {"model": info, "settings": options, "bank_id": bank_id, "workload": asdict(workload),
-               "layer_kinds": layer_kinds(bench.model), "stages": stage.seconds, "not_searched": prepared.notes,
-               "study": name, "storage": url, "softmax_latency": softmax_latency}
+               "made_with": study.user_attrs[MADE_WITH_ATTR], "layer_kinds": layer_kinds(bench.model),
+               "stages": stage.seconds, "work": stage.work, "not_searched": prepared.notes, "study": name,
+               "storage": url, "reference": reference}
     printed = write_report(study, objectives, run_dir, context, settings.fidelity.rungs, settings.fidelity.pick_rung,
                            floors_of(settings.fidelity, settings.objective, _original(study)))
+    speed = SPEEDS[settings.speed]
     print(f"\nSearch {name}: {len(front_trials(study))} plans on the proxy front; all-softmax predicted at "
-          f"{softmax_latency:.3f} s\n")
+          f"{reference[speed.column]:.4g} {speed.unit} ({speed.label})\n")
     print(printed)
     print(f"\nreport: {run_dir}   dashboard: optuna-dashboard {url}")
     return run_dir
+
+
+def reference_serving(cost, num_layers: int) -> dict:
+    """All-softmax's predicted serving (what every share in the report is of), as trial-attr-like values."""
+    plan = LayerPlan.uniform("softmax", num_layers)
+    served = cost.predict(plan)
+    return {"ttft_s": served.ttft_s, "tpot_s": served.tpot_s, "throughput_tok_s": served.throughput,
+            "latency_s": served.latency_s, "concurrency": served.concurrency, "kv_bytes": cost.kv_bytes(plan)}
+
+
+def _check_ceilings(settings: SearchSettings, cost, space) -> None:
+    """A latency ceiling no plan of the space can meet is refused before any training."""
+    ceiling = settings.objective.latency_ceiling
+    if ceiling is None:
+        return
+    latency = cost.with_speed("latency")
+    fastest = latency.fastest(space.options)
+    if ceiling < fastest:
+        softmax = latency.latency(LayerPlan.uniform("softmax", cost.num_layers))
+        raise UserError(f"objective.latency_ceiling: {ceiling} s cannot be met; the fastest plan in the space is "
+                        f"predicted at {fastest:.3f} s (all-softmax {softmax:.3f} s) for this workload")
+
+
+def _servable(study, candidates: list, settings: SearchSettings) -> list:
+    """The candidates worth serving: all of them when confirmation is off, else those that keep the floors at
+    the pick rung (the others are never offered: serving them would only spend minutes)."""
+    from .report import Ladder, gather_evidence
+
+    if not settings.fidelity.rungs or not candidates:
+        return candidates
+    objectives = declare_objectives(settings.objective, settings.speed)
+    ladder = Ladder(study, objectives, settings.fidelity.rungs)
+    floors = floors_of(settings.fidelity, settings.objective, _original(study))
+    evidence = {e.number: e for e in gather_evidence(study, ladder, settings.fidelity.pick_rung, candidates, None)}
+    return [t for t in candidates if t.number in evidence and evidence[t.number].shortfall(
+        replace(floors, ceilings={})) is None]  # ceilings are judged on the measured serving itself
 
 
 def _check_rungs(settings: SearchSettings, bench) -> None:
@@ -279,44 +338,48 @@ def sensitivity_options(space: SearchSpace) -> tuple[str, ...]:
     return tuple(sorted(space_options(space) - {"softmax"} | {"none"}))
 
 
-def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows, objectives, context_for_plan,
-                        critical=frozenset()):
+def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows, objectives, critical=frozenset()):
     """The search's surrogate feed (None when `surrogate.enabled=false`); it proposes no plan holding a
     `critical` (layer, option) choice (one that alone loses the retrieval floor, seeds.retrieval_critical)."""
-    from layerboost_surrogates.solver import kv_per_layer
-
     from .surrogate_feed import SurrogateFeed
 
-    kv = kv_per_layer(set(space.options) | set(space.pinned.values()), context_for_plan["model_config"],
-                      context_for_plan["option_settings"], settings.workload.context,
-                      context_for_plan["bytes_per_value"])
-    return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective, kv,
+    return SurrogateFeed.maybe(settings.surrogate, space, cost, sensitivity_rows, objectives, settings.objective,
                                critical)
 
 
-def _candidates(study, k: int, f: FidelitySettings, softmax_latency: float) -> list:
+def _candidates(study, k: int, settings: SearchSettings, reference: dict) -> list:
     """The `k` proxy-front trials a best-plan file could name (fidelity.ladder_candidates), among those whose
     proxy agreement keeps the quality floor: the others could never be offered."""
-    return ladder_candidates(front_trials(study), k, KEEP_BARS, LATENCY_TARGETS, softmax_latency, f.agreement_floor)
+    speed = SPEEDS[settings.speed]
+    return ladder_candidates(front_trials(study), k, KEEP_BARS, [speed.share(t) for t in speed.targets],
+                             speed.cost(reference[speed.column]), lambda t: speed.cost(t.values[1]),
+                             settings.fidelity.agreement_floor)
 
 
-def _climb_fidelity_ladder(f: FidelitySettings, study, runner, softmax_latency: float, progress: bool) -> list:
+def _climb_fidelity_ladder(settings: SearchSettings, study, runner, reference: dict, progress: bool,
+                           stage: Stages) -> list:
     """The candidates, re-measured at every rung (resumable: what the study already holds is skipped)."""
+    f = settings.fidelity
     if f.top_k <= 0:
         return []
-    candidates = _candidates(study, f.top_k, f, softmax_latency)
+    # the original needs no confirming: every rung measures it on the same text as each candidate's reference
+    candidates = [t for t in _candidates(study, f.top_k + 1, settings, reference)
+                  if not is_original(t.user_attrs[PLAN_ATTR])][:f.top_k]
     if f.rungs:
-        climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+        measured = climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+        prefill = settings.workload.prefill
+        for rung in f.rungs:
+            stage.count("confirmation", [m for m in measured if m == rung.name], rung.blocks, rung.seq_len(prefill))
     return candidates
 
 
-def _score_front_with_lm_eval(e: EvalSettings, study, runner, softmax_latency: float, f: FidelitySettings,
-                              progress: bool) -> None:
+def _score_front_with_lm_eval(settings: SearchSettings, study, runner, reference: dict, progress: bool) -> None:
     """lm-eval tasks for the first `eval.top_k` candidates (the ladder's order) not scored yet (resumable)."""
+    e = settings.eval
     top_k, tasks = e.top_k, list(e.tasks)
     if top_k <= 0 or not tasks:
         return
-    front = _candidates(study, top_k, f, softmax_latency)
+    front = _candidates(study, top_k, settings, reference)
     scored = lm_eval_scores(study)
     todo = [t for t in front if t.number not in scored]
     if not todo:
@@ -340,7 +403,6 @@ def report_study(settings: SearchSettings) -> Path:
     its front for that workload (nothing re-evaluated). Returns the run directory."""
     import optuna
 
-    objectives = declare_objectives(settings.objective)
     prepared = prepare(settings)
     settings, bench, space = prepared.settings, prepared.bench, prepared.space
     if space_needs_bank(space):
@@ -357,13 +419,17 @@ def report_study(settings: SearchSettings) -> Path:
     space = searched_space(study, space)
     asked = asdict(settings.workload)
     searched = study.user_attrs.get(WORKLOAD_ATTR, asked)
+    speed = speed_of_study(study).key  # the study's own metric, whatever workload this report asks about
+    objectives = declare_objectives(settings.objective, speed)
     options = settings.workbench.options
-    cost = cost_model(bench.switcher, bench.info, options, Workload(**searched), options=priced_options(space))
+    cost = serving_cost_model(bench.switcher, bench.info, options, Workload(**searched), priced_options(space),
+                              speed=speed)
     run_dir = Path(settings.output_dir) / "runs" / name
+    made_with = study.user_attrs.get(MADE_WITH_ATTR) or (settings.workbench.record() if asked == searched else None)
     context = {"model": bench.info, "settings": options, "bank_id": bank_id_or_none(bench),
-               "workload": searched, "study": name, "storage": url, "layer_kinds": layer_kinds(bench.model),
-               "not_searched": prepared.notes,
-               "softmax_latency": cost.latency(LayerPlan.uniform("softmax", bench.switcher.num_layers))}
+               "workload": searched, "made_with": made_with, "study": name, "storage": url,
+               "layer_kinds": layer_kinds(bench.model), "not_searched": prepared.notes,
+               "reference": reference_serving(cost, bench.switcher.num_layers)}
     print(write_report(study, objectives, run_dir, context, settings.fidelity.rungs, settings.fidelity.pick_rung,
                        floors_of(settings.fidelity, settings.objective, _original(study))))
     print(f"report: {run_dir}")
@@ -389,13 +455,14 @@ def _resolve_for_workload(settings: SearchSettings, bench, space, study, objecti
     started = time.perf_counter()
     options = settings.workbench.options
     workload = asdict(settings.workload)
-    cost = cost_model(bench.switcher, bench.info, options, settings.workload, options=priced_options(space))
+    cost = serving_cost_model(bench.switcher, bench.info, options, settings.workload, priced_options(space),
+                              speed=speed_of(objectives).key)
     proxy = bench.proxy_evaluator()  # only used if the sensitivity cache is gone
     rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(),
                               progress=settings.workbench.progress, options=sensitivity_options(space))
     out_dir = run_dir / "workloads" / workload_tag(workload)
     o = settings.objective
-    table = resolve_front(study, objectives, space, cost, rows, bench.model.config, options,
-                          bench.model.dtype.itemsize, workload, out_dir, o.latency_ceiling, o.memory_ceiling)
+    table = resolve_front(study, objectives, space, cost, rows, workload, out_dir, o.latency_ceiling,
+                          o.memory_ceiling)
     print(f"\nfront re-solved for workload {workload} ({time.perf_counter() - started:.1f} s, "
           f"nothing re-evaluated):\n{table}\nwritten to {out_dir}")

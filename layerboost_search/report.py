@@ -19,8 +19,9 @@ from layerboost_core.plan import LayerPlan
 from layerboost_core.tables import write_csv
 
 from .fidelity import dominated_at, proxy_metrics, rung_scores
-from .latency import latency_records
+from .objectives import speed_of
 from .picks import Evidence, Floors, Interval, answer_json, answer_table, floors_line, pick
+from .speed import METRICS, round_ratios, serving_records
 from .study import FEASIBLE_ATTR, LABEL_ATTR, PLAN_ATTR, lm_eval_scores
 
 PROXY = "proxy"  # the lowest fidelity: what every trial was measured at during the search
@@ -43,8 +44,12 @@ class Ladder:
         # configured rungs first, in their order; rungs the study holds but the settings no longer name after
         self.rungs = [r for r in names if r in self.scores] + sorted(set(self.scores) - set(names))
         self.quality, self.direction = objectives[0].name, objectives[0].direction
-        # predicted latency is the same at every fidelity: the cost model does not depend on the text
-        self.latency = {t.number: t.values[1] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+        # the predicted speed cost is the same at every fidelity: the cost model does not depend on the text
+        self.speed = speed = speed_of(objectives)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        self.cost = {t.number: speed.cost(t.values[1]) for t in complete}
+        # the proxy's quality of each trial, as a value to minimise (what ranking_line compares the rungs with)
+        self.proxy = {t.number: self.quality_of(proxy_metrics(t)) for t in complete}
 
     def quality_of(self, metrics: dict) -> float | None:
         """The quality objective in a fidelity's `metrics`, as a value to minimise: the same metric when it was
@@ -55,7 +60,7 @@ class Ladder:
 
     def measured(self, rung: str) -> dict[int, dict]:
         """{trial: its metrics at `rung`} of the completed trials measured there."""
-        return {n: s["metrics"] for n, s in self.scores.get(rung, {}).items() if n in self.latency}
+        return {n: s["metrics"] for n, s in self.scores.get(rung, {}).items() if n in self.cost}
 
     def interval(self, rung: str, number: int, metric: str) -> Interval:
         """`metric` of trial `number` at `rung` with its 90% interval: binomial over facts for a rate measured
@@ -89,7 +94,7 @@ class Ladder:
 
     def dominated(self) -> dict[int, str]:
         """{trial: the highest rung at which another plan re-measured there dominates it}."""
-        points = {rung: {n: (self.quality_of(m), self.latency[n]) for n, m in self.measured(rung).items()}
+        points = {rung: {n: (self.quality_of(m), self.cost[n]) for n, m in self.measured(rung).items()}
                   for rung in self.rungs}
         return dominated_at(points, self.rungs)
 
@@ -108,22 +113,43 @@ class Ladder:
                         self.original_retrieval(rung, number) if retrieval else None, others=others)
 
 
-def gather_evidence(study: optuna.Study, ladder: Ladder, pick_rung: str | None, front, softmax_latency) -> list[Evidence]:
+def gather_evidence(study: optuna.Study, ladder: Ladder, pick_rung: str | None, front, reference: dict | None) -> list[Evidence]:
     """The evidence of every candidate a best file may name: the trials measured at `pick_rung` (confirmed on
-    text the search never scored), else the proxy front at the proxy (one block: intervals marked n=1)."""
+    text the search never scored), else the proxy front at the proxy (one block: intervals marked n=1); with
+    their serving measured against all-softmax (speed.py) where it was, else the cost model's prediction
+    against all-softmax's (`reference`: its predicted serving, pipeline.reference_serving)."""
     trials = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    latencies = latency_records(study)
+    records = serving_records(study)
     if pick_rung in ladder.rungs and ladder.measured(pick_rung):
         out = [ladder.evidence(n, trials[n].user_attrs[PLAN_ATTR], pick_rung) for n in ladder.measured(pick_rung)]
     else:
         out = [_proxy_evidence(t, study.user_attrs.get(ORIGINAL_ATTR)) for t in front]
+    speed = ladder.speed
     for e in out:
-        record = latencies.get(e.number)
+        attrs = trials[e.number].user_attrs
+        if reference:
+            e.predicted_serving = {m: _over(attrs.get(SERVED_ATTRS[m]), reference.get(SERVED_ATTRS[m])) for m in METRICS}
+            e.predicted = _over(ladder.cost.get(e.number), speed.cost(reference[speed.column]))  # a share of its cost
+            e.concurrency = (attrs.get("concurrency"), reference.get("concurrency"))
+            e.kv_share = _over(attrs.get("kv_bytes"), reference.get("kv_bytes"))
+        record = records.get(e.number)
         if record is not None:
-            e.latency, e.predicted = Interval.of_rounds(record["ratios"]), record["predicted"]
-        elif softmax_latency:
-            e.predicted = ladder.latency[e.number] / softmax_latency
+            e.serving = {m: Interval.of_rounds(round_ratios(record, m)) for m in METRICS
+                         if any(r == r for r in round_ratios(record, m))}
+            e.predicted_serving = {m: v for m, v in record["predicted"].items() if v is not None}
+            e.speed = Interval.of_rounds([speed.share(r) for r in round_ratios(record, speed.key)])
+            ratio = record["predicted"].get(speed.key)
+            e.predicted = speed.share(ratio) if ratio else None
+            e.concurrency = (record["rounds"][0]["concurrency"], record["reference_rounds"][0]["concurrency"])
     return out
+
+
+# serving metric -> the trial user attr of its predicted value (driver.SearchRun.predicted_attrs)
+SERVED_ATTRS = {"ttft": "ttft_s", "tpot": "tpot_s", "throughput": "throughput_tok_s", "latency": "latency_s"}
+
+
+def _over(a, b) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def _proxy_evidence(trial, original: dict | None) -> Evidence:
@@ -162,7 +188,7 @@ def kept_by_kind(plan: str, original: str) -> dict:
 
 def trial_rows(study: optuna.Study, objectives, ladder: Ladder, original: str = "") -> list[dict]:
     marked = ladder.dominated()
-    rows, scored, latencies = [], lm_eval_scores(study), latency_records(study)
+    rows, scored, served = [], lm_eval_scores(study), serving_records(study)
     for t in study.get_trials(deepcopy=False):
         row = {"number": t.number, "state": t.state.name, "plan": t.user_attrs.get(PLAN_ATTR, ""),
                "plan_id": t.user_attrs.get("plan_id", ""), "label": t.user_attrs.get(LABEL_ATTR, ""),
@@ -172,39 +198,60 @@ def trial_rows(study: optuna.Study, objectives, ladder: Ladder, original: str = 
         if original:
             row.update(kept_by_kind(row["plan"], original))
         for key, value in sorted(t.user_attrs.items()):
-            if key.startswith("proxy:") or key in ("kv_bytes", "eval_seconds", "skipped", "fail_reason"):
+            if key.startswith("proxy:") or key in (*PREDICTED_COLUMNS, "eval_seconds", "skipped", "fail_reason"):
                 row[key] = value
         row.update({f"lm_eval:{task}": v for task, v in scored.get(t.number, {}).items()})
         row.update(ladder.columns(t.number))
-        if t.number in latencies:  # measured against all-softmax, plans taking turns (latency.py)
-            measured = Interval.of_rounds(latencies[t.number]["ratios"])
-            row.update({"latency_share_measured": measured.value, "latency_share_measured_lo": measured.lo,
-                        "latency_share_measured_hi": measured.hi,
-                        "latency_share_predicted": latencies[t.number]["predicted"]})
+        if t.number in served:  # measured against all-softmax, plans taking turns (speed.py)
+            record = served[t.number]
+            for metric in METRICS:
+                ratios = [r for r in round_ratios(record, metric) if r == r]
+                if ratios:
+                    measured = Interval.of_rounds(ratios)
+                    row.update({f"{metric}_vs_original_measured": measured.value,
+                                f"{metric}_vs_original_measured_lo": measured.lo,
+                                f"{metric}_vs_original_measured_hi": measured.hi,
+                                f"{metric}_vs_original_predicted": record["predicted"].get(metric)})
+            row["concurrency_measured"] = record["rounds"][0]["concurrency"]
         row["dominated_at"] = marked.get(t.number, "")
         row["duration_s"] = t.duration.total_seconds() if t.duration else ""
         rows.append(row)
     return rows
 
 
+# What the cost model predicted per trial (driver.SearchRun.predicted_attrs): trials.csv columns.
+PREDICTED_COLUMNS = ("ttft_s", "tpot_s", "throughput_tok_s", "latency_s", "concurrency", "kv_bytes")
+
+
 def front_trials(study: optuna.Study) -> list:
-    """Feasible Pareto-optimal trials (Optuna's best_trials honours set_constraint), by latency."""
-    return sorted(study.best_trials, key=lambda t: t.values[1])
+    """Feasible Pareto-optimal trials (Optuna's best_trials honours set_constraint), fastest first."""
+    speed = speed_of_study(study)
+    return sorted(study.best_trials, key=lambda t: speed.cost(t.values[1]))
+
+
+def speed_of_study(study: optuna.Study):
+    """The speed metric a study searches (its second objective's name, set by open_study)."""
+    from .objectives import SPEEDS
+
+    names = study.metric_names or []
+    column = names[1] if len(names) > 1 else "latency_s"
+    return next((s for s in SPEEDS.values() if s.column == column), SPEEDS["latency"])
 
 
 def knee(front, objectives) -> object | None:
     """The front point farthest from the line between its two extremes (objectives scaled to [0, 1])."""
     if len(front) < 3:
         return front[0] if front else None
+    speed = speed_of(objectives)
     q = [t.values[0] for t in front]
-    lat = [t.values[1] for t in front]
+    lat = [speed.cost(t.values[1]) for t in front]
     sign = 1 if objectives[0].direction == "minimize" else -1
 
     def norm(values, v):
         lo, hi = min(values), max(values)
         return (v - lo) / (hi - lo) if hi > lo else 0.0
 
-    points = [(norm(lat, t.values[1]), norm([sign * x for x in q], sign * t.values[0])) for t in front]
+    points = [(norm(lat, speed.cost(t.values[1])), norm([sign * x for x in q], sign * t.values[0])) for t in front]
     (x1, y1), (x2, y2) = points[0], points[-1]
     length = math.hypot(x2 - x1, y2 - y1) or 1.0
     distances = [abs((y2 - y1) * x - (x2 - x1) * y + x2 * y1 - y2 * x1) / length for x, y in points]
@@ -215,7 +262,7 @@ def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, lad
               evidence: Evidence | None = None, floors: Floors | None = None) -> dict:
     """The plan JSON of `trial`: its proxy metrics, its lm-eval scores {task: accuracy} if it has any, every rung
     it was re-measured at with 90% intervals (over blocks; retrieval over facts) from `ladder`, and, for a best
-    file, the measured latency and the floors it was checked against (`evidence`, `floors`)."""
+    file, its serving measured against all-softmax and the floors it was checked against (`evidence`, `floors`)."""
     plan = LayerPlan.from_string(trial.user_attrs[PLAN_ATTR])
     metrics = {o.name: {"value": trial.values[i], "fidelity": o.fidelity, "direction": o.direction}
                for i, o in enumerate(objectives)}
@@ -231,16 +278,22 @@ def plan_json(trial, objectives, context: dict, lm_eval: dict | None = None, lad
             got = ladder.interval(rung, trial.number, name)
             metrics[f"{rung}:{name}"] = {"value": got.value, "fidelity": rung, "interval90": [got.lo, got.hi],
                                          "samples": got.n}  # blocks, or facts for retrieval
-    if evidence is not None and evidence.latency is not None:
-        metrics["latency_share_measured"] = {
-            "value": evidence.latency.value, "fidelity": "measured",
-            "interval90": [evidence.latency.lo, evidence.latency.hi], "rounds": evidence.latency.n,
-            "predicted": evidence.predicted,
-            "unit": "median over rounds of the plan's latency over all-softmax's, at the workload"}
+    for metric, measured in (evidence.serving if evidence is not None else {}).items():
+        metrics[f"{metric}_vs_original"] = {
+            "value": measured.value, "fidelity": "measured", "interval90": [measured.lo, measured.hi],
+            "rounds": measured.n, "predicted": evidence.predicted_serving.get(metric),
+            "unit": "median over rounds of the plan's value over all-softmax's, each serving the workload at the "
+                    "concurrency its cache allows"}
+    if evidence is not None and evidence.concurrency:
+        metrics["concurrency"] = {"value": evidence.concurrency[0], "original": evidence.concurrency[1],
+                                  "fidelity": "cost-model", "unit": "sequences served at once"}
     extra = {}
     if floors is not None:
         extra["floors"] = {"fidelity": evidence.fidelity if evidence else None, "top1_agreement_low": floors.agreement,
-                           "retrieval_share_low": floors.retrieval_share, "note": floors.note}
+                           "retrieval_share_low": floors.retrieval_share, "ceilings": dict(floors.ceilings),
+                           "note": floors.note}
+    if context.get("made_with"):  # every setting the numbers were made with: the file alone rebuilds them
+        extra["made_with"] = context["made_with"]
     return plan.to_json(model=context["model"], settings=context["settings"], bank_id=context["bank_id"],
                         metrics=metrics, workload=context["workload"], **extra,
                         origin={"study": context["study"], "storage": context["storage"], "trial": trial.number,
@@ -259,11 +312,15 @@ def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: 
     import plotly.graph_objects as go
 
     q, lat = objectives[0].name, objectives[1].name
+    speed = speed_of(objectives)
     log_axis = objectives[0].direction == "minimize"  # KL-like: orders of magnitude apart; accuracies are not
     done = [r for r in rows if r["state"] == "COMPLETE"]
 
-    def x_of(r):
-        return reference / r[lat] if reference else r[lat]
+    def cost(r):
+        return speed.cost(r[lat])
+
+    def x_of(r):  # the speed-up: all-softmax's cost over the plan's (throughput: its multiple)
+        return reference / cost(r) if reference else r[lat]
 
     def y_of(value):
         return max(value, LOG_FLOOR) if log_axis else value
@@ -286,7 +343,7 @@ def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: 
     sampled = [r for r in done if r["label"] in ("sampled", "surrogate") or r["label"].startswith("surrogate")]
     heuristic = [r for r in done if r["label"].startswith("heuristic")]
     seeds = [r for r in done if r not in sampled and r not in heuristic]
-    front = sorted((r for r in done if r["number"] in front_numbers), key=lambda r: r[lat])
+    front = sorted((r for r in done if r["number"] in front_numbers), key=cost)
     traces = [
         trace(sampled, "sampled trials", "circle", 7, "lightgray"),
         trace(heuristic, "paper heuristic (threshold tiers)", "diamond", 9, "orange"),
@@ -299,7 +356,7 @@ def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: 
     for i, rung in enumerate(ladder.rungs):
         metric = q if any(f"{rung}:{q}" in r for r in done) else "kl"
         key = f"{rung}:{metric}"
-        measured = sorted((r for r in done if key in r), key=lambda r: r[lat])
+        measured = sorted((r for r in done if key in r), key=cost)
         values = [r[key] for r in measured]
         traces.append(go.Scatter(
             x=[x_of(r) for r in measured], y=[y_of(v) for v in values], mode="lines+markers",
@@ -310,7 +367,8 @@ def pareto_figure(rows: list[dict], objectives, front_numbers: set[int], title: 
             text=[f"{t}<br>dominated at {r['dominated_at']}" if r["dominated_at"] else t
                   for t, r in zip(hover(measured), measured)], hoverinfo="text+x+y"))
     fig = go.Figure(traces)
-    x_title = "speed-up over all-softmax (predicted, cost-model)" if reference else f"{lat} (predicted, cost-model)"
+    x_title = (f"{speed.label}: speed-up over all-softmax (predicted, cost model)" if reference
+               else f"{lat} (predicted, cost model)")
     fig.update_layout(title=title, xaxis_title=x_title, yaxis_type="log" if log_axis else "linear",
                       yaxis_title=f"{q} ({objectives[0].direction}; proxy, or the metric named in the legend"
                                   + (f"; 0 drawn at {LOG_FLOOR:g})" if log_axis else ")"),
@@ -346,8 +404,9 @@ def front_table(front, objectives, ladder: Ladder, scored: dict, marked: dict, o
 
 
 def export_command(context: dict, run_dir: Path):
-    """name -> the command that exports best/<name>.json as a model folder."""
-    return lambda name: f"layerboost export model={context['model']['name']} plan={run_dir / 'best' / f'{name}.json'}"
+    """name -> the command that exports best/<name>.json as a model folder: the file carries every setting it
+    was made with (`made_with`), so it is all the command names."""
+    return lambda name: f"layerboost export plan={run_dir / 'best' / f'{name}.json'}"
 
 
 def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, rungs=(), pick_rung: str | None = None,
@@ -363,28 +422,33 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     front = front_trials(study)
     numbers = {t.number for t in front}
     write_csv(run_dir / "pareto.csv", [r for r in rows if r["number"] in numbers])
-    reference = context.get("softmax_latency")
-    fig = pareto_figure(rows, objectives, numbers, f"{context['model']['name']}: {context['study']}", ladder, reference)
+    speed = speed_of(objectives)
+    reference = context.get("reference")  # all-softmax's predicted serving (pipeline.reference_serving)
+    reference_cost = speed.cost(reference[speed.column]) if reference else None
+    fig = pareto_figure(rows, objectives, numbers, f"{context['model']['name']}: {context['study']}", ladder,
+                        reference_cost)
     with atomic_path(run_dir / "pareto.html") as tmp:
         fig.write_html(str(tmp), include_plotlyjs=True)
 
     evidence = gather_evidence(study, ladder, pick_rung, front, reference)
     knee_trial = knee(front, objectives)
-    picks = pick(evidence, floors, knee=knee_trial.number if knee_trial is not None else None)
+    picks = pick(evidence, floors, speed, knee=knee_trial.number if knee_trial is not None else None)
     _write_best_files(run_dir / "best", picks, study, objectives, context, ladder, floors)
-    write_json(run_dir / "answer.json", answer_json(picks, floors))  # what summary.md opens with, as data
+    write_json(run_dir / "answer.json", answer_json(picks, floors, speed))  # what summary.md opens with, as data
 
     fidelity = evidence[0].fidelity if evidence else PROXY
     originals = [e.original_retrieval for e in evidence if e.original_retrieval is not None]
     answer = "\n".join([
         "## What to ship", "",
         floors_line(floors, fidelity, originals[0] if originals else None)
-        + " Latency: each plan against all-softmax at the workload, plans taking turns"
-        + (", judged on the high end of the 90% interval of its median per-round ratio." if any(e.latency for e in evidence)
+        + f" Speed ({speed.label}): each plan and all-softmax serve the workload, taking turns, each at the "
+          "concurrency its cache allows"
+        + (", judged on the pessimistic end of the 90% interval of its median per-round ratio." if any(e.speed for e in evidence)
            else " (predicted: not measured)."),
-        "", answer_table(picks, floors, export_command(context, run_dir)), "",
-        "Export commands name the model and the file; add the search's own overrides (data.*, workload.*, "
-        "transfer.*, attention.*) where it had any: export refuses a plan measured with another bank.", ""]
+        "", answer_table(picks, floors, speed, export_command(context, run_dir)), "",
+        "A best file carries the model, data, workload, transfer and option settings it was measured with: "
+        "`layerboost export|heal|bench|eval plan=<file>` need nothing else (an override contradicting the file "
+        "is refused).", ""]
         + (["Candidates below the floors (not offered): "
             + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else []))
     marked = ladder.dominated()
@@ -394,21 +458,84 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
     dominated = [f"{n} (at {rung})" for n, rung in sorted(marked.items()) if n in numbers]
     run = [f"- model: {context['model']['name']} ({context['model']['num_layers']} layers, "
            f"fingerprint {context['model']['fingerprint']}), bank {context['bank_id']}",
-           f"- workload: {context['workload']}; all-softmax predicted latency {reference:.3f} s" if reference else "",
+           f"- workload: {workload_line(context['workload'])}" + (f"; all-softmax predicted: {served_line(reference)}"
+                                                                   if reference else ""),
+           ranking_line(ladder, objectives[0].name),
            (f"- original attention per layer: `{original}` (G global, w sliding window; a plan's `S` keeps "
             f"each layer's own; `softmax_global` / `softmax_local` in trials.csv count what a plan kept)"
             if original else ""),
            f"- storage: `{context['storage']}` (open with `optuna-dashboard {context['storage']}`)",
            "- trials: " + ", ".join(f"{k.lower()} {v}" for k, v in states.items() if v),
+           waiting_note(study),
            f"- fidelities: {', '.join([PROXY, *ladder.rungs])}"
            + (f"; proxy-front plans dominated at a higher fidelity: {', '.join(dominated)}" if dominated else ""),
-           ("- this run's stages (wall seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in context["stages"].items())
+           ("- this run's stages: " + "; ".join(stage_text(k, v, (context.get("work") or {}).get(k))
+                                                for k, v in context["stages"].items())
             if context.get("stages") else ""),
            *(f"- not searched: {note}" for note in context.get("not_searched") or ())]
     summary = [f"# Search {context['study']}", "", answer, "", "## Run", "", *(line for line in run if line), "",
                front_part, ""]
     write_text(run_dir / "summary.md", "\n".join(summary))
     return f"{answer}\n\n{front_part}"
+
+
+def workload_line(workload: dict) -> str:
+    """The workload in words: requests, how many at once, the memory budget."""
+    w = dict(workload)
+    if w.get("memory_gib") is not None:
+        memory = f", as many at once as {w['memory_gib']:g} GiB holds beside the weights (at most {w['batch']})"
+    elif w.get("memory_sequences") is not None:
+        memory = (f", as many at once as a memory holding the weights and {w['memory_sequences']} of the original's "
+                  f"sequences holds (at most {w['batch']})")
+    else:
+        memory = f", {w['batch']} at once"
+    return f"requests of {w['prefill']} prompt + {w['decode']} output tokens{memory}"
+
+
+def served_line(reference: dict) -> str:
+    """All-softmax's predicted serving in words."""
+    parts = [f"TTFT {reference['ttft_s']:.3f} s"]
+    if reference.get("tpot_s") is not None:
+        parts += [f"TPOT {reference['tpot_s'] * 1e3:.1f} ms at {reference['concurrency']} sequences",
+                  f"{reference['throughput_tok_s']:.1f} output tokens/s"]
+    parts.append(f"request latency {reference['latency_s']:.2f} s")
+    return ", ".join(parts)
+
+
+def stage_text(name: str, seconds: float, work: dict | None) -> str:
+    """One stage: its wall seconds and, where counted, the forward passes and tokens it ran (what carries over to
+    a slower machine: seconds do not)."""
+    if not work:
+        return f"{name} {seconds:.0f} s"
+    return f"{name} {seconds:.0f} s ({work['forwards']} forwards, {work['tokens']:,} tokens)"
+
+
+def ranking_line(ladder: Ladder, quality: str) -> str:
+    """How far the proxy's ranking holds at the confirmation rungs: Spearman's rho between the proxy's quality and
+    each rung's over the trials measured at both (the proxy runs on shorter or fewer blocks)."""
+    from scipy.stats import spearmanr
+
+    parts = []
+    for rung in ladder.rungs:
+        measured = ladder.measured(rung)
+        pairs = [(ladder.proxy[n], ladder.quality_of(m)) for n, m in measured.items()
+                 if ladder.proxy.get(n) is not None and ladder.quality_of(m) is not None]
+        if len(pairs) >= 3 and len({a for a, _ in pairs}) > 1 and len({b for _, b in pairs}) > 1:
+            rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
+            parts.append(f"{rung} rho {rho:.2f} over {len(pairs)} plans")
+    return f"- proxy ranking ({quality}) against the higher fidelities: " + ", ".join(parts) if parts else ""
+
+
+def waiting_note(study: optuna.Study) -> str:
+    """A line naming the plans still queued (WAITING) and why, or "" when none is: only seeds beyond the budget
+    stay queued (surrogate proposals never exceed the budget's free slots, re-queued plans go first)."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if not waiting:
+        return ""
+    labels = ", ".join(f"#{t.number} {t.user_attrs.get(LABEL_ATTR, '?')}" for t in waiting[:6])
+    more = f" and {len(waiting) - 6} more" if len(waiting) > 6 else ""
+    return (f"- queued, not evaluated: {len(waiting)} plan(s) ({labels}{more}); the budget was reached first. A rerun "
+            f"with a larger `budget` evaluates them before any new proposal")
 
 
 def _write_best_files(best_dir: Path, picks, study, objectives, context: dict, ladder: Ladder, floors: Floors) -> None:

@@ -5,9 +5,10 @@ The paper assigns tiers from single-layer sensitivities: layers whose removal hu
 the next least sensitive get linear attention, the rest keep softmax. Sweeping the two thresholds gives a
 family of plans (its own front), which is also the baseline the search must beat.
 
-The additive front uses the same table but also the cost model: for a sweep of latency budgets, the plan
-whose summed single-swap scores are least (an exact MILP, layerboost_surrogates.solver). Thresholds ignore
-what each option saves in time; the solver does not, so these plans come first.
+The additive front uses the same table but also the cost model: for a sweep of speed budgets, the plan whose
+summed single-swap scores are least (an exact MILP, layerboost_surrogates.solver, in each additive view of the
+serving cost: a concurrency and the cache budget that lets it fit). Thresholds ignore what each option saves in
+time and memory; the solver does not, so these plans come first.
 
 Retrieval is not additive: it lives in a few layers, and swapping one of them alone already loses it (on
 SmolLM2 at 2,048 tokens, layer 18 to `linear` finds 1 of 48 facts, layer 7 23 of 48, while most single swaps
@@ -70,13 +71,16 @@ def heuristic_sweep(rows: list[dict], num_layers: int, count: int, metric: str =
 MAX_SEEDED_LOSS = 1.0
 
 
-def retrieval_critical(rows: list[dict], floor: float | None) -> frozenset:
+def retrieval_critical(rows: list[dict], floor: float | None, facts: int = 0) -> frozenset:
     """The (layer, option) choices whose single swap alone keeps less retrieval_acc than `floor` (sensitivity
-    rows with retrieval metrics); empty without a floor."""
+    rows with retrieval metrics), for certain over the proxy's `facts` facts (objectives.retrieval_shortfall);
+    empty without a floor."""
+    from .objectives import retrieval_shortfall
+
     if floor is None:
         return frozenset()
     return frozenset((int(r["layer"]), str(r["option"])) for r in rows
-                     if r.get("retrieval_acc") is not None and r["retrieval_acc"] < floor)
+                     if r.get("retrieval_acc") is not None and retrieval_shortfall(r["retrieval_acc"], facts, floor) > 0)
 
 
 def without(plan: LayerPlan, critical) -> LayerPlan:
@@ -91,10 +95,10 @@ def additive_front_plans(rows: list[dict], space, cost, count: int, metric: str 
     nats is as different as 0.1 vs 1), and an even spread in latency would spend most seeds on plans too
     damaged to ship. (On SmolLM2 the prediction is close where it matters: 0.087 -> 0.109, 0.037 -> 0.041.)"""
     from layerboost_surrogates.accuracy import AdditivePredictor, SensitivityTable
-    from layerboost_surrogates.solver import FrontSolver
+    from layerboost_surrogates.solver import front_over_views
 
     table = SensitivityTable.of(rows, space.num_layers, metric)
-    front = FrontSolver(space, cost, AdditivePredictor(table).terms(), forbidden=critical).predicted_front(6 * count)
+    front = front_over_views(space, cost, AdditivePredictor(table).terms(), 6 * count, forbidden=critical)
     front = [(plan, quality) for plan, quality, _ in front if 0 < quality <= max_loss]  # all-softmax: own seed
     if len(front) <= count:
         chosen = front

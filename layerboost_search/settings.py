@@ -39,11 +39,29 @@ class RunnerSettings:
         _at_least("runner.max_retries", self.max_retries, 0)
 
 
+SPEED_KEYS = ("auto", "throughput", "ttft", "tpot", "latency")
+CEILING_KEYS = ("ttft", "tpot", "latency", "throughput", "kv_bytes")
+
+
 @dataclass(frozen=True)
 class ObjectiveSettings:
     quality: str = "kl"  # a proxy metric or an lm-eval task
+    # The serving metric searched for (objectives.SPEEDS): throughput (output tokens/s at the workload's
+    # concurrency), ttft (time to first token), tpot (time per output token), latency (a request's, at steady
+    # state); auto: throughput when the workload has output tokens, else latency (a prefill).
+    speed: str = "auto"
+    # Metric -> the share of all-softmax's value a plan may reach at most (throughput: the multiple it must reach
+    # at least; null: no ceiling), predicted during the search, measured for every best file. ttft 1.0: no plan
+    # that makes the first token wait longer than the original does.
+    ceilings: dict = field(default_factory=lambda: {"ttft": 1.0, "tpot": None, "latency": None, "throughput": None,
+                                                    "kv_bytes": None})
+    # During the search a ceiling is checked on the cost model's prediction, with this share of slack: predictions
+    # of plans this close to the original are within the cost model's error (at a 512-token prompt `linear` and
+    # softmax prefill within ~5% of each other), and a hard cut there drops half of them on noise. Best files are
+    # judged on their measured value against the ceiling itself.
+    ceiling_slack: float = 0.1
     memory: bool = False  # KV bytes per sequence as a third objective
-    latency_ceiling: float | None = None  # seconds, predicted at the workload
+    latency_ceiling: float | None = None  # seconds of request latency, predicted at the workload
     memory_ceiling: float | None = None  # KV bytes per sequence
     # floor: a plan keeping less than `retrieval_floor` x the original's retrieval_acc (the facts planted in
     # the proxy's blocks, proxy.facts) is infeasible | objective: retrieval_acc maximised as a third objective
@@ -55,6 +73,19 @@ class ObjectiveSettings:
     retrieval_min_original: float = 0.5
 
     def __post_init__(self):
+        if self.speed not in SPEED_KEYS:
+            raise UserError(f"objective.speed: unknown value {self.speed!r}; allowed: {', '.join(SPEED_KEYS)}")
+        if not isinstance(self.ceilings, dict):
+            raise UserError(f"objective.ceilings: {self.ceilings!r} is not a mapping of metric: share, e.g. {{ttft: 1.0}}")
+        for key, value in self.ceilings.items():
+            if key not in CEILING_KEYS:
+                raise UserError(f"objective.ceilings.{key}: unknown metric; allowed: {', '.join(CEILING_KEYS)}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise UserError(f"objective.ceilings.{key}: {value!r} must be a positive share of all-softmax's value "
+                                "(or null: none)")
+        if isinstance(self.ceiling_slack, bool) or not isinstance(self.ceiling_slack, (int, float)) \
+                or not 0 <= self.ceiling_slack < 1:
+            raise UserError(f"objective.ceiling_slack: {self.ceiling_slack!r}; allowed: a share in [0, 1)")
         for name in ("latency_ceiling", "memory_ceiling"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -97,21 +128,22 @@ class EvalSettings:
     top_k: int = 2
     limit: int | None = None  # examples per task (None: all generated)
     batch_size: int = 8
-    n_examples: int = 24  # per task; raise on a GPU
-    passkey_context: int = 1024
+    n_examples: int = 12  # per task; raise on a GPU
+    passkey_context: int | None = None  # tokens of a passkey example; None: the workload's prompt length
     seed: int = 0
 
     def __post_init__(self):
         _at_least("eval.top_k", self.top_k, 0)
         _at_least("eval.batch_size", self.batch_size, 1)
         _at_least("eval.n_examples", self.n_examples, 1)
-        _at_least("eval.passkey_context", self.passkey_context, 16)
+        if self.passkey_context is not None:
+            _at_least("eval.passkey_context", self.passkey_context, 16)
         if self.limit is not None:
             _at_least("eval.limit", self.limit, 1)
 
-    def task_settings(self) -> dict:
-        """What lm_eval_tasks.write_offline_tasks takes."""
-        return {"n_examples": self.n_examples, "passkey_context": self.passkey_context, "seed": self.seed}
+    def task_settings(self, prefill: int) -> dict:
+        """What lm_eval_tasks.write_offline_tasks takes, at a workload of `prefill`-token prompts."""
+        return {"n_examples": self.n_examples, "passkey_context": self.passkey_context or prefill, "seed": self.seed}
 
 
 @dataclass(frozen=True)
@@ -124,48 +156,62 @@ class RungSettings:
     name: str = "confirm"
     factor: float = 1.0
     blocks: int = 6
-    facts: int = 16
+    facts: int | None = None  # per block; None: one per 64 tokens of its blocks, at most 16 (facts.facts_for)
     source: str | None = None  # None: the search's own data.source
+    # Facts answered by generation through the hybrid cache, as a server answers them (metrics.ProxyEvaluator:
+    # one block at a time, a decode step per answer token); false: teacher-forced from one forward.
+    generate: bool = True
 
     def __post_init__(self):
         if not self.name or self.name == "proxy" or any(c in self.name for c in ":|"):
             raise UserError(f"fidelity.rungs: name {self.name!r} must be non-empty, not 'proxy', without ':' or '|'")
         _at_least(f"fidelity.rungs[{self.name}].factor", self.factor, 0.01)
         _at_least(f"fidelity.rungs[{self.name}].blocks", self.blocks, 1)
-        if isinstance(self.facts, bool) or not isinstance(self.facts, int) or not 0 <= self.facts <= MAX_FACTS:
+        if self.facts is not None and (isinstance(self.facts, bool) or not isinstance(self.facts, int)
+                                       or not 0 <= self.facts <= MAX_FACTS):
             raise UserError(f"fidelity.rungs[{self.name}].facts: {self.facts!r}; allowed: 0 to {MAX_FACTS} facts per block")
 
     def seq_len(self, prefill: int) -> int:
         """Tokens per block at a workload of `prefill` tokens."""
         return max(2, round(self.factor * prefill))
 
+    def facts_per_block(self, prefill: int) -> int:
+        """Facts planted in each of its blocks at a workload of `prefill` tokens (`facts`, or derived)."""
+        from layerboost_core.facts import facts_for
+
+        return self.facts if self.facts is not None else facts_for(self.seq_len(prefill))
+
 
 @dataclass(frozen=True)
 class FidelitySettings:
     """How picks are confirmed before they are offered (picks.py): the `top_k` front candidates a best-plan file
     could name are re-measured at every rung, lowest first, on text the search never scored; their latency is
-    measured against all-softmax (`latency_rounds` rounds, plans taking turns); a best file is only written for
+    served against all-softmax (`serving_rounds` rounds, plans taking turns); a best file is only written for
     a plan that keeps the floors at rung `pick_rung`, at the pessimistic end of its 90% intervals.
 
-    Defaults on SmolLM2 at 2,048 tokens: `confirm` gives 6 blocks (96 facts) at the workload context and `long`
-    2 blocks (32 facts) at twice it, 8 blocks in all; each candidate costs 10 block forwards (~25 s of one CPU
-    core at bf16), so 8 candidates x both rungs take ~3 min on 2 cores (benchmarks/bench_default_run.py)."""
+    Defaults on SmolLM2 at the default workload's 512-token prompts: `confirm` gives 16 blocks at the prompt length
+    (128 facts, answered by generation through the hybrid cache, 8 blocks a batch) and `long` 1 block at twice it
+    (16 facts, teacher-forced). 128 facts: a plan keeping 96% of the original's retrieval clears a 90% floor at
+    the pessimistic end of its interval (with 64 it must match the original). About 2 min for 4 candidates on
+    2 cores without AMX (benchmarks/bench_default_run.py lists each stage's forwards and seconds)."""
 
-    top_k: int = 8  # candidates confirmed: all-softmax, then those a best file could name (0: picks at the proxy)
-    rungs: tuple[RungSettings, ...] = (RungSettings("confirm", factor=1, blocks=6),  # at the workload context
-                                       RungSettings("long", factor=2, blocks=2))  # at 2 x the workload context
+    # Candidates confirmed, those a best file could name (0: picks at the proxy). The original itself needs no
+    # confirming: every rung measures it on the same text as the reference.
+    top_k: int = 4
+    rungs: tuple[RungSettings, ...] = (RungSettings("confirm", factor=1, blocks=16),  # at the prompt length
+                                       RungSettings("long", factor=2, blocks=1, generate=False))  # at 2 x it
     pick_rung: str = "confirm"  # where the floors are judged (the report shows every rung)
     # Quality floor of every best file: top-1 agreement with the original (the share of next tokens it predicts
     # the same) at the low end of its 90% interval over blocks. The retrieval floor is objective.retrieval_floor.
     agreement_floor: float = 0.8
-    # Measured latency of the candidates: rounds of plans taking turns with all-softmax (0: predicted only). On a
-    # shared 2-core VM one forward varies by +-15% from run to run; 5 rounds give the median of the per-round
-    # ratios an interval a few percent wide.
-    latency_rounds: int = 5
+    # Measured serving of the candidates that keep the floors: rounds of each serving the workload in turn with
+    # all-softmax, each at the concurrency its cache allows (0: predicted only). On a shared 2-core VM one
+    # forward varies by +-15% from run to run; a round's ratio compares two plans timed seconds apart.
+    serving_rounds: int = 3
 
     def __post_init__(self):
         _at_least("fidelity.top_k", self.top_k, 0)
-        _at_least("fidelity.latency_rounds", self.latency_rounds, 0)
+        _at_least("fidelity.serving_rounds", self.serving_rounds, 0)
         names = [r.name for r in self.rungs]
         if len(set(names)) != len(names):
             raise UserError(f"fidelity.rungs: names {names} must be distinct")
@@ -196,9 +242,11 @@ DEFAULT_SAMPLER = {"_target_": "optuna.samplers.TPESampler", "multivariate": Tru
 
 
 def default_space() -> dict:
-    """Every layer may take any option (`SearchSpace.from_mapping` reads this mapping) the model can run and
-    that pays at the workload (layerboost_search.space.narrow)."""
-    return {"options": ["softmax", "linear", "none", "mixed1", "mixed2"],  # allowed (order = the sampler's)
+    """Every layer may take softmax, linear, none or mixed1 (`SearchSpace.from_mapping` reads this mapping), of
+    those the model can run and that pay at the workload (layerboost_search.space.narrow)."""
+    # allowed (order = the sampler's); mixed2 (two of three heads kept: 0.7x the cache at the default workload, and
+    # no cheaper prefill) is there to be asked for, not searched by default
+    return {"options": ["softmax", "linear", "none", "mixed1"],
             "pinned": {},  # layer index -> option, e.g. {0: softmax, 29: softmax}
             "min_count": {},  # option -> at least this many layers, e.g. {softmax: 4}
             "max_count": {},  # option -> at most this many layers, e.g. {none: 10}
@@ -220,7 +268,7 @@ class SearchSettings:
     surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
-    budget: int = 100  # completed distinct plans in the study
+    budget: int = 80  # completed distinct plans in the study
     study: str | None = None  # None: derived from what the study measures
     storage: str | None = None  # None: sqlite at <output_dir>/studies/<study>.db
     output_dir: str = "outputs"
@@ -245,11 +293,25 @@ class SearchSettings:
         if not isinstance(self.sampler.get("_target_"), str):
             raise UserError(f"sampler._target_: {self.sampler.get('_target_')!r}; allowed: an Optuna sampler class "
                             "path, e.g. optuna.samplers.TPESampler")
+        if not self.workload.decode:
+            for name in ("throughput", "tpot"):
+                if self.objective.speed == name or self.objective.ceilings.get(name) is not None:
+                    where = "objective.speed" if self.objective.speed == name else f"objective.ceilings.{name}"
+                    raise UserError(f"{where}: {name} needs output tokens, and workload.decode is 0; set "
+                                    "workload.decode >= 1 or another metric")
 
     @property
     def workload(self) -> Workload:
         """The workload latency is priced for (and quality measured at): the workbench's."""
         return self.workbench.workload
+
+    @property
+    def speed(self) -> str:
+        """The serving metric searched for, `objective.speed` resolved: `auto` is throughput when the workload
+        has output tokens, else the request latency (its prefill)."""
+        if self.objective.speed != "auto":
+            return self.objective.speed
+        return "throughput" if self.workload.decode else "latency"
 
     def evaluator(self, with_bank: bool) -> EvaluatorSettings:
         return EvaluatorSettings(self.workbench, with_bank, self.eval, self.fidelity.rungs)

@@ -5,10 +5,12 @@ Two kinds of option never belong in a study, and `narrow` drops them with a line
 * options the model cannot run (a `mixed<k>` option keeps k KV heads softmax and needs k + 1 of them: Gemma 3
   270M has one), or that nothing can configure (`mixed` keeps the heads the planted facts show; no facts, no
   choice);
-* options the cost model measured to be no cheaper than `softmax` (per layer; and no smaller in KV bytes when
-  memory is an objective): `softmax` is the original attention itself, so such an option loses to it in every
-  layer of every plan. On a CPU whose softmax attention is a fused kernel (AMX bf16) `linear` can cost more
-  than softmax at 2,048 tokens and pay only from longer contexts: measured, not assumed (`space.prune_dominated`).
+* options the cost model measured to be no cheaper than `softmax` in any piece of the workload's cost (prefill,
+  and the decode step at every concurrency) in every round, and no smaller in cache bytes where those matter:
+  `softmax` is the original attention itself, so such an option loses to it in every layer of every plan. On a
+  CPU whose softmax attention is a fused kernel (AMX bf16) `linear` can cost more than softmax at a 2,048-token
+  prefill and pay only from longer contexts or in decoding: measured, not assumed (`space.prune_dominated`). An
+  option whose rounds overlap softmax's is kept: timings that two runs would rank differently decide nothing.
 The study is then opened over the narrowed options, so its name records them.
 """
 from __future__ import annotations
@@ -35,11 +37,12 @@ def suggest(space: SearchSpace, trial) -> LayerPlan:
     return LayerPlan(tuple(names))
 
 
-def narrow(space: SearchSpace, model_config, facts: int, cost=None, kv_bytes: dict | None = None,
+def narrow(space: SearchSpace, model_config, facts: int, cost=None, kv_matters: bool = False,
            prune_dominated: bool = True) -> tuple[SearchSpace, list[str]]:
     """(`space` without the options no plan of this search should use, one line per option dropped); see the
-    module docstring. `cost` (an AdditiveCostModel timing every option left) and `kv_bytes` (option -> bytes
-    of one layer, only when memory is an objective) decide the dominated ones. Pinned options stay."""
+    module docstring. `cost` (a ServingCostModel timing every option left) decides the dominated ones: an option
+    whose every piece (prefill, decode step at each concurrency) measured above softmax's in every round, and
+    whose cache is no smaller when cache bytes matter (`kv_matters`). Pinned options stay."""
     kv_heads = getattr(model_config.get_text_config(decoder=True), "num_key_value_heads", None) or 1
     notes, kept = [], []
     for option in space.options:
@@ -49,10 +52,10 @@ def narrow(space: SearchSpace, model_config, facts: int, cost=None, kv_bytes: di
         elif option in MIXED_OPTIONS and not facts:
             notes.append(f"{option}: keeps the heads that retrieve the planted facts, and proxy.facts is 0")
         elif (prune_dominated and cost is not None and option != "softmax" and "softmax" in space.options
-              and cost.per_layer_seconds[option] >= cost.per_layer_seconds["softmax"]
-              and (kv_bytes is None or kv_bytes[option] >= kv_bytes["softmax"])):
-            notes.append(f"{option}: measured at {cost.per_layer_seconds[option] * 1e3:.1f} ms per layer, no cheaper "
-                         f"than softmax's {cost.per_layer_seconds['softmax'] * 1e3:.1f} ms at this workload")
+              and cost.dominated(option, kv_matters)):
+            notes.append(f"{option}: measured no cheaper than softmax in every round at this workload (prefill "
+                         f"{cost.prefill_s[option] * 1e3:.1f} vs {cost.prefill_s['softmax'] * 1e3:.1f} ms per layer"
+                         + (", and every decode step" if cost.grid else "") + ")")
         else:
             kept.append(option)
     if len(kept) == len(space.options):

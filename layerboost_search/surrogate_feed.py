@@ -20,22 +20,22 @@ SUPPORTED_METRICS = ("kl", "nll_delta")  # lower is better and 0 for the origina
 
 class SurrogateFeed:
     def __init__(self, settings: SurrogateSettings, space, cost, sensitivity_rows, objectives,
-                 objective_cfg: ObjectiveSettings, kv_per_layer=None, forbidden=frozenset()):
-        """`kv_per_layer`: option -> KV bytes of one layer (needed only with a memory ceiling); `forbidden`:
+                 objective_cfg: ObjectiveSettings, forbidden=frozenset()):
+        """`cost`: the serving cost model (its cache bytes per layer bound the memory ceiling); `forbidden`:
         (layer, option) choices no proposal makes (seeds.retrieval_critical)."""
         self.every, self.count = settings.every, settings.count
         self.next_at = settings.start_after
         self.space, self.cost, self.rows = space, cost, sensitivity_rows
         self.metric = objectives[0].name
-        self.latency_ceiling = objective_cfg.latency_ceiling
+        self.objective_cfg = objective_cfg
         self.memory_ceiling = objective_cfg.memory_ceiling
-        self.kv_per_layer = kv_per_layer
+        self.kv_per_layer = getattr(cost, "kv_layer_bytes", None)
         self.max_loss = settings.max_loss
         self.forbidden = frozenset(forbidden)
 
     @classmethod
     def maybe(cls, settings: SurrogateSettings, space, cost, sensitivity_rows, objectives,
-              objective_cfg: ObjectiveSettings, kv_per_layer=None, forbidden=frozenset()):
+              objective_cfg: ObjectiveSettings, forbidden=frozenset()):
         """A feed when enabled and the quality objective is one the predictor models, else None."""
         if not settings.enabled:
             return None
@@ -43,7 +43,13 @@ class SurrogateFeed:
             log.warning("surrogate: quality objective %s is not modelled (only %s); surrogate proposals are off",
                         objectives[0].name, ", ".join(SUPPORTED_METRICS))
             return None
-        return cls(settings, space, cost, sensitivity_rows, objectives, objective_cfg, kv_per_layer, forbidden)
+        return cls(settings, space, cost, sensitivity_rows, objectives, objective_cfg, forbidden)
+
+    def feasible(self, plan: LayerPlan) -> bool:
+        """True when the cost model predicts `plan` within every ceiling (objectives.predicted_constraints)."""
+        from .objectives import predicted_constraints
+
+        return all(v <= 0 for v in predicted_constraints(self.objective_cfg, self.cost, plan).values())
 
     def due(self, done: int) -> bool:
         return done >= self.next_at
@@ -53,7 +59,7 @@ class SurrogateFeed:
 
         self.next_at = done + self.every
         plans = propose_plans(self.space, self.cost, self.rows, completed, self.count, seed=len(completed),
-                              exclude=exclude, metric=self.metric, latency_ceiling=self.latency_ceiling,
+                              exclude=exclude, metric=self.metric, feasible=self.feasible,
                               kv_bytes=self.kv_per_layer if self.memory_ceiling is not None else None,
                               kv_ceiling=self.memory_ceiling,
                               max_loss=None if self.max_loss is None else float(self.max_loss),

@@ -66,14 +66,15 @@ class PlanEvaluator:
         from layerboost_core.plan import LayerPlan
 
         e = self.settings.eval
+        tasks = e.task_settings(self.settings.prefill)
         if self._task_dir is None:
             self._task_dir = lm_eval_tasks.write_offline_tasks(
-                None, self.bench.splits.documents["heldout"], self.bench.loaded.tokenizer, e.task_settings())
+                None, self.bench.splits.documents["heldout"], self.bench.loaded.tokenizer, tasks)
         started = time.perf_counter()
         self.bench.switcher.apply(LayerPlan.from_string(plan_text))
         # the longest offline request is the passkey context (logits counted as float32: lm-eval log-softmaxes them)
         batch = lm_eval_tasks.batch_for_vocabulary(e.batch_size, self.bench.model.config.vocab_size,
-                                                   e.passkey_context)
+                                                   tasks["passkey_context"])
         scores = lm_eval_tasks.evaluate_tasks(self.bench.model, self.bench.loaded.tokenizer, list(e.tasks),
                                               self._task_dir, batch_size=batch, limit=e.limit)
         return {"scores": scores, "seconds": time.perf_counter() - started}
@@ -110,8 +111,9 @@ class PlanEvaluator:
                                  self.settings.prefill, w.proxy.fact_seed)
             self.bench.switcher.apply(LayerPlan.uniform("softmax", self.bench.switcher.num_layers))
             # one block per forward: a block of 2 x the workload's context has logits of B x 4,096 x vocab floats
+            rung = next(r for r in self.settings.rungs if r.name == name)
             self._rungs[name] = ProxyEvaluator(self.bench.model, blocks, batch_size=1,
-                                               reference_top_k=w.proxy.reference_top_k)
+                                               reference_top_k=w.proxy.reference_top_k, generate=rung.generate)
         return self._rungs[name]
 
 

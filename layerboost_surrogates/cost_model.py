@@ -1,33 +1,22 @@
-"""Latency and KV-memory cost model of plans at a workload, measured once on the current device.
+"""Cache bytes of plans (exact), and the additive cost model the front solver works in.
 
-Layers of one model have identical shapes, so a plan's forward time is additive in its options:
-    T(plan) = T(all none) + sum_layers (t[option] - t[none]),  t[o] = (T(all o) - T(all none)) / n_layers
-A request is a prefill of `prefill` tokens followed by `decode` cached single-token steps (the hybrid cache:
-softmax layers keep all keys and values, linear layers a window plus a constant state, mixed<k> layers the k
-kept KV heads' keys and values plus the other heads' linear state, none nothing), so the uniform plans' times
-include the decode steps when `decode > 0`. The uniform plans of the options asked for (softmax, linear and
-none by default; a mixed option needs its `kept_heads` setting in the switcher, and its parts need not be
-trained to be timed) are timed round-robin (median of `repeats`), cached per device, model, option settings
-and workload, with the settings stored beside the numbers. KV bytes are exact from the plan.
+Cache bytes per sequence are computed, not measured: per layer, what its option keeps after `context` tokens
+(softmax: every token's K/V, or a sliding-window layer's window; linear: sinks + window K/V and the constant-size
+sums; mixed<k>: the k kept heads' K/V plus the other heads' linear state; none: nothing), times the dtype's bytes.
+
+`AdditiveCostModel` prices a plan as base + one cost per layer and option: what the exact front solver (an MILP)
+optimises over. The serving cost model (serving_cost.py) is additive only at a fixed concurrency, so it hands the
+solver one such view per concurrency it prices.
 """
 from __future__ import annotations
 
-import json
-import logging
 import platform
-import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from filelock import FileLock
 
 from layerboost_core.attention.mixed import MIXED_OPTIONS
-from layerboost_core.cache_dir import cache_root, content_hash, write_json
 from layerboost_core.plan import LayerPlan
-from layerboost_core.timing import time_plans
-from layerboost_core.workload import Workload
-
-log = logging.getLogger(__name__)
 
 
 def softmax_cached_tokens(config, context: int) -> list[int]:
@@ -48,22 +37,35 @@ def kv_bytes_per_sequence(plan: LayerPlan, config, settings: dict, context: int,
     """Exact cache bytes of one sequence after `context` tokens under `plan`. A one-layer plan (per-option
     figures for the solver) is priced as a global layer. A mixed<k> layer: its k kept heads' K/V as a softmax
     layer keeps them plus the other KV heads' linear state (which needs no `kept_heads`: only k matters)."""
+    kept = softmax_cached_tokens(config, context) if len(plan) > 1 else [context]
+    return sum(_layer_values(option, config, settings, context, tokens) for option, tokens in zip(plan.layers, kept)
+               ) * bytes_per_value
+
+
+def kv_bytes_per_layer(option: str, config, settings: dict, context: int, bytes_per_value: int,
+                       num_layers: int) -> list[int]:
+    """Per layer of the model, the cache bytes one sequence keeps there under `option` after `context` tokens (a
+    plan's bytes are the sum over its layers: `kv_bytes_per_sequence`)."""
+    kept = softmax_cached_tokens(config, context) if num_layers > 1 else [context]
+    return [_layer_values(option, config, settings, context, tokens) * bytes_per_value for tokens in kept]
+
+
+def _layer_values(option: str, config, settings: dict, context: int, kept_tokens: int) -> int:
+    """Values one layer keeps for one sequence under `option`; `kept_tokens`: what a softmax layer of its kind
+    keeps after `context` tokens (all, or a sliding window)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = config.num_key_value_heads
-    kept = softmax_cached_tokens(config, context) if len(plan) > 1 else [context]
-    total = 0
-    for index, option in enumerate(plan.layers):
-        if option == "softmax":
-            total += 2 * kv_heads * head_dim * kept[index]
-        elif option == "linear":
-            total += kv_heads * linear_state_values_per_head(settings["linear"], head_dim, context)
-        elif option in MIXED_OPTIONS:
-            k = MIXED_OPTIONS[option]
-            total += (2 * k * head_dim * kept[index]
-                      + (kv_heads - k) * linear_state_values_per_head(settings["linear"], head_dim, context))
-        elif option != "none":
-            raise ValueError(f"kv_bytes_per_sequence: no price for option {option!r}")
-    return total * bytes_per_value
+    if option == "softmax":
+        return 2 * kv_heads * head_dim * kept_tokens
+    if option == "linear":
+        return kv_heads * linear_state_values_per_head(settings["linear"], head_dim, context)
+    if option in MIXED_OPTIONS:
+        k = MIXED_OPTIONS[option]
+        return 2 * k * head_dim * kept_tokens + (kv_heads - k) * linear_state_values_per_head(settings["linear"],
+                                                                                            head_dim, context)
+    if option == "none":
+        return 0
+    raise ValueError(f"kv_bytes_per_sequence: no price for option {option!r}")
 
 
 def linear_state_values_per_head(linear: dict, head_dim: int, context: int) -> int:
@@ -102,59 +104,12 @@ class AdditiveCostModel:
     def num_layers(self) -> int:
         return int(self.settings["num_layers"])
 
+    def views(self, limit: int = 1) -> list[tuple["AdditiveCostModel", float | None]]:
+        """[(an additive cost model, KV budget)] for the front solver: an additive model is its own only view."""
+        return [(self, None)]
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
-
-
-def run_request(model, ids: torch.Tensor, decode: int) -> None:
-    """One request: the prefill, then `decode` cached steps (greedy; the token does not change the cost)."""
-    if not decode:
-        model.model(input_ids=ids, use_cache=False)
-        return
-    from layerboost_core.cache import HybridCache
-
-    cache = HybridCache(model)
-    out = model.model(input_ids=ids, cache=cache, use_cache=True)
-    token = ids[:, -1:]
-    for _ in range(decode):
-        out = model.model(input_ids=token, cache=cache, use_cache=True)
-    del out
-
-
-def measure_uniform(switcher, workload: Workload, options, device) -> dict[str, float]:
-    """Median time of one request (prefill + decode steps) under each all-`option` plan, timed round-robin."""
-    ids = torch.randint(0, switcher.model.config.vocab_size, (workload.batch, workload.prefill), device=device)
-    plans = {o: LayerPlan.uniform(o, switcher.num_layers) for o in options}
-    times = time_plans(switcher, plans, lambda model: run_request(model, ids, workload.decode),
-                       rounds=workload.repeats, warmup=1)
-    return {o: statistics.median(t) for o, t in times.items()}
-
-
-def cost_model(switcher, model_info: dict, option_settings: dict, workload: Workload,
-               options=("softmax", "linear", "none")) -> AdditiveCostModel:
-    """The cached cost model for this device, model, settings and workload (measured on first use)."""
-    device = switcher.model.get_input_embeddings().weight.device
-    settings = {"model": model_info["fingerprint"], "num_layers": switcher.num_layers, "options": option_settings,
-                "dtype": str(switcher.model.dtype)}
-    dev = device_name(device)
-    key = content_hash("cost/v1", dev, settings, asdict(workload), sorted(options))
-    path = cache_root() / "costs" / f"{model_info['name'].replace('/', '--')}-{key}.json"
-    # Drivers started together wait for the one measuring: two timings at once would skew each other, and two
-    # cost models could send them to different studies (the space is narrowed by these numbers).
-    with FileLock(f"{path}.lock"):
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-                return AdditiveCostModel(**data)
-            except (OSError, ValueError, TypeError):
-                log.warning("cost model cache %s is unreadable; measuring again", path)
-        log.info("measuring per-layer latency of %s at %s on %s", ", ".join(options), asdict(workload), dev)
-        uniform = measure_uniform(switcher, workload, options, device)
-        base = uniform["none"] if "none" in uniform else 0.0
-        per_layer = {o: (t - base) / switcher.num_layers for o, t in uniform.items()}
-        model = AdditiveCostModel(base, per_layer, uniform, asdict(workload), dev, settings)
-        write_json(path, asdict(model))
-        return model

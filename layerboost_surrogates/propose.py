@@ -16,12 +16,12 @@ from layerboost_core.plan import LayerPlan
 
 from .accuracy import SensitivityTable, make_predictor
 from .gap_fill import gap_filling_plans
-from .solver import FrontSolver
+from .solver import FrontSolver, front_over_views
 
 
 def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[LayerPlan, float]], n: int, seed: int = 0,
                   *, exclude: Iterable[str] = (), metric: str = "kl", pairs: str = "adjacent",
-                  latency_ceiling: float | None = None, kv_bytes: dict[str, float] | None = None,
+                  latency_ceiling: float | None = None, feasible=None, kv_bytes: dict[str, float] | None = None,
                   kv_ceiling: float | None = None, explore_fraction: float = 0.25, min_trials: int = 8,
                   max_draws: int | None = None, max_loss: float | None = None, forbidden=frozenset()) -> list[LayerPlan]:
     """Up to `n` distinct plans of `space`, none in `completed` or `exclude` (plan strings).
@@ -37,7 +37,8 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     attention removed, KL of several nats on SmolLM2) is otherwise where a spread over latency puts most
     proposals, and no one ships those plans.
     `forbidden`: (layer, option) choices no proposal makes (e.g. those that alone lose the retrieval floor).
-    """
+    `latency_ceiling` bounds `cost_model.latency`; `feasible(plan)`, any other test a proposal must pass (the
+    search's ceilings predicted by its serving cost model)."""
     if pairs not in ("adjacent", "none"):
         raise ValueError(f"pairs: {pairs!r}; propose_plans allows adjacent or none (all pairs are too slow to solve)")
     table = SensitivityTable.of(sensitivity, space.num_layers, metric)
@@ -51,15 +52,18 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
         return (str(plan) not in taken and space.violation(plan) is None
                 and not any((layer, option) in forbidden for layer, option in enumerate(plan.layers))
                 and (latency_ceiling is None or cost_model.latency(plan) <= latency_ceiling)
-                and (kv_ceiling is None or kv_bytes is None or sum(kv_bytes[o] for o in plan.layers) <= kv_ceiling))
+                and (feasible is None or feasible(plan))
+                and (kv_ceiling is None or kv_bytes is None or plan_kv(kv_bytes, plan) <= kv_ceiling))
 
     def take(plan: LayerPlan | None) -> None:
         if plan is not None and len(out) < n and allowed(plan):
             taken.add(str(plan))
             out.append(plan)
 
-    solver = FrontSolver(space, cost_model, predictor.terms(), kv_bytes, forbidden)
-    front = [p for p, quality, _ in solver.predicted_front(max(16, 4 * n), kv_ceiling, latency_ceiling, known)
+    # two views (the fewest and the most sequences at once) during the search: every proposal round solves the
+    # front again, and its MILPs share the CPU with the evaluators
+    front = [p for p, quality, _ in front_over_views(space, cost_model, predictor.terms(), 16, kv_ceiling,
+                                                       latency_ceiling, known, forbidden, views=2)
              if max_loss is None or quality <= max_loss]
     exploit = n - int(round(explore_fraction * n)) if completed else n
     finite = [v for _, v in completed if np.isfinite(v)]
@@ -72,20 +76,34 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
         step = (len(front) - 1) / max(1, exploit - 1)
         for i in sorted({round(i * step) for i in range(min(exploit, len(front)))}):
             take(front[i])
-    fastest, best = solver.fastest(kv_ceiling, known), solver.solve(latency_ceiling, kv_ceiling, known)
-    if fastest is None or best is None:
-        return out
-    low, high = cost_model.latency(fastest), cost_model.latency(best)
-    if max_loss is not None and front:  # draws only where the mean front is within the loss bound
-        low = cost_model.latency(front[0])
+    kv_layers = getattr(cost_model, "kv_layer_bytes", None) or kv_bytes
+    ranges = []  # per additive view of the cost (a concurrency, and the cache budget it needs): its speed range
+    for view, view_kv in cost_model.views(2):
+        budgets = [b for b in (view_kv, kv_ceiling) if b is not None]
+        kv_budget = min(budgets) if budgets else None
+        mean = FrontSolver(space, view, predictor.terms(), kv_layers if kv_budget is not None else None, forbidden)
+        fastest, best = mean.fastest(kv_budget, known), mean.solve(None, kv_budget, known)
+        if fastest is not None and best is not None:
+            low, high = view.latency(fastest), view.latency(best)
+            if max_loss is not None and front:  # draws only where the mean front is within the loss bound
+                low = max(low, min(view.latency(p) for p in front))
+            ranges.append((view, kv_budget, low, max(low, high)))
     for _ in range(max_draws if max_draws is not None else 2 * n):
-        if len(out) >= n:
+        if len(out) >= n or not ranges:
             break
-        draw = FrontSolver(space, cost_model, predictor.terms(rng), kv_bytes, forbidden)
-        take(draw.solve(float(rng.uniform(low, high)), kv_ceiling, known + out))
+        # one posterior draw, in one view, at a random speed budget between its fastest and best-quality plans
+        view, kv_budget, low, high = ranges[int(rng.integers(len(ranges)))]
+        draw = FrontSolver(space, view, predictor.terms(rng), kv_layers if kv_budget is not None else None, forbidden)
+        take(draw.solve(float(rng.uniform(low, high)), kv_budget, known + out))
     for plan in front:  # draws that failed to find anything new: fill from the mean front
         take(plan)
     return out
+
+
+def plan_kv(kv_bytes: dict, plan: LayerPlan) -> float:
+    """Cache bytes of `plan` from per-option bytes of one layer, or per-option lists of every layer's."""
+    return sum(kv_bytes[o][i] if isinstance(kv_bytes[o], (list, tuple)) else kv_bytes[o]
+               for i, o in enumerate(plan.layers))
 
 
 def _reference(cost_model, completed, front, latency_ceiling, max_loss, finite) -> tuple[float, float]:

@@ -119,9 +119,10 @@ class FrontSolver:
                     rows.append(row), low.append(-math.inf), high.append(0.0)
         self.structure = LinearConstraint(np.array(rows), low, high)
         self.kv = None
-        if self.kv_bytes is not None:
+        if self.kv_bytes is not None:  # option -> bytes of one layer, or -> a list per layer (local layers differ)
             self.kv = np.zeros(nv)
-            self.kv[:nx] = np.tile([self.kv_bytes[o] for o in self.options], layers)
+            self.kv[:nx] = [self.kv_bytes[o][layer] if isinstance(self.kv_bytes[o], (list, tuple)) else self.kv_bytes[o]
+                            for layer in range(layers) for o in self.options]
 
     def _budget_row(self, coefficients: np.ndarray, budget: float) -> LinearConstraint:
         """coefficients . v <= budget, scaled to unit coefficients so HiGHS's absolute tolerances are relative."""
@@ -189,3 +190,24 @@ class FrontSolver:
                 found.setdefault(str(plan), (plan, self.predicted_quality(plan), self.cost.latency(plan)))
         points = list(found.values())
         return [points[i] for i in front_indices([(latency, quality) for _, quality, latency in points])]
+
+
+def front_over_views(space, cost, terms: QualityTerms, n_points: int, kv_ceiling: float | None = None,
+                     latency_ceiling: float | None = None, exclude=(), forbidden=frozenset(),
+                     views: int = 3) -> list[tuple[LayerPlan, float, float]]:
+    """The predicted front of a serving cost model whose cost is not additive (serving_cost.ServingCostModel:
+    the concurrency depends on the whole plan's cache): the exact front in each of its additive views (a
+    concurrency, with the KV budget that lets it fit), re-priced with the exact cost, dominated points dropped;
+    (plan, predicted quality, cost), cheapest first. An additive cost model is its own single view; a serving one
+    gives up to `views` (both ends of its concurrencies first)."""
+    found: dict[str, tuple[LayerPlan, float, float]] = {}
+    kv_layers = getattr(cost, "kv_layer_bytes", None)
+    chosen = cost.views(views)
+    per_view = max(4, n_points // len(chosen))  # the same number of solves in all, spread over the views
+    for view, kv_budget in chosen:
+        budgets = [b for b in (kv_budget, kv_ceiling) if b is not None]
+        solver = FrontSolver(space, view, terms, kv_layers if budgets and kv_layers else None, forbidden)
+        for plan, quality, _ in solver.predicted_front(per_view, min(budgets) if budgets else None, None, exclude):
+            found.setdefault(str(plan), (plan, quality, cost.latency(plan)))
+    points = [p for p in found.values() if latency_ceiling is None or p[2] <= latency_ceiling]
+    return sorted((points[i] for i in front_indices([(c, q) for _, q, c in points])), key=lambda p: p[2])

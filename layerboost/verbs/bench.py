@@ -1,13 +1,16 @@
 """`layerboost bench`."""
 from __future__ import annotations
 
-from . import shows
+from . import adopts_plan_file, shows
 
 
+@adopts_plan_file
 @shows("plan", "bench.contexts", "bench.batches", "bench.decode_tokens", "bench.memory_budget_gb", "device", "dtype")
 def bench(cfg) -> None:
     """Measured prefill latency, decode speed, KV bytes, memory and largest batch of `plan=` beside
-    all-softmax, taking turns in one run: a table, bench.csv and bench.html."""
+    all-softmax, taking turns in one run: a table, bench.csv and bench.html; then both serving the workload
+    (the plan file's own, or workload.*): TTFT, TPOT and throughput at the concurrency each cache allows
+    (serving.csv)."""
     from ..settings import bench_settings, plan_spec, workbench_settings
 
     from pathlib import Path
@@ -39,10 +42,48 @@ def bench(cfg) -> None:
     rows = measure_plans(bench_.switcher, plans, settings, progress=workbench.progress)
     out = Path(cfg.output_dir) / "bench" / f"{bench_.info['name'].replace('/', '--')}-{plan.id}"
     write_csv(out / "bench.csv", rows)
+    serving = serve_workload(bench_, plans, workbench.workload)
+    if serving:
+        write_csv(out / "serving.csv", serving)
     dtype = dtype_name(bench_.loaded.dtype)
     write_html(rows, out / "bench.html",
                f"{bench_.info['name']}: plan {plan} vs all-softmax ({bench_.loaded.device.type}, {dtype})")
     print(f"model {bench_.info['name']} on {bench_.loaded.device} ({dtype}), plan {plan}, "
           f"{settings.decode_tokens} decode steps, budget {settings.memory_budget_gb:g} GiB")
     print(format_table(rows))
+    if serving:
+        print(f"\nserving the workload ({workbench.workload}), plans taking turns, each at the concurrency its cache "
+              "allows (median of 3 rounds):")
+        for row in serving:
+            print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     print(f"written to {out}")
+
+
+def serve_workload(bench, plans: dict, workload, rounds: int = 3) -> list[dict]:
+    """Each plan serving `workload` (layerboost_core.serving), taking turns with all-softmax: one row per plan with
+    its concurrency, TTFT, TPOT and throughput, and their ratios to all-softmax's. [] without output tokens."""
+    import statistics
+
+    from layerboost_core.bench import BASELINE, weight_bytes
+    from layerboost_core.serving import serve_in_turns
+    from layerboost_surrogates.cost_model import kv_bytes_per_sequence
+
+    if not workload.decode:
+        return []
+    model, options = bench.switcher.model, bench.switcher.settings
+
+    def kv(plan):
+        return kv_bytes_per_sequence(plan, model.config, options, workload.context, model.dtype.itemsize)
+
+    weights, original = weight_bytes(model), kv(plans[BASELINE])
+    concurrency = {label: workload.concurrency(kv(plan), weights, original) for label, plan in plans.items()}
+    served = serve_in_turns(bench.switcher, plans, workload, concurrency, rounds)
+    rows = []
+    for label, runs in served.items():
+        row = {"plan_label": label, "plan": str(plans[label]), "concurrency": concurrency[label]}
+        for metric in ("ttft", "tpot", "throughput"):
+            row[metric] = statistics.median(s.metric(metric) for s in runs)
+            row[f"{metric}_vs_{BASELINE}"] = statistics.median(
+                mine.metric(metric) / theirs.metric(metric) for mine, theirs in zip(runs, served[BASELINE]))
+        rows.append(row)
+    return rows

@@ -1,11 +1,12 @@
 """`layerboost eval` (the module is not called eval: that is a Python builtin)."""
 from __future__ import annotations
 
-from . import shows
+from . import adopts_plan_file, shows
 
 PLAN_FORMS = " or plan=<hybrid folder from layerboost heal or export>"
 
 
+@adopts_plan_file
 @shows("plan", "eval.tasks", "eval.n_examples", "data.blocks.heldout", "output_dir")
 def evaluate(cfg) -> None:
     """Proxy metrics and lm-eval task scores of one plan (`plan=<file.json>`, `plan=SSLN...` or a hybrid
@@ -45,7 +46,7 @@ def evaluate(cfg) -> None:
     proxy_seconds = time.perf_counter() - started
     if tasks.tasks:
         task_dir = lm_eval_tasks.write_offline_tasks(None, bench.splits.documents["heldout"], bench.loaded.tokenizer,
-                                                     tasks.task_settings())
+                                                     tasks.task_settings(settings.workload.prefill))
         scores = lm_eval_tasks.evaluate_tasks(bench.model, bench.loaded.tokenizer, list(tasks.tasks), task_dir,
                                               batch_size=tasks.batch_size, limit=tasks.limit)
         metrics.update({f"lm_eval:{task}": {"value": value, "fidelity": "lm-eval", "direction": "maximize"}

@@ -1,68 +1,190 @@
-"""The latency cost model: workloads are validated, a request is a prefill plus cached decode steps, and the
-model built from the uniform plans is additive and cached with its settings."""
+"""The serving cost model: workloads are validated, a plan's concurrency is the cache-bytes arithmetic, a plan's
+predicted serving is composed from the measured pieces, and the pieces are measured once and cached."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import asdict
 
 import pytest
 import torch
 
+from layerboost_core.cache import HybridCache
 from layerboost_core.errors import UserError
 from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
-from layerboost_surrogates.cost_model import Workload, cost_model, run_request
+from layerboost_core.serving import Served
+from layerboost_core.workload import GIB, Workload
+from layerboost_surrogates.cost_model import kv_bytes_per_layer, kv_bytes_per_sequence
+from layerboost_surrogates.serving_cost import (ServingCostModel, concurrency_grid, interpolate, serving_cost_model,
+                                                speed_cost)
 
 SETTINGS = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}
+INFO = {"name": "tiny", "fingerprint": "f" * 16}
 
 
-@pytest.mark.parametrize("field, value", [("prefill", 0), ("batch", 0), ("repeats", 0), ("decode", -1)])
-def test_bad_workload_is_one_clear_error(field, value):
-    with pytest.raises(UserError, match=f"workload.{field}: {value}"):
+@pytest.mark.parametrize("field, value, message", [
+    ("prefill", 0, "workload.prefill: 0 must be a whole number >= 1"),
+    ("batch", 0, "workload.batch: 0 must be a whole number >= 1"),
+    ("repeats", 0, "workload.repeats: 0 must be a whole number >= 1"),
+    ("decode", -1, "workload.decode: -1 must be a whole number >= 0"),
+    ("memory_gib", -1.0, "workload.memory_gib: -1.0 must be a positive number of GiB or null"),
+    ("memory_gib", "lots", "workload.memory_gib: 'lots' must be a positive number of GiB or null"),
+    ("memory_sequences", 0, "workload.memory_sequences: 0 must be a whole number >= 1"),
+])
+def test_bad_workload_is_one_clear_error(field, value, message):
+    with pytest.raises(UserError) as refused:
         Workload(**{field: value})
+    assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
-@pytest.mark.parametrize("plan", ["SSSS", "LLLL", "NNNN", "SLNL"])
-def test_a_request_is_one_prefill_then_one_forward_per_decode_step(tiny_model, plan):
+def test_concurrency_is_the_memory_left_by_the_weights_over_one_sequences_cache():
+    workload = Workload(prefill=100, decode=28, batch=16, memory_gib=1.0)
+    original = 200 * 2**20  # one all-softmax sequence
+    assert workload.concurrency(100 * 2**20, 2**29, original) == 5  # (1024 - 512) MiB // 100 MiB
+    assert workload.concurrency(2**20, 2**29, original) == 16  # capped at batch
+    assert workload.concurrency(0, 2**29, original) == 16  # no cache: never memory-bound
+    assert workload.concurrency(2**30, 2**29, original) == 0  # not even one fits
+    assert Workload(batch=3, memory_gib=None, memory_sequences=None).concurrency(10**12, 10**12, 10**12) == 3
+    # a budget of the weights and 4 of the original's sequences: the original serves 4, a cache half as big 8
+    by_sequences = Workload(prefill=100, decode=28, batch=16, memory_gib=None, memory_sequences=4)
+    assert by_sequences.budget_bytes(2**29, original) == 2**29 + 4 * original
+    assert by_sequences.concurrency(original, 2**29, original) == 4
+    assert by_sequences.concurrency(original // 2, 2**29, original) == 8
+    assert Workload(memory_gib=1.0, memory_sequences=4).budget_bytes(2**29, original) == 2**30  # GiB first
+
+
+@pytest.mark.parametrize("plan", ["SSSS", "LLLL", "1111", "SLN1", "NNNN"])
+def test_cache_bytes_per_layer_are_what_the_hybrid_cache_holds(tiny_model, plan):
+    """The arithmetic the concurrency rests on: per-layer bytes summed equal the bytes a real cache holds after
+    a prefill and decode steps (so the concurrency a budget allows is exact)."""
+    settings = {**SETTINGS, "mixed1": {"kept_heads": [[0], [1], [0], [1]]}}
     model = tiny_model("llama")
-    PlanSwitcher(model, SETTINGS).apply(LayerPlan.from_string(plan))
-    lengths = []
-    model.model.register_forward_hook(lambda module, args, kwargs, out: lengths.append(kwargs["input_ids"].shape[1]),
-                                      with_kwargs=True)
+    PlanSwitcher(model, settings).apply(LayerPlan.from_string(plan))
+    config, context = model.config, 13
+    cache = HybridCache(model)
     with torch.inference_mode():
-        run_request(model, torch.randint(3, 1000, (2, 9)), decode=3)
-    assert lengths == [9, 1, 1, 1]
+        model(torch.randint(3, 1000, (1, 10)), cache=cache)
+        for _ in range(context - 10):
+            model(torch.randint(3, 1000, (1, 1)), cache=cache)
+    layers = LayerPlan.from_string(plan).layers
+    per_layer = {o: kv_bytes_per_layer(o, config, settings, context, 4, 4) for o in set(layers)}
+    assert sum(per_layer[o][i] for i, o in enumerate(layers)) == cache.kv_bytes()
+    assert kv_bytes_per_sequence(LayerPlan.from_string(plan), config, settings, context, 4) == cache.kv_bytes()
 
 
-def test_cost_model_with_decode_is_additive_and_cached_with_its_workload(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path))
-    model = tiny_model("llama")
-    switcher = PlanSwitcher(model, SETTINGS)
-    info = {"name": "tiny", "fingerprint": "f" * 16}
-    workload = Workload(prefill=16, decode=3, batch=1, repeats=1)
-    cost = cost_model(switcher, info, SETTINGS, workload)
-    for option in ("softmax", "linear", "none"):  # the uniform plans are reproduced exactly
-        assert cost.latency(LayerPlan.uniform(option, 4)) == pytest.approx(cost.uniform_seconds[option])
-    mixed = LayerPlan.from_string("SLNS")
-    expected = cost.base_seconds + 2 * cost.per_layer_seconds["softmax"] + cost.per_layer_seconds["linear"]
-    assert cost.latency(mixed) == pytest.approx(expected)
-    (stored,) = (tmp_path / "costs").glob("tiny-*.json")
-    assert json.loads(stored.read_text())["workload"]["decode"] == 3
-    assert cost_model(switcher, info, SETTINGS, workload) == cost  # second call reads the cache
+def synthetic(workload: Workload, grid=(2, 4, 8), speed="throughput") -> ServingCostModel:
+    """A cost model of 4 layers from made-up pieces: softmax layers cost most and keep the biggest cache."""
+    grid = list(grid)
+    return ServingCostModel(
+        workload=asdict(workload), grid=grid, base_prefill_s=1.0,
+        prefill_s={"softmax": 0.5, "linear": 0.3, "none": 0.0},
+        base_step_s=[0.10, 0.12, 0.16],
+        step_s={"softmax": [0.02, 0.04, 0.08], "linear": [0.01, 0.012, 0.016], "none": [0.0, 0.0, 0.0]},
+        kv_layer_bytes={"softmax": [100 * 2**20] * 4, "linear": [2**20] * 4, "none": [0] * 4},
+        weight_bytes=2**30, rounds={}, device="cpu", settings={"num_layers": 4}, speed=speed)
 
 
-def test_a_uniform_mixed_plan_is_timed_like_the_others(tiny_model, tmp_path, monkeypatch):
-    """All-`mixed1` is built from its kept_heads setting and untrained `linear` parts (timing needs no bank)."""
+def test_a_plans_serving_is_composed_from_the_pieces():
+    workload = Workload(prefill=64, decode=32, batch=8, memory_gib=2.0)
+    cost = synthetic(workload)
+    plan = LayerPlan.from_string("SSLN")
+    # concurrency: (2 GiB - 1 GiB) over 2 x 100 MiB + 1 MiB
+    assert cost.concurrency(plan) == (2**30) // (201 * 2**20) == 5
+    assert cost.ttft(plan) == pytest.approx(1.0 + 2 * 0.5 + 0.3)
+    step_at = {b: base + 2 * s + lin for b, base, s, lin in zip([2, 4, 8], [0.10, 0.12, 0.16], [0.02, 0.04, 0.08],
+                                                                 [0.01, 0.012, 0.016])}
+    tpot = step_at[4] + (step_at[8] - step_at[4]) * (5 - 4) / 4  # linear between the grid points 4 and 8
+    served = cost.predict(plan)
+    assert served == Served(pytest.approx(2.3), pytest.approx(tpot), 5, 32)
+    assert served.throughput == pytest.approx(5 * 32 / (5 * 2.3 + 32 * tpot))
+    assert served.latency_s == pytest.approx(5 * 2.3 + 32 * tpot)
+    assert cost.latency(plan) == pytest.approx(1 / served.throughput)  # throughput's cost: seconds per token
+    assert cost.with_speed("ttft").latency(plan) == pytest.approx(2.3)
+    assert cost.with_speed("tpot").latency(plan) == pytest.approx(tpot)
+    assert cost.concurrency(LayerPlan.uniform("none", 4)) == 8  # no cache: the cap
+
+
+def test_each_additive_view_prices_plans_that_fit_its_concurrency_exactly():
+    cost = synthetic(Workload(prefill=64, decode=32, batch=8, memory_gib=2.0))
+    assert [v.workload["concurrency"] for v, _ in cost.views(1)] == [2]
+    assert [v.workload["concurrency"] for v, _ in cost.views(2)] == [2, 8]
+    assert set(cost.per_layer_seconds) == {"softmax", "linear", "none"}  # the gap filler's ranking of options
+    for view, kv_budget in cost.views():
+        b = view.workload["concurrency"]
+        assert kv_budget == pytest.approx(2**30 / b)
+        for text in ("SSLN", "LLLL", "SLSL"):
+            plan = LayerPlan.from_string(text)
+            at_b = Served(cost.ttft(plan), cost.tpot(plan, b), b, 32)
+            assert view.latency(plan) == pytest.approx(speed_cost(at_b, "throughput"))
+
+
+def test_interpolation_and_grid():
+    assert concurrency_grid(3, 16) == [3, 12, 16] and concurrency_grid(4, 32) == [4, 16, 32]
+    assert concurrency_grid(16, 16) == [16]
+    assert interpolate([2, 4], [1.0, 3.0], 3) == pytest.approx(2.0)
+    assert interpolate([2, 4], [1.0, 3.0], 6) == pytest.approx(5.0)  # beyond the end: the last segment's line
+    assert interpolate([4], [2.0], 2) == pytest.approx(1.0)
+
+
+def test_a_prefill_only_workload_prices_the_prefill():
+    cost = synthetic(Workload(prefill=64, decode=0, batch=1, memory_gib=None, memory_sequences=None), grid=(),
+                     speed="latency")
+    cost.base_step_s, cost.step_s = [], {o: [] for o in cost.step_s}
+    plan = LayerPlan.from_string("SLNN")
+    assert cost.predict(plan).tpot_s is None and cost.predict(plan).throughput == 0.0
+    assert cost.latency(plan) == pytest.approx(cost.ttft(plan)) == pytest.approx(1.8)
+    assert speed_cost(cost.predict(plan), "throughput") == math.inf
+
+
+def test_an_option_is_dominated_only_when_every_round_of_every_piece_is_slower():
+    cost = synthetic(Workload(prefill=64, decode=32, batch=8, memory_gib=None, memory_sequences=None), grid=(8,))
+    cost.rounds = {"softmax": {"prefill": [1.0, 1.1, 1.2], "step": [[0.5], [0.55], [0.6]]},
+                   "linear": {"prefill": [1.3, 1.4, 1.25], "step": [[0.7], [0.65], [0.61]]},
+                   "none": {"prefill": [1.15, 1.3, 1.4], "step": [[0.7], [0.7], [0.7]]}}
+    assert cost.dominated("linear", kv_matters=False)  # slower in every round of every piece
+    assert not cost.dominated("none", kv_matters=False)  # one prefill round overlaps softmax's: no decision
+    assert not cost.dominated("linear", kv_matters=True)  # a smaller cache pays where memory matters
+
+
+def test_pieces_are_measured_once_and_cached_with_every_round(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path))
     settings = {**SETTINGS, "mixed1": {"kept_heads": [[0], [1], [0], [1]]}}
     switcher = PlanSwitcher(tiny_model("llama"), settings)
+    workload = Workload(prefill=16, decode=4, batch=4, memory_gib=None, memory_sequences=None, repeats=2)
     options = ("softmax", "linear", "mixed1", "none")
-    cost = cost_model(switcher, {"name": "tiny", "fingerprint": "f" * 16}, settings,
-                      Workload(prefill=16, decode=2, batch=1, repeats=1), options)
-    assert set(cost.per_layer_seconds) == set(options)
-    assert cost.latency(LayerPlan.uniform("mixed1", 4)) == pytest.approx(cost.uniform_seconds["mixed1"])
-    expected = cost.base_seconds + cost.per_layer_seconds["mixed1"] + cost.per_layer_seconds["softmax"]
-    assert cost.latency(LayerPlan.from_string("1SNN")) == pytest.approx(expected)
-    assert cost.fastest(options) <= cost.uniform_seconds["mixed1"]
-    with pytest.raises(ValueError, match=r"^the cost model timed softmax, linear, none, not 'mixed1'"):
-        cost_model(switcher, {"name": "tiny", "fingerprint": "f" * 16}, settings,
-                   Workload(prefill=16, decode=0, batch=1, repeats=1)).latency(LayerPlan.from_string("1SNN"))
+    cost = serving_cost_model(switcher, INFO, settings, workload, options)
+    assert cost.grid == [4] and set(cost.prefill_s) == set(options)
+    assert all(len(r["prefill"]) == 2 and len(r["step"]) == 2 for r in cost.rounds.values())
+    for option in options:  # a uniform plan is its own measurement (the median of its rounds)
+        uniform = LayerPlan.uniform(option, 4)
+        assert cost.ttft(uniform) == pytest.approx(min(cost.rounds[option]["prefill"]))  # the fastest round
+    (stored,) = (tmp_path / "costs").glob("tiny-serving-*.json")
+    assert json.loads(stored.read_text())["workload"]["decode"] == 4
+    again = serving_cost_model(switcher, INFO, settings, workload, options)
+    assert again.rounds == cost.rounds  # read back, not measured again
+    assert switcher.plan == LayerPlan.uniform("softmax", 4)  # restored
+
+
+def test_a_budget_that_cannot_hold_one_sequence_is_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path))
+    switcher = PlanSwitcher(tiny_model("llama"), SETTINGS)
+    with pytest.raises(UserError, match=r"^workload.memory_gib: 1e-06 GiB does not hold the weights"):
+        serving_cost_model(switcher, INFO, SETTINGS, Workload(prefill=16, decode=4, batch=4, memory_gib=1e-6),
+                           ("softmax", "none"))
+    assert int(GIB) == 2**30
+
+
+def test_ceilings_are_predicted_with_slack_and_cache_bytes_exactly():
+    from layerboost_search.objectives import predicted_constraints
+    from layerboost_search.settings import ObjectiveSettings
+
+    cost = synthetic(Workload(prefill=64, decode=32, batch=8, memory_gib=2.0))
+    plan = LayerPlan.from_string("SSSL")  # TTFT 1 + 3 x 0.5 + 0.3 = 2.8 s against all-softmax's 3.0 s
+    ttft = cost.ttft(plan) / cost.ttft(LayerPlan.uniform("softmax", 4))
+    assert predicted_constraints(ObjectiveSettings(ceilings={"ttft": 0.9}, ceiling_slack=0.0), cost, plan)[
+        "ttft_ceiling"] == pytest.approx(ttft - 0.9)
+    with_slack = predicted_constraints(ObjectiveSettings(ceilings={"ttft": 0.9}), cost, plan)["ttft_ceiling"]
+    assert with_slack == pytest.approx(ttft - 0.99) and with_slack < 0  # 0.933 is within the 10% slack of 0.9
+    kv = predicted_constraints(ObjectiveSettings(ceilings={"kv_bytes": 0.75}), cost, plan)["kv_bytes_ceiling"]
+    assert kv == pytest.approx(cost.kv_bytes(plan) / cost.kv_bytes(LayerPlan.uniform("softmax", 4)) - 0.75)  # exact

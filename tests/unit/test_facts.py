@@ -209,3 +209,42 @@ def test_plain_blocks_have_no_retrieval_metrics(tiny_model):
     assert isinstance(evaluator.blocks, PlantedBlocks) and bool(evaluator.blocks.scored.all())
     with pytest.raises(UserError, match="^proxy metric: 'retrieval_acc' needs planted facts"):
         evaluator.evaluate(["retrieval_acc"])
+
+
+@pytest.mark.parametrize("plan", ["SSSS", "SLN1"])
+def test_retrieval_by_generation_through_the_hybrid_cache_equals_retrieval_by_prefill(planted, tiny_model, plan):
+    """A server answers each fact with decode steps through the hybrid cache; the proxy reads the same answers
+    from one teacher-forced forward. Same facts found, same answer NLL (so the same argmax at every answer token:
+    a random model finds none, the NLL is what tells), same token metrics."""
+    blocks = planted[2].select(slice(0, 1))
+    model = tiny_model("llama")
+    settings = {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}, "mixed1": {"kept_heads": [[0], [1], [0], [1]]}}
+    switcher = PlanSwitcher(model, settings)
+    prefill = ProxyEvaluator(model, blocks, batch_size=1)
+    generated = ProxyEvaluator(model, blocks, generate=True)
+    assert generated.original_per_fact["retrieval_acc"] == prefill.original_per_fact["retrieval_acc"]
+    switcher.apply(LayerPlan.from_string(plan))
+    by_prefill, by_generation = prefill.measure(), generated.measure()
+    assert by_generation.per_fact["retrieval_acc"] == by_prefill.per_fact["retrieval_acc"]
+    assert by_generation.per_fact["retrieval_nll"] == pytest.approx(by_prefill.per_fact["retrieval_nll"], abs=1e-4)
+    for name in ("kl", "top1_agreement", "nll"):
+        assert by_generation.per_block[name] == pytest.approx(by_prefill.per_block[name], abs=1e-4)
+
+
+def test_blocks_with_shared_keys_are_answered_as_one_batch_with_the_same_results(tiny_model):
+    """Shared keys put every block's queries at the same positions (the word tokenizer gives every digit one
+    token): one group, answered by batched decode steps, with the per-fact results of one block at a time."""
+    tokenizer = WordTokenizer()
+    blocks = text_blocks(tokenizer, n=3, length=300)
+    planted = plant_facts(tokenizer, blocks, 4, seed=5, shared_keys=True)
+    assert planted.keys[0] == planted.keys[1] == planted.keys[2] and planted.answers[0] != planted.answers[1]
+    assert (planted.answer_start == planted.answer_start[0]).all()
+    model = tiny_model("llama")
+    PlanSwitcher(model, {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}).apply(LayerPlan.from_string("SLNL"))
+    batched = ProxyEvaluator(model, planted, generate=True)
+    assert batched._groups() == [[0, 1, 2]]
+    one_by_one = ProxyEvaluator(model, planted, batch_size=1)
+    got, expected = batched.measure(), one_by_one.measure()
+    assert got.per_fact["retrieval_acc"] == expected.per_fact["retrieval_acc"]
+    assert got.per_fact["retrieval_nll"] == pytest.approx(expected.per_fact["retrieval_nll"], abs=1e-4)
+    assert got.per_block["kl"] == pytest.approx(expected.per_block["kl"], abs=1e-4)

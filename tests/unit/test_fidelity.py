@@ -29,7 +29,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 OBJECTIVES = [Objective("kl", "minimize", "proxy"), Objective("latency_s", "minimize", "cost-model", "s")]
 MODEL = {"name": "tiny-llama", "source": "tiny:llama", "fingerprint": "f00d", "num_layers": 4}
 CONTEXT = {"model": MODEL, "settings": {}, "bank_id": None, "workload": {"prefill": 128, "decode": 0, "batch": 1},
-           "study": "unit-fidelity", "storage": "sqlite:///unit.db", "softmax_latency": 1.0}
+           "study": "unit-fidelity", "storage": "sqlite:///unit.db",
+           "reference": {"ttft_s": 1.0, "tpot_s": None, "throughput_tok_s": 0.0, "latency_s": 1.0, "concurrency": 1,
+                         "kv_bytes": 4000}}
 LONG = RungSettings("long")
 DISTRIBUTIONS = {layer_param(i): CategoricalDistribution(["softmax", "linear", "none"]) for i in range(4)}
 
@@ -188,13 +190,16 @@ def test_ladder_candidates_are_the_plans_a_best_plan_file_can_name():
     front = [trial(0, "NNNN", 0.10, 0.20), trial(1, "LNNN", 0.50, 0.40), trial(2, "LLNS", 0.80, 0.60),
              trial(3, "LLSS", 0.91, 0.75), trial(4, "LSSS", 0.96, 0.85), trial(5, "SSSL", 0.995, 0.95),
              trial(6, "SSSS", 1.0, 1.0)]
-    picks = ladder_candidates(front, 6, (0.99, 0.95, 0.9), (0.9, 0.8, 0.7), softmax_latency=1.0)
+    def cost(t):
+        return t.values[1]
+
+    picks = ladder_candidates(front, 6, (0.99, 0.95, 0.9), (0.9, 0.8, 0.7), 1.0, cost)
     # all-softmax; keep 99% -> 5, 95% -> 4, 90% -> 3; latency 0.9 -> 4 (taken), 0.8 -> 3 (taken), 0.7 -> 2
     assert [t.number for t in picks] == [6, 5, 4, 3, 2, 0]  # then the spread's first end
-    assert [t.number for t in ladder_candidates(front, 2, (0.99,), (), 1.0)] == [6, 5]
-    assert len(ladder_candidates(front, 20, (0.99,), (0.5,), 1.0)) == 7  # every plan once, no more
+    assert [t.number for t in ladder_candidates(front, 2, (0.99,), (), 1.0, cost)] == [6, 5]
+    assert len(ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, cost)) == 7  # every plan once, no more
     # below the quality floor of every best file (0.85 here) a plan is never a candidate; all-softmax always is
-    assert [t.number for t in ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, floor=0.85)] == [6, 5, 3, 4]
+    assert [t.number for t in ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, cost, floor=0.85)] == [6, 5, 3, 4]
 
 
 # --- reading the ladder ---------------------------------------------------------------------------------------
@@ -271,8 +276,8 @@ def test_best_plans_are_picked_at_the_pick_rung_and_unmet_targets_are_said(ladde
     # a stricter floor: only all-softmax keeps it, so nothing is offered, and every target is said
     table = write_report(laddered, OBJECTIVES, tmp_path, CONTEXT, rungs=("long",), pick_rung="long",
                          floors=Floors(agreement=0.97, retrieval_share=None))
-    said = ("`latency-50pct`: no plan that keeps the floors runs at <= 50% of all-softmax's latency; no plan but the "
-            "original keeps the floors")
+    said = ("`latency-50pct`: no plan that keeps the floors runs at <= 50% of all-softmax's request latency; no plan "
+            "but the original keeps the floors")
     assert said in table and said in (tmp_path / "summary.md").read_text()
     assert not list((tmp_path / "best").iterdir())
 
@@ -283,11 +288,12 @@ def test_summary_opens_with_the_answer(laddered, tmp_path):
     lines = (tmp_path / "summary.md").read_text().splitlines()
     assert lines[0].startswith("# Search") and lines[2] == "## What to ship"
     assert lines[4].startswith("Every best file keeps, at fidelity `long`")
-    table = lines[lines.index("| best files | plan | latency vs all-softmax: measured median [90%] "
-                              "| predicted | KL [90%] | top-1 agreement [90%] | retrieval: facts found [90%] | fidelity "
-                              "| other rungs | export |") + 2:]
+    table = lines[lines.index("| best files | plan | request latency vs all-softmax: measured median [90%] "
+                              "| predicted | throughput vs all-softmax | ttft vs all-softmax | tpot vs all-softmax "
+                              "| sequences at once (all-softmax) | cache per sequence | KL [90%] | top-1 agreement [90%] "
+                              "| retrieval: facts found [90%] | fidelity | other rungs | export |") + 2:]
     assert table[0].startswith("| `keep-95pct.json`, `keep-90pct.json`, ") and "| `SLLN` |" in table[0]
-    assert "`layerboost export model=tiny-llama plan=" in table[0]
+    assert "`layerboost export plan=" in table[0]  # the best file is all the command needs
     assert lines.index("## What to ship") < lines.index("## Pareto front (proxy)")
 
 
@@ -296,7 +302,8 @@ def test_answer_json_holds_the_answer_and_the_fastest_plan_keeping_the_floors(la
                  floors=Floors(agreement=0.8, retrieval_share=None))
     answer = json.loads((tmp_path / "answer.json").read_text())
     best = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "best").iterdir()}
-    assert answer["schema"] == "layerboost.answer/v1" and answer["floors"]["top1_agreement"] == 0.8
+    assert answer["schema"] == "layerboost.answer/v2" and answer["floors"]["top1_agreement"] == 0.8
+    assert answer["speed"]["metric"] == "latency"
     assert set(answer["best"]) == set(best)  # one entry per best file, naming the same trial
     assert all(answer["best"][name]["trial"] == best[name]["origin"]["trial"] for name in best)
     assert answer["fastest_keeping_floors"]["trial"] == 2 and answer["below_floors"]["3"].startswith("top-1 agreement")

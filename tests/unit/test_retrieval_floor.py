@@ -7,6 +7,7 @@ import optuna
 import pytest
 
 from layerboost_core.errors import UserError
+from layerboost_core.serving import Served
 from layerboost_core.space import SearchSpace
 from layerboost_search.driver import SearchRun
 from layerboost_search.study import FEASIBLE_ATTR, open_study
@@ -34,24 +35,29 @@ class RetrievalByCount:
 
 
 class FlatCost:
+    """A prefill-only serving cost: 1 s plus 1 s per softmax layer; no cache is counted."""
+
+    def predict(self, plan):
+        return Served(1.0 + plan.count("softmax"), None, 1, 0)
+
     def latency(self, plan):
-        return 1.0 + plan.count("softmax")
+        return self.predict(plan).latency_s
+
+    def kv_bytes(self, plan):
+        return 0
 
 
 def search_over(study: optuna.Study, objective: ObjectiveSettings, runner,
                 retrieval_floor: float | None = None) -> SearchRun:
     """A search of `study` over 4 layers of softmax/none with FlatCost latency and `runner`'s metrics."""
-    context = {"model_config": None, "option_settings": {}, "bytes_per_value": 4}
-    run = SearchRun(objective, 16, SearchSpace(4, ("softmax", "none")), declare_objectives(objective), study,
-                    FlatCost(), runner, context, retrieval_floor=retrieval_floor)
-    run.kv_bytes = lambda plan: 0  # no model config here; KV bytes are not what these tests are about
-    return run
+    return SearchRun(objective, SearchSpace(4, ("softmax", "none")), declare_objectives(objective, "latency"), study,
+                     FlatCost(), runner, retrieval_floor=retrieval_floor)
 
 
 def small_run(tmp_path, name: str, objective: ObjectiveSettings, runner, seed: int,
               retrieval_floor: float | None = None) -> tuple[SearchRun, optuna.Study]:
     """`search_over` a new sqlite study."""
-    study = open_study(f"sqlite:///{tmp_path / 's.db'}", name, declare_objectives(objective),
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", name, declare_objectives(objective, "latency"),
                        optuna.samplers.RandomSampler(seed=seed), heartbeat_interval=5, grace_period=10)
     return search_over(study, objective, runner, retrieval_floor), study
 
@@ -74,7 +80,7 @@ def test_retrieval_settings_are_checked():
         ObjectiveSettings(retrieval="sometimes")
     with pytest.raises(UserError, match="^objective.retrieval_floor: 1.5"):
         ObjectiveSettings(retrieval_floor=1.5)
-    assert [o.name for o in declare_objectives(ObjectiveSettings(retrieval="objective"))][-1] == "retrieval_acc"
+    assert [o.name for o in declare_objectives(ObjectiveSettings(retrieval="objective"), "latency")][-1] == "retrieval_acc"
 
 
 def test_latency_ceiling_is_a_named_optuna_constraint(tmp_path):
@@ -109,3 +115,26 @@ def test_evaluations_at_more_than_one_dtype_are_recorded_and_warned_about(tmp_pa
     warnings = [r.getMessage() for r in caplog.records if "dtype=auto" in r.getMessage()]
     assert warnings == ["plans of this run were evaluated at bfloat16 and float32: workers resolved dtype=auto "
                         "differently; set dtype= explicitly so every worker scores alike"]
+
+
+def test_the_proxy_drops_a_plan_only_when_its_few_facts_show_it_below_the_floor():
+    from layerboost_search.objectives import retrieval_shortfall
+    from layerboost_search.seeds import retrieval_critical
+
+    # 4 facts (a 512-token block): one miss is no evidence, two are
+    assert retrieval_shortfall(3 / 4, 4, 0.9) <= 0 < retrieval_shortfall(2 / 4, 4, 0.9)
+    assert retrieval_shortfall(28 / 32, 32, 0.9) <= 0 < retrieval_shortfall(22 / 32, 32, 0.9)
+    assert retrieval_shortfall(0.85, 0, 0.9) == pytest.approx(0.05)  # no count known: the rate itself
+    rows = [{"layer": 0, "option": "linear", "retrieval_acc": 0.75}, {"layer": 1, "option": "none", "retrieval_acc": 0.25}]
+    assert retrieval_critical(rows, 0.9, facts=4) == {(1, "none")}
+    assert retrieval_critical(rows, 0.9) == {(0, "linear"), (1, "none")}  # without a count: every shortfall
+
+
+def test_a_plan_missing_one_of_the_proxys_few_facts_stays_feasible(tmp_path):
+    run, study = small_run(tmp_path, "screen", ObjectiveSettings(retrieval="floor", retrieval_floor=0.9),
+                           RetrievalByCount(), seed=0, retrieval_floor=0.9)
+    run.retrieval_facts = 4
+    run.run(8, progress=False)
+    for trial in (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE):
+        kept = trial.user_attrs["plan"].count("S")  # of 4 facts, RetrievalByCount finds one per softmax layer
+        assert trial.user_attrs[FEASIBLE_ATTR] is (kept >= 3)

@@ -112,7 +112,9 @@ def study():
 
 CONTEXT = {"model": MODEL, "settings": {"linear": {"window": 4, "feature_dim": 8, "sinks": 2}}, "bank_id": "bank123",
            "workload": {"prefill": 128, "decode": 0, "batch": 1}, "study": "unit-report",
-           "storage": "sqlite:///unit.db", "softmax_latency": 1.0}
+           "storage": "sqlite:///unit.db",
+           "reference": {"ttft_s": 1.0, "tpot_s": None, "throughput_tok_s": 0.0, "latency_s": 1.0, "concurrency": 1,
+                         "kv_bytes": 4000}}
 
 
 def read_csv(path):

@@ -12,7 +12,7 @@ from tests.unit.test_retrieval_floor import RetrievalByCount, search_over, small
 
 def test_a_search_on_an_in_memory_study_runs_to_its_budget():
     objective = ObjectiveSettings()
-    study = optuna.create_study(directions=[o.direction for o in declare_objectives(objective)],
+    study = optuna.create_study(directions=[o.direction for o in declare_objectives(objective, "latency")],
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     run = search_over(study, objective, RetrievalByCount())
     run.run(6, progress=False)

@@ -1,0 +1,172 @@
+"""Plans serving a workload against all-softmax: whole requests measured, the search's steady-state measurement,
+and the serving cost model's prediction, side by side.
+
+    python benchmarks/bench_serving.py [--plans NAME=PLAN,...] [--best FILE,...] [--random N] [--runs 2]
+                                       [--rounds 3] [--no-whole] [key=value ...]
+
+Plans: `--plans` (compact strings), `--best` (best files of a search: their plan and option settings; the workload
+is the config's, e.g. `workload=long-document` to serve a pick where it was not searched), `--random N` (N plans,
+each layer an option of the space drawn uniformly, seeded). Every run, for every plan and all-softmax, each at the
+concurrency its cache allows under the workload's memory budget, plans taking turns:
+
+* whole requests (unless `--no-whole`): `concurrency` prompts prefilled one at a time, then every one of the
+  `decode` steps of the batch (layerboost_core.serving.serve_requests): output tokens/s = tokens / total seconds;
+* steady state (`--rounds` rounds): what the search confirms its picks with (serve_in_turns): one prefill (TTFT),
+  a few decode steps at the mean context (TPOT), throughput from them;
+* predicted: the serving cost model (layerboost_surrogates.serving_cost), measured once per device and cached.
+
+Ratios to all-softmax in the same run; the tables show the median over runs with the range. With `--random`, the
+headline is the cost model's error against whole requests (the issue's check: within 10%).
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+
+from harness import Script, run
+
+
+def plans_to_serve(args, n_layers: int, options) -> dict:
+    """{name: plan string} from --plans, --best and --random (all-softmax added by the caller)."""
+    from layerboost_core.plan import LayerPlan
+
+    plans = {}
+    for item in filter(None, (args.plans or "").split(",")):
+        name, _, text = item.partition("=")
+        plans[name] = str(LayerPlan.from_string(text or name).check_layers(n_layers))
+    for path in filter(None, (args.best or "").split(",")):
+        data = json.loads(open(path).read())
+        plans[f"{data.get('origin', {}).get('label') or 'best'}:{path.rsplit('/', 1)[-1].removesuffix('.json')}"] = data["plan"]
+    rng = random.Random(args.seed)
+    codes = {"softmax": "S", "linear": "L", "none": "N", "mixed1": "1", "mixed2": "2"}
+    for k in range(args.random):
+        plans[f"random-{k}"] = "".join(codes[rng.choice(options)] for _ in range(n_layers))
+    return plans
+
+
+def best_settings(args) -> dict:
+    """The option settings (mixed kept heads included) of the first --best file, if any."""
+    for path in filter(None, (args.best or "").split(",")):
+        return json.loads(open(path).read()).get("settings") or {}
+    return {}
+
+
+def main(argv=None) -> None:
+    script = Script(__doc__, __file__, result="serving", title="Plans serving a workload against all-softmax", runs=True)
+    script.parser.add_argument("--plans", default="", help="comma-separated NAME=PLAN (compact strings)")
+    script.parser.add_argument("--best", default="", help="comma-separated best files (plan JSON)")
+    script.parser.add_argument("--random", type=int, default=0, help="random plans to add")
+    script.parser.add_argument("--seed", type=int, default=0, help="seed of the random plans")
+    script.parser.add_argument("--rounds", type=int, default=3, help="steady-state rounds per run")
+    script.parser.add_argument("--no-whole", action="store_true", help="skip whole requests (steady state only)")
+    args, cfg = script.parse(argv)
+    from dataclasses import replace
+
+    from layerboost.settings import search_settings
+    from layerboost_core.plan import LayerPlan
+    from layerboost_core.serving import serve_in_turns, serve_requests
+    from layerboost_core.timing import round_ratios
+    from layerboost_core.workbench import attach_head_choices, open_workbench
+    from layerboost_surrogates.serving_cost import serving_cost_model
+
+    settings = search_settings(cfg)
+    workbench = settings.workbench
+    recorded = best_settings(args)
+    if recorded:  # the kept heads (and linear settings) the picks were made with
+        workbench = replace(workbench, options={**workbench.options, **recorded})
+    bench = open_workbench(workbench)
+    n = bench.switcher.num_layers
+    options = [o for o in settings.space["options"]]
+    plans = {"all-softmax": "S" * n, **plans_to_serve(args, n, options)}
+    used = {o for text in plans.values() for o in LayerPlan.from_string(text).layers}
+    attach_head_choices(bench, used)
+    workload = settings.workload
+    cost = serving_cost_model(bench.switcher, bench.info, bench.settings.options, workload,
+                              sorted(used | {"softmax", "none"}), speed="throughput")
+    layer_plans = {name: LayerPlan.from_string(text) for name, text in plans.items()}
+    concurrency = {name: cost.concurrency(plan) for name, plan in layer_plans.items()}
+    results = script.results()
+    results.describe(bench.loaded.device, bench.loaded.dtype)
+    print(f"{bench.info['name']} ({bench.loaded.dtype}), workload {workload}; concurrency {concurrency}")
+    reference = cost.predict(layer_plans["all-softmax"])
+    for index in range(args.runs):
+        steady = serve_in_turns(bench.switcher, layer_plans, workload, concurrency, args.rounds, seed=index)
+        whole = {}
+        if not args.no_whole and workload.decode:
+            for name, plan in layer_plans.items():  # whole requests of every plan, in the order given
+                bench.switcher.apply(plan)
+                whole[name] = serve_requests(bench.model, workload, concurrency[name], seed=index)
+            bench.switcher.restore()
+        per_plan = {}
+        for name, plan in layer_plans.items():
+            predicted = cost.predict(plan)
+            row = {"plan": plans[name], "concurrency": concurrency[name], "kv_share": cost.kv_bytes(plan) /
+                   cost.kv_bytes(layer_plans["all-softmax"])}
+            for metric in ("throughput", "ttft", "tpot"):
+                mine = [s.metric(metric) for s in steady[name]]
+                theirs = [s.metric(metric) for s in steady["all-softmax"]]
+                ratios = round_ratios({"a": mine, "b": theirs}, "b")["a"] if workload.decode or metric == "ttft" else []
+                row[f"{metric}_steady"] = statistics.median(ratios) if ratios else None
+                row[f"{metric}_predicted"] = (predicted.metric(metric) / reference.metric(metric)
+                                              if reference.metric(metric) else None)
+                row[f"{metric}_value_steady"] = statistics.median(mine) if mine[0] is not None else None
+                row[f"{metric}_value_predicted"] = predicted.metric(metric)
+            if whole:
+                row["throughput_whole"] = whole[name]["throughput"] / whole["all-softmax"]["throughput"]
+                row["ttft_whole"] = whole[name]["ttft_s"] / whole["all-softmax"]["ttft_s"]
+                row["tpot_whole"] = whole[name]["tpot_s"] / whole["all-softmax"]["tpot_s"]
+                row["throughput_value_whole"] = whole[name]["throughput"]
+                row["ttft_value_whole"] = whole[name]["ttft_s"]
+            per_plan[name] = row
+            print(f"run {index + 1} {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()
+                                                          if isinstance(v, float)))
+        results.add_run({"plans": per_plan})
+    rows = []
+    errors = {"throughput": [], "ttft": []}
+    for name in plans:
+        values = [r["plans"][name] for r in results.runs]
+
+        def cell(key):
+            got = [v[key] for v in values if v.get(key) is not None]
+            if not got:
+                return ""
+            return f"{statistics.median(got):.3f} [{min(got):.3f}, {max(got):.3f}]"
+
+        rows.append([name, plans[name], values[0]["concurrency"], round(values[0]["kv_share"], 3),
+                     cell("throughput_whole"), cell("throughput_steady"), cell("throughput_predicted"),
+                     cell("ttft_whole"), cell("ttft_steady"), cell("ttft_predicted"), cell("tpot_steady"),
+                     cell("tpot_predicted")])
+        for metric in errors:  # the cost model's absolute value against the measured one, every run
+            for v in values:
+                measured = v.get(f"{metric}_value_whole") or v.get(f"{metric}_value_steady")
+                if measured:
+                    errors[metric].append(abs(v[f"{metric}_value_predicted"] / measured - 1))
+    results.table(f"Serving at {workload_text(workload)}, {args.runs} run(s): ratio to all-softmax, median over "
+                  "runs [range]; whole requests, steady state (what the search confirms with), predicted",
+                  ["plan", "layers", "sequences at once", "cache per sequence", "throughput whole", "throughput steady",
+                   "throughput predicted", "TTFT whole", "TTFT steady", "TTFT predicted", "TPOT steady",
+                   "TPOT predicted"], rows)
+    for metric, values in errors.items():
+        if values:
+            results.summarize(f"cost model {metric} error", values)
+            results.headline(f"serving cost model: worst {metric} error against measured serving, "
+                             f"{len(plans)} plans x {args.runs} runs at {workload_text(workload)}",
+                             round(100 * max(values), 1), "%")
+    for name in plans:
+        if name != "all-softmax" and not name.startswith("random-"):
+            got = [r["plans"][name].get("throughput_whole") or r["plans"][name]["throughput_steady"]
+                   for r in results.runs]
+            if all(g is not None for g in got):
+                results.headline(f"{name}: output tokens/s over all-softmax's at {workload_text(workload)} "
+                                 f"(slowest run)", round(min(got), 3), "x")
+    results.write()
+
+
+def workload_text(workload) -> str:
+    memory = f", {workload.memory_gib:g} GiB" if workload.memory_gib is not None else ""
+    return f"{workload.prefill}+{workload.decode} tokens x {workload.batch}{memory}"
+
+
+if __name__ == "__main__":
+    run(main)
