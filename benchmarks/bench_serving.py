@@ -2,7 +2,7 @@
 and the serving cost model's prediction, side by side.
 
     python benchmarks/bench_serving.py [--plans NAME=PLAN,...] [--best FILE,...] [--random N] [--runs 2]
-                                       [--rounds 3] [--no-whole] [key=value ...]
+                                       [--rounds 3] [--no-whole] [--no-predict] [--prefills 3] [key=value ...]
 
 Plans: `--plans` (compact strings), `--best` (best files of a search: their plan and option settings; the workload
 is the config's, e.g. `workload=long-document` to serve a pick where it was not searched), `--random N` (N plans,
@@ -60,6 +60,9 @@ def main(argv=None) -> None:
     script.parser.add_argument("--seed", type=int, default=0, help="seed of the random plans")
     script.parser.add_argument("--rounds", type=int, default=3, help="steady-state rounds per run")
     script.parser.add_argument("--no-whole", action="store_true", help="skip whole requests (steady state only)")
+    script.parser.add_argument("--no-predict", action="store_true",
+                               help="skip the cost model (its pieces take minutes at long prompts on a CPU)")
+    script.parser.add_argument("--prefills", type=int, default=3, help="prefills per TTFT measurement (the fastest)")
     args, cfg = script.parse(argv)
     from dataclasses import replace
 
@@ -82,16 +85,18 @@ def main(argv=None) -> None:
     used = {o for text in plans.values() for o in LayerPlan.from_string(text).layers}
     attach_head_choices(bench, used)
     workload = settings.workload
-    cost = serving_cost_model(bench.switcher, bench.info, bench.settings.options, workload,
-                              sorted(used | {"softmax", "none"}), speed="throughput")
     layer_plans = {name: LayerPlan.from_string(text) for name, text in plans.items()}
-    concurrency = {name: cost.concurrency(plan) for name, plan in layer_plans.items()}
+    cost = None if args.no_predict else serving_cost_model(bench.switcher, bench.info, bench.settings.options,
+                                                           workload, sorted(used | {"softmax", "none"}),
+                                                           speed="throughput")
+    concurrency = {name: concurrency_of(bench, workload, plan) for name, plan in layer_plans.items()}
     results = script.results()
     results.describe(bench.loaded.device, bench.loaded.dtype)
     print(f"{bench.info['name']} ({bench.loaded.dtype}), workload {workload}; concurrency {concurrency}")
-    reference = cost.predict(layer_plans["all-softmax"])
+    reference = cost.predict(layer_plans["all-softmax"]) if cost else None
     for index in range(args.runs):
-        steady = serve_in_turns(bench.switcher, layer_plans, workload, concurrency, args.rounds, seed=index)
+        steady = serve_in_turns(bench.switcher, layer_plans, workload, concurrency, args.rounds, seed=index,
+                                prefills=args.prefills)
         whole = {}
         if not args.no_whole and workload.decode:
             for name, plan in layer_plans.items():  # whole requests of every plan, in the order given
@@ -100,18 +105,18 @@ def main(argv=None) -> None:
             bench.switcher.restore()
         per_plan = {}
         for name, plan in layer_plans.items():
-            predicted = cost.predict(plan)
-            row = {"plan": plans[name], "concurrency": concurrency[name], "kv_share": cost.kv_bytes(plan) /
-                   cost.kv_bytes(layer_plans["all-softmax"])}
+            predicted = cost.predict(plan) if cost else None
+            row = {"plan": plans[name], "concurrency": concurrency[name],
+                   "kv_share": kv_of(bench, workload, plan) / kv_of(bench, workload, layer_plans["all-softmax"])}
             for metric in ("throughput", "ttft", "tpot"):
                 mine = [s.metric(metric) for s in steady[name]]
                 theirs = [s.metric(metric) for s in steady["all-softmax"]]
                 ratios = round_ratios({"a": mine, "b": theirs}, "b")["a"] if workload.decode or metric == "ttft" else []
                 row[f"{metric}_steady"] = statistics.median(ratios) if ratios else None
                 row[f"{metric}_predicted"] = (predicted.metric(metric) / reference.metric(metric)
-                                              if reference.metric(metric) else None)
+                                              if predicted and reference.metric(metric) else None)
                 row[f"{metric}_value_steady"] = statistics.median(mine) if mine[0] is not None else None
-                row[f"{metric}_value_predicted"] = predicted.metric(metric)
+                row[f"{metric}_value_predicted"] = predicted.metric(metric) if predicted else None
             if whole:
                 row["throughput_whole"] = whole[name]["throughput"] / whole["all-softmax"]["throughput"]
                 row["ttft_whole"] = whole[name]["ttft_s"] / whole["all-softmax"]["ttft_s"]
@@ -140,7 +145,7 @@ def main(argv=None) -> None:
         for metric in errors:  # the cost model's absolute value against the measured one, every run
             for v in values:
                 measured = v.get(f"{metric}_value_whole") or v.get(f"{metric}_value_steady")
-                if measured:
+                if measured and v.get(f"{metric}_value_predicted") is not None:
                     errors[metric].append(abs(v[f"{metric}_value_predicted"] / measured - 1))
     results.table(f"Serving at {workload_text(workload)}, {args.runs} run(s): ratio to all-softmax, median over "
                   "runs [range]; whole requests, steady state (what the search confirms with), predicted",
@@ -161,6 +166,23 @@ def main(argv=None) -> None:
                 results.headline(f"{name}: output tokens/s over all-softmax's at {workload_text(workload)} "
                                  f"(slowest run)", round(min(got), 3), "x")
     results.write()
+
+
+def kv_of(bench, workload, plan) -> int:
+    """Cache bytes of one sequence at the workload's context (exact)."""
+    from layerboost_surrogates.cost_model import kv_bytes_per_sequence
+
+    model = bench.model
+    return kv_bytes_per_sequence(plan, model.config, bench.settings.options, workload.context, model.dtype.itemsize)
+
+
+def concurrency_of(bench, workload, plan) -> int:
+    """Sequences `plan` serves at once under the workload's memory budget (the cache-bytes arithmetic)."""
+    from layerboost_core.bench import weight_bytes
+    from layerboost_core.plan import LayerPlan
+
+    original = kv_of(bench, workload, LayerPlan.uniform("softmax", bench.switcher.num_layers))
+    return workload.concurrency(kv_of(bench, workload, plan), weight_bytes(bench.model), original)
 
 
 def workload_text(workload) -> str:

@@ -127,10 +127,11 @@ def mean_context(workload: Workload) -> int:
 
 
 def serve_in_turns(switcher, plans: dict, workload: Workload, concurrency: dict[str, int], rounds: int,
-                   steps: int = 4, seed: int = 0) -> dict[str, list[Served]]:
+                   steps: int = 4, seed: int = 0, prefills: int = PREFILLS) -> dict[str, list[Served]]:
     """Per label of `plans` ({label: LayerPlan}), one `Served` per round at `concurrency[label]` sequences, plans
     taking turns (in reverse order every other round). No warm-up round: the first of each measurement's
-    prefills and its untimed decode step pay for what a first call costs. `steps` decode steps are timed."""
+    `prefills` prefills and its untimed decode step pay for what a first call costs. `steps` decode steps are
+    timed."""
     model = switcher.model
     device = model_device(model)
     vocab = model.config.vocab_size
@@ -141,7 +142,7 @@ def serve_in_turns(switcher, plans: dict, workload: Workload, concurrency: dict[
 
     def request(label):
         def call():
-            ttft = time_to_first_token(model, prompt, sync)
+            ttft = time_to_first_token(model, prompt, sync, prefills)
             tpot = time_per_output_token(model, context, concurrency[label], steps, sync) if workload.decode else None
             return Served(ttft, tpot, concurrency[label], workload.decode)
         return call
