@@ -128,7 +128,7 @@ class EvalSettings:
     top_k: int = 2
     limit: int | None = None  # examples per task (None: all generated)
     batch_size: int = 8
-    n_examples: int = 12  # per task; raise on a GPU
+    n_examples: int = 8  # per task; raise on a GPU
     passkey_context: int | None = None  # tokens of a passkey example; None: the workload's prompt length
     seed: int = 0
 
@@ -268,7 +268,7 @@ class SearchSettings:
     surrogate: SurrogateSettings = field(default_factory=SurrogateSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
-    budget: int = 80  # completed distinct plans in the study
+    budget: int = 64  # completed distinct plans in the study
     study: str | None = None  # None: derived from what the study measures
     storage: str | None = None  # None: sqlite at <output_dir>/studies/<study>.db
     output_dir: str = "outputs"

@@ -444,7 +444,7 @@ def test_report_resolves_the_front_for_another_workload_without_new_evaluations(
     result = subprocess.run([*command, f"study={name}"], capture_output=True, text=True, env=env(), cwd=tmp_path,
                             timeout=SEARCH_DEADLINE)
     assert result.returncode == 0, result.stderr[-4000:]
-    out_dir = output_dir / "runs" / name / "workloads" / "prefill256-decode256-batch2-mem0.75gib"
+    out_dir = output_dir / "runs" / name / "workloads" / "prefill256-decode256-batch2-mem4seq"
     assert sorted(p.name for p in out_dir.iterdir()) == ["pareto.csv", "pareto.html", "predicted_front.csv",
                                                           "trials.csv"]
     with open(out_dir / "trials.csv") as f:
