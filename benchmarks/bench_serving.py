@@ -71,6 +71,7 @@ def main(argv=None) -> None:
     from layerboost_core.serving import serve_in_turns, serve_requests
     from layerboost_core.timing import round_ratios
     from layerboost_core.workbench import attach_head_choices, open_workbench
+    from layerboost_surrogates.cost_model import sequences_at_once
     from layerboost_surrogates.serving_cost import serving_cost_model
 
     settings = search_settings(cfg)
@@ -89,7 +90,7 @@ def main(argv=None) -> None:
     cost = None if args.no_predict else serving_cost_model(bench.switcher, bench.info, bench.settings.options,
                                                            workload, sorted(used | {"softmax", "none"}),
                                                            speed="throughput")
-    concurrency = {name: concurrency_of(bench, workload, plan) for name, plan in layer_plans.items()}
+    concurrency = sequences_at_once(bench.switcher.model, bench.switcher.settings, workload, layer_plans)
     results = script.results()
     results.describe(bench.loaded.device, bench.loaded.dtype)
     print(f"{bench.info['name']} ({bench.loaded.dtype}), workload {workload}; concurrency {concurrency}")
@@ -172,17 +173,8 @@ def kv_of(bench, workload, plan) -> int:
     """Cache bytes of one sequence at the workload's context (exact)."""
     from layerboost_surrogates.cost_model import kv_bytes_per_sequence
 
-    model = bench.model
-    return kv_bytes_per_sequence(plan, model.config, bench.settings.options, workload.context, model.dtype.itemsize)
-
-
-def concurrency_of(bench, workload, plan) -> int:
-    """Sequences `plan` serves at once under the workload's memory budget (the cache-bytes arithmetic)."""
-    from layerboost_core.bench import weight_bytes
-    from layerboost_core.plan import LayerPlan
-
-    original = kv_of(bench, workload, LayerPlan.uniform("softmax", bench.switcher.num_layers))
-    return workload.concurrency(kv_of(bench, workload, plan), weight_bytes(bench.model), original)
+    model = bench.switcher.model
+    return kv_bytes_per_sequence(plan, model.config, bench.switcher.settings, workload.context, model.dtype.itemsize)
 
 
 def workload_text(workload) -> str:

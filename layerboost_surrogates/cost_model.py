@@ -42,6 +42,21 @@ def kv_bytes_per_sequence(plan: LayerPlan, config, settings: dict, context: int,
                ) * bytes_per_value
 
 
+def sequences_at_once(model, settings: dict, workload, plans: dict) -> dict:
+    """{label: sequences each of `plans` ({label: LayerPlan}) serves at once under `workload`'s memory budget}: the
+    cache-bytes arithmetic (`Workload.concurrency`) on exact bytes per sequence at the workload's context, the
+    original's (all-softmax) cache and `model`'s weights setting the budget. Measured serving uses it; the serving
+    cost model computes the same from its per-layer bytes."""
+    from layerboost_core.bench import weight_bytes
+
+    def cache(plan):
+        return kv_bytes_per_sequence(plan, model.config, settings, workload.context, model.dtype.itemsize)
+
+    n = len(next(iter(plans.values())))
+    weights, original = weight_bytes(model), cache(LayerPlan.uniform("softmax", n))
+    return {label: workload.concurrency(cache(plan), weights, original) for label, plan in plans.items()}
+
+
 def kv_bytes_per_layer(option: str, config, settings: dict, context: int, bytes_per_value: int,
                        num_layers: int) -> list[int]:
     """Per layer of the model, the cache bytes one sequence keeps there under `option` after `context` tokens (a

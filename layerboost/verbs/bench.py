@@ -64,19 +64,13 @@ def serve_workload(bench, plans: dict, workload, rounds: int = 3) -> list[dict]:
     its concurrency, TTFT, TPOT and throughput, and their ratios to all-softmax's. [] without output tokens."""
     import statistics
 
-    from layerboost_core.bench import BASELINE, weight_bytes
+    from layerboost_core.bench import BASELINE
     from layerboost_core.serving import serve_in_turns
-    from layerboost_surrogates.cost_model import kv_bytes_per_sequence
+    from layerboost_surrogates.cost_model import sequences_at_once
 
     if not workload.decode:
         return []
-    model, options = bench.switcher.model, bench.switcher.settings
-
-    def kv(plan):
-        return kv_bytes_per_sequence(plan, model.config, options, workload.context, model.dtype.itemsize)
-
-    weights, original = weight_bytes(model), kv(plans[BASELINE])
-    concurrency = {label: workload.concurrency(kv(plan), weights, original) for label, plan in plans.items()}
+    concurrency = sequences_at_once(bench.switcher.model, bench.switcher.settings, workload, plans)
     served = serve_in_turns(bench.switcher, plans, workload, concurrency, rounds)
     rows = []
     for label, runs in served.items():

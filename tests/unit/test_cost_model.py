@@ -15,7 +15,7 @@ from layerboost_core.patch import PlanSwitcher
 from layerboost_core.plan import LayerPlan
 from layerboost_core.serving import Served
 from layerboost_core.workload import GIB, Workload
-from layerboost_surrogates.cost_model import kv_bytes_per_layer, kv_bytes_per_sequence
+from layerboost_surrogates.cost_model import kv_bytes_per_layer, kv_bytes_per_sequence, sequences_at_once
 from layerboost_surrogates.serving_cost import (ServingCostModel, concurrency_grid, interpolate, serving_cost_model,
                                                 speed_cost)
 
@@ -164,6 +164,22 @@ def test_pieces_are_measured_once_and_cached_with_every_round(tiny_model, tmp_pa
     again = serving_cost_model(switcher, INFO, settings, workload, options)
     assert again.rounds == cost.rounds  # read back, not measured again
     assert switcher.plan == LayerPlan.uniform("softmax", 4)  # restored
+
+
+def test_measured_serving_gives_each_plan_the_concurrency_the_cost_model_prices(tiny_model, tmp_path, monkeypatch):
+    """What the search prices and what the measured serving runs at are one arithmetic: the same number of
+    sequences at once for every plan under a memory budget (smaller caches, more sequences)."""
+    monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path))
+    settings = {**SETTINGS, "mixed1": {"kept_heads": [[0], [1], [0], [1]]}}
+    switcher = PlanSwitcher(tiny_model("llama"), settings)
+    # 128 tokens: long enough that a linear layer's window and state are smaller than softmax's KV
+    workload = Workload(prefill=120, decode=8, batch=16, memory_gib=None, memory_sequences=2, repeats=1)
+    cost = serving_cost_model(switcher, INFO, settings, workload, ("softmax", "linear", "mixed1", "none"))
+    plans = {text: LayerPlan.from_string(text) for text in ("SSSS", "SLSL", "1111", "LLLL", "NNNN")}
+    at_once = sequences_at_once(switcher.model, settings, workload, plans)
+    assert at_once == {text: cost.concurrency(plan) for text, plan in plans.items()}
+    assert at_once["SSSS"] == 2 and at_once["NNNN"] == 16  # the budget's own sequences; no cache: the cap
+    assert at_once["SSSS"] < at_once["SLSL"] < at_once["LLLL"]  # smaller caches, more sequences at once
 
 
 def test_a_budget_that_cannot_hold_one_sequence_is_refused(tiny_model, tmp_path, monkeypatch):
