@@ -17,6 +17,8 @@ import math
 import random
 import statistics
 
+from layerboost_core.pareto import non_dominated
+
 from .study import PLAN_ATTR
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,25 @@ def ladder_candidates(front: list, k: int, bars, shares, reference_cost: float |
     for trial in [*spread(front, k), *front]:
         add(trial)
     return picks
+
+
+def screened_pool(trials: list, k: int, keeps, quality_sign: int, cost_of) -> list:
+    """The trials confirmation draws its candidates from, fastest first: of the feasible `trials`, those
+    `keeps(trial)` says keep every floor and ceiling on their point estimates at the proxy, in successive Pareto
+    layers of (quality, cost) until more than `k` are had. The search's own constraints drop a plan only when its
+    few proxy facts show it below the retrieval floor (objectives.retrieval_shortfall), so its front fills with
+    plans that lose a fact in ten: all four candidates of a default run then missed the floor at the 128 facts of
+    the confirmation rung. Drawing from plans that keep the floor on their point estimate, beyond the first layer
+    where the front has too few, spends confirmation on plans that can be offered. `quality_sign`: +1 when
+    the first objective is minimised, -1 when maximised."""
+    left = [t for t in trials if keeps(t)]
+    pool: list = []
+    while left and len(pool) <= k:
+        points = [(quality_sign * t.values[0], cost_of(t)) for t in left]
+        layer = {id(left[i]) for i in non_dominated(points)}
+        pool += [t for t in left if id(t) in layer]
+        left = [t for t in left if id(t) not in layer]
+    return sorted(pool, key=cost_of)
 
 
 def record_rung(study, rung, number: int, result: dict) -> None:

@@ -4,7 +4,7 @@ metric is recorded beside it, and any of them may be a ceiling (`objective.ceili
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from layerboost_core.errors import UserError
 from layerboost_core.lm_eval_tasks import OFFLINE_TASKS
@@ -121,6 +121,27 @@ def predicted_constraints(objective: ObjectiveSettings, cost, plan) -> dict[str,
         values[f"{metric}_ceiling"] = (float(limit) * (1 - slack) - share if metric == "throughput"
                                        else share - float(limit) * (1 + slack))
     return values
+
+
+def keeps_floors_at_proxy(objective: ObjectiveSettings, cost, retrieval_floor: float | None):
+    """A predicate on completed trials: does the plan keep, on its point estimates, what every best file must
+    keep? Its proxy retrieval_acc at least `retrieval_floor` (None: no floor), and the cost model's prediction
+    within `objective.ceilings` with no slack. The search's constraints are looser on purpose (a few proxy facts
+    and a prediction within its error are no evidence); confirmation is spent only on plans that pass this
+    (fidelity.screened_pool)."""
+    from layerboost_core.plan import LayerPlan
+
+    from .study import PLAN_ATTR
+
+    strict = replace(objective, ceiling_slack=0.0)
+
+    def keeps(trial) -> bool:
+        if retrieval_floor is not None and trial.user_attrs.get("proxy:retrieval_acc", -1.0) < retrieval_floor:
+            return False
+        plan = LayerPlan.from_string(trial.user_attrs[PLAN_ATTR])
+        return all(value <= 0 for value in predicted_constraints(strict, cost, plan).values())
+
+    return keeps
 
 
 def retrieval_shortfall(found: float, facts: int, floor: float) -> float:

@@ -17,7 +17,8 @@ time to first token, time per output token or request latency, measured against 
 workload): `keep-<pct>pct` is the fastest whose agreement keeps that share at the low end; `<speed target>`
 (`throughput-2x`, `latency-80pct`, ...) the lowest-KL one (high end of its interval) whose measured speed, at the
 pessimistic end of its interval, reaches the target; `knee` the knee of the proxy front, only if it was confirmed
-and keeps the floors. The original (all-softmax) is measured as the reference and never offered. A target no
+and keeps the floors; `fastest` the fastest plan that keeps the floors, whichever bar it meets (the floors are
+what the user accepts: a plan keeping them is offered even where it reaches no bar and no target). The original (all-softmax) is measured as the reference and never offered. A target no
 plan meets is said, with the fastest plan that keeps the floors.
 """
 from __future__ import annotations
@@ -217,6 +218,8 @@ def pick(evidence: list[Evidence], floors: Floors, speed, knee: int | None = Non
     knee_evidence = next((e for e in keeping if e.number == knee), None)
     if knee_evidence is not None:
         chosen["knee"] = knee_evidence
+    if fastest is not None:
+        chosen["fastest"] = fastest
     return Picks(chosen, unmet, below, fastest)
 
 

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from layerboost_core.errors import UserError
@@ -22,8 +23,8 @@ from layerboost_core.workload import Workload
 from layerboost_surrogates.serving_cost import serving_cost_model
 
 from .driver import SearchRun, enqueue_seeds
-from .fidelity import climb, is_original, ladder_candidates, rung_blocks
-from .objectives import SPEEDS, declare_objectives, needs_retrieval, speed_of
+from .fidelity import climb, is_original, ladder_candidates, rung_blocks, screened_pool
+from .objectives import SPEEDS, declare_objectives, keeps_floors_at_proxy, needs_retrieval, speed_of
 from .picks import KEEP_BARS, floors_of, retrieval_floor
 from .speed import measure_serving
 from .report import ORIGINAL_ATTR, front_trials, speed_of_study, write_report
@@ -31,7 +32,7 @@ from .runner import make_runner
 from .seeds import retrieval_critical, seed_plans
 from .space import narrow
 from .settings import SearchSettings
-from .study import PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_eval, storage_url, study_name
+from .study import FEASIBLE_ATTR, PLAN_ATTR, fail_stale, lm_eval_scores, open_study, record_lm_eval, storage_url, study_name
 
 log = logging.getLogger(__name__)
 
@@ -230,9 +231,9 @@ def run_search(settings: SearchSettings) -> Path:
             search.run(settings.budget, progress=progress)
             stage.count("search", range(search.completed() - before), *proxy_tokens)
         with stage("confirmation"):
-            candidates = _climb_fidelity_ladder(settings, study, runner, reference, progress, stage)
+            candidates = _climb_fidelity_ladder(settings, study, runner, reference, cost, progress, stage)
         with stage("lm-eval"):
-            _score_front_with_lm_eval(settings, study, runner, reference, progress)
+            _score_front_with_lm_eval(settings, study, runner, reference, cost, progress)
     finally:
         runner.close()
     # Timed only now, with the evaluators gone: a measured speed is the plan's alone, not a share of the CPU.
@@ -347,23 +348,39 @@ def make_surrogate_feed(settings: SearchSettings, space, cost, sensitivity_rows,
                                critical)
 
 
-def _candidates(study, k: int, settings: SearchSettings, reference: dict) -> list:
-    """The `k` proxy-front trials a best-plan file could name (fidelity.ladder_candidates), among those whose
-    proxy agreement keeps the quality floor: the others could never be offered."""
+def _candidates(study, k: int, settings: SearchSettings, reference: dict, cost) -> list:
+    """The `k` trials a best-plan file could name (fidelity.ladder_candidates), drawn from the plans that keep
+    the floors and ceilings on their proxy point estimates (fidelity.screened_pool) and whose proxy agreement
+    keeps the quality floor: the others would most likely never be offered. Where fewer than `k` pass, the rest
+    come from the search's front as before, so confirmation still says why they fall short."""
     speed = SPEEDS[settings.speed]
-    return ladder_candidates(front_trials(study), k, KEEP_BARS, [speed.share(t) for t in speed.targets],
-                             speed.cost(reference[speed.column]), lambda t: speed.cost(t.values[1]),
-                             settings.fidelity.agreement_floor)
+    floor, _ = retrieval_floor(settings.objective, _original(study))
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get(FEASIBLE_ATTR, True)]
+    sign = 1 if study.directions[0] == StudyDirection.MINIMIZE else -1
+    pool = screened_pool(feasible, k, keeps_floors_at_proxy(settings.objective, cost, floor), sign,
+                         lambda t: speed.cost(t.values[1]))
+
+    def ladder(front: list, slots: int) -> list:
+        return ladder_candidates(front, slots, KEEP_BARS, [speed.share(t) for t in speed.targets],
+                                 speed.cost(reference[speed.column]), lambda t: speed.cost(t.values[1]),
+                                 settings.fidelity.agreement_floor)
+
+    chosen = ladder(pool, k)
+    if len(chosen) < k:
+        taken = {t.number for t in chosen}
+        chosen += ladder([t for t in front_trials(study) if t.number not in taken], k - len(chosen))
+    return chosen
 
 
-def _climb_fidelity_ladder(settings: SearchSettings, study, runner, reference: dict, progress: bool,
+def _climb_fidelity_ladder(settings: SearchSettings, study, runner, reference: dict, cost, progress: bool,
                            stage: Stages) -> list:
     """The candidates, re-measured at every rung (resumable: what the study already holds is skipped)."""
     f = settings.fidelity
     if f.top_k <= 0:
         return []
     # the original needs no confirming: every rung measures it on the same text as each candidate's reference
-    candidates = [t for t in _candidates(study, f.top_k + 1, settings, reference)
+    candidates = [t for t in _candidates(study, f.top_k + 1, settings, reference, cost)
                   if not is_original(t.user_attrs[PLAN_ATTR])][:f.top_k]
     if f.rungs:
         measured = climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
@@ -373,13 +390,14 @@ def _climb_fidelity_ladder(settings: SearchSettings, study, runner, reference: d
     return candidates
 
 
-def _score_front_with_lm_eval(settings: SearchSettings, study, runner, reference: dict, progress: bool) -> None:
+def _score_front_with_lm_eval(settings: SearchSettings, study, runner, reference: dict, cost,
+                              progress: bool) -> None:
     """lm-eval tasks for the first `eval.top_k` candidates (the ladder's order) not scored yet (resumable)."""
     e = settings.eval
     top_k, tasks = e.top_k, list(e.tasks)
     if top_k <= 0 or not tasks:
         return
-    front = _candidates(study, top_k, settings, reference)
+    front = _candidates(study, top_k, settings, reference, cost)
     scored = lm_eval_scores(study)
     todo = [t for t in front if t.number not in scored]
     if not todo:

@@ -204,3 +204,47 @@ def test_ceilings_are_predicted_with_slack_and_cache_bytes_exactly():
     assert with_slack == pytest.approx(ttft - 0.99) and with_slack < 0  # 0.933 is within the 10% slack of 0.9
     kv = predicted_constraints(ObjectiveSettings(ceilings={"kv_bytes": 0.75}), cost, plan)["kv_bytes_ceiling"]
     assert kv == pytest.approx(cost.kv_bytes(plan) / cost.kv_bytes(LayerPlan.uniform("softmax", 4)) - 0.75)  # exact
+
+
+def test_candidates_keep_the_ceilings_without_slack_and_the_retrieval_floor_on_point_estimates():
+    """The search lets a plan predicted within the slack of a ceiling through; confirmation is not spent on it,
+    nor on a plan whose proxy facts fall below the floor even when they do not prove it below."""
+    from optuna.trial import create_trial
+
+    from layerboost_search.objectives import keeps_floors_at_proxy
+    from layerboost_search.settings import ObjectiveSettings
+
+    cost = synthetic(Workload(prefill=64, decode=32, batch=8, memory_gib=2.0))
+
+    def trial(plan, found):
+        return create_trial(values=[0.1, 1.0], user_attrs={"plan": plan, "proxy:retrieval_acc": found})
+
+    objective = ObjectiveSettings(ceilings={"ttft": 0.9})  # SSSL: 0.933 of all-softmax's TTFT, within the slack
+    assert not keeps_floors_at_proxy(objective, cost, None)(trial("SSSL", 1.0))
+    assert keeps_floors_at_proxy(ObjectiveSettings(ceilings={"ttft": 0.95}), cost, None)(trial("SSSL", 1.0))
+    keeps = keeps_floors_at_proxy(ObjectiveSettings(ceilings={}), cost, 0.9)
+    assert keeps(trial("SSSL", 0.9375)) and not keeps(trial("SSSL", 0.875))  # 15 of 16 facts; 14 of 16
+    assert not keeps(create_trial(values=[0.1, 1.0], user_attrs={"plan": "SSSL"}))  # retrieval never measured
+
+
+def test_confirmation_draws_its_candidates_from_plans_that_keep_the_floors_beyond_the_front():
+    """SSLL keeps the retrieval floor on its proxy facts but SLLL, which loses a fact in five, dominates it on the
+    front: it is still confirmed (before SLLL), since only a plan keeping the floors can be offered."""
+    import optuna
+    from optuna.trial import create_trial
+
+    from layerboost_search.pipeline import _candidates, reference_serving
+    from layerboost_search.report import ORIGINAL_ATTR
+    from layerboost_search.settings import SearchSettings
+
+    cost = synthetic(Workload(prefill=64, decode=32, batch=8, memory_gib=2.0))
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    study.set_user_attr(ORIGINAL_ATTR, {"metrics": {"retrieval_acc": 1.0}, "facts": 16})
+    for plan, kl, found in (("SSSS", 0.0, 1.0), ("LLLL", 0.2, 0.75), ("SLLL", 0.1, 0.8125), ("SSLL", 0.15, 0.9375)):
+        served = cost.predict(LayerPlan.from_string(plan))
+        study.add_trial(create_trial(values=[kl, served.throughput], user_attrs={
+            "plan": plan, "feasible": True, "proxy:top1_agreement": 1 - kl, "proxy:retrieval_acc": found}))
+    front = sorted(t.user_attrs["plan"] for t in study.best_trials)
+    assert front == ["LLLL", "SLLL", "SSSS"]  # SSLL is dominated
+    chosen = [t.user_attrs["plan"] for t in _candidates(study, 3, SearchSettings(), reference_serving(cost, 4), cost)]
+    assert chosen[:2] == ["SSSS", "SSLL"] and len(chosen) == 3 and chosen[2] in ("LLLL", "SLLL")

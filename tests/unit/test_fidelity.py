@@ -17,7 +17,7 @@ from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_core.workload import Workload
 from layerboost_search.fidelity import (binomial_interval, bootstrap_interval, climb, dominated_at, ladder_candidates,
-                                        record_rung, rung_scores, spread)
+                                        record_rung, rung_scores, screened_pool, spread)
 from layerboost_search.objectives import Objective
 from layerboost_search.picks import Floors
 from layerboost_search.report import write_report
@@ -200,6 +200,27 @@ def test_ladder_candidates_are_the_plans_a_best_plan_file_can_name():
     assert len(ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, cost)) == 7  # every plan once, no more
     # below the quality floor of every best file (0.85 here) a plan is never a candidate; all-softmax always is
     assert [t.number for t in ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, cost, floor=0.85)] == [6, 5, 3, 4]
+
+
+def test_the_screened_pool_peels_pareto_layers_of_the_plans_that_keep_the_floors():
+    def trial(number, kl, cost, keeps=True):
+        t = create_trial(values=[kl, cost], user_attrs={"plan": "SSSS", "keeps": keeps})
+        t.number = number
+        return t
+    trials = [trial(0, 0.0, 1.0), trial(1, 0.3, 0.5, keeps=False), trial(2, 0.4, 0.6), trial(3, 0.5, 0.7),
+              trial(4, 0.9, 0.4, keeps=False), trial(5, 1.0, 0.45), trial(6, 0.6, 0.8)]
+    def keeps(t):
+        return t.user_attrs["keeps"]
+    def cost(t):
+        return t.values[1]
+    # the first layer of the plans that keep the floors: 0, 2, 5 (3 is dominated by 2, 6 by 3); 1 and 4 never
+    assert [t.number for t in screened_pool(trials, 2, keeps, 1, cost)] == [5, 2, 0]
+    # more wanted than the first layer holds: the next layers, every plan sorted fastest first
+    assert [t.number for t in screened_pool(trials, 3, keeps, 1, cost)] == [5, 2, 3, 0]
+    assert [t.number for t in screened_pool(trials, 9, keeps, 1, cost)] == [5, 2, 3, 6, 0]
+    # a maximised quality (an lm-eval task) reverses which plans dominate: 5 then dominates all, 6 dominates 0
+    assert [t.number for t in screened_pool(trials, 1, keeps, -1, cost)] == [5, 2, 3, 6]
+    assert screened_pool(trials, 4, lambda t: False, 1, cost) == []
 
 
 # --- reading the ladder ---------------------------------------------------------------------------------------

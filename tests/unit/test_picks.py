@@ -51,6 +51,7 @@ def test_a_pick_below_a_floor_is_never_offered():
     picks = pick(candidates, FLOORS, LATENCY)
     offered = {e.number for e in picks.chosen.values()}
     assert offered == {1} and picks.fastest.number == 1  # the original keeps every floor but is never offered
+    assert picks.chosen["fastest"].number == 1
     assert set(picks.below) == {2, 3}
     assert "retrieval 0.417" in picks.below[2] and "top-1 agreement" in picks.below[3]
     assert picks.chosen["latency-80pct"].number == 1 and "latency-70pct" not in picks.chosen
@@ -115,3 +116,10 @@ def test_a_ceiling_is_judged_on_the_measured_ratio():
     assert "ttft 1.05x > the ceiling of 1x" in e.shortfall(floors)
     assert e.shortfall(Floors(0.8, 0.9, ceilings={"ttft": 1.1, "throughput": 2.0})) is None
     assert "throughput 2.10x < the floor of 3x" in e.shortfall(Floors(0.8, 0.9, ceilings={"throughput": 3.0}))
+
+
+def test_a_plan_keeping_the_floors_is_offered_even_where_it_reaches_no_bar_and_no_target():
+    e = evidence(1, "SSLL", 0.85, 94, 0.95)  # agreement 0.84 at the low end: no keep bar; 0.95 of the latency
+    picks = pick([evidence(0, "SSSS", 1.0, 94, 1.0, kl=0.0), e], FLOORS, LATENCY)
+    assert list(picks.chosen) == ["fastest"] and picks.chosen["fastest"] is e
+    assert pick([evidence(1, "LLLL", 0.85, 40, 0.5)], FLOORS, LATENCY).chosen == {}  # below a floor: nothing

@@ -145,8 +145,10 @@ def test_write_report_writes_every_file(study, tmp_path):
     # latency 90% to 60%: the best KL at latency <= 0.6 is trial 1; 50%: trial 2; knee: trial 2. No rung measured,
     # so everything reads the proxy (intervals n=1) and quality bars its top-1 agreement (1 - kl / 10): 99% only
     # all-softmax (trial 0: the original, never offered) keeps; 95% and 90%: trial 2 (0.95) is the fastest
-    assert sorted(best) == ["keep-90pct.json", "keep-95pct.json", "knee.json",
+    assert sorted(best) == ["fastest.json", "keep-90pct.json", "keep-95pct.json", "knee.json",
                             *(f"latency-{p}pct.json" for p in (50, 60, 70, 80, 90))]
+    # fastest: trial 3 (agreement 0.8, right at the floor) keeps the floors and reaches no bar; it is still offered
+    assert best["fastest.json"]["origin"]["trial"] == 3
     assert [best[f"keep-{p}pct.json"]["origin"]["trial"] for p in (95, 90)] == [2, 2]
     assert [best[f"latency-{p}pct.json"]["origin"]["trial"] for p in (90, 80, 70, 60)] == [1, 1, 1, 1]
     assert best["latency-50pct.json"]["origin"]["trial"] == 2
