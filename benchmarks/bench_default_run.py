@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from harness import ROOT, Script, run
 
@@ -63,11 +64,16 @@ def search(overrides: list[str], cache: Path, output_dir: Path) -> dict:
     original = study.user_attrs.get("original_retrieval", {})
     summary = (run_dir / "summary.md").read_text()
     stages = next((line for line in summary.splitlines() if line.startswith("- this run's stages: ")), "")
+    # Issue 29: a run that reaches its budget leaves no plan queued but the seeds it had no room for (summary.md)
+    states = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,)))
+              for state in (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
     return {"wall_s": wall, "run_dir": str(run_dir), "study": run_dir.name,
             "stages_s": study.user_attrs.get("last_run_stages", {}), "stages": stages.removeprefix("- this run's stages: "),
             "best": best, "speed": answer.get("speed", {}).get("metric"), "unmet": answer.get("unmet", []),
             "fastest_keeping_floors": answer.get("fastest_keeping_floors"),
             "original_proxy_retrieval": original.get("metrics", {}).get("retrieval_acc"),
+            "trials": states, "queued_line": next((line for line in summary.splitlines()
+                                                   if line.startswith("- queued, not evaluated")), ""),
             "summary_head": summary.split("## Run")[0]}
 
 
@@ -107,7 +113,8 @@ def main(argv=None) -> None:
                 runs = {"warm": search(overrides, cache_root(), Path(folder) / "outputs")}
             print(f"run {index + 1}: {runs['warm']['wall_s'] / 60:.1f} min")
             results.add_run(runs)
-            rows.append([index + 1, "warm", round(runs["warm"]["wall_s"] / 60, 2), runs["warm"]["stages"]])
+            rows.append([index + 1, "warm", round(runs["warm"]["wall_s"] / 60, 2), runs["warm"]["stages"],
+                         ", ".join(f"{state} {n}" for state, n in runs["warm"]["trials"].items())])
             pick_rows += best_rows(index + 1, "warm", runs["warm"])
             continue
         with tempfile.TemporaryDirectory(prefix="layerboost-cold-") as folder:
@@ -120,10 +127,11 @@ def main(argv=None) -> None:
                 print(f"run {index + 1} warm: {runs['warm']['wall_s'] / 60:.1f} min")
         results.add_run(runs)
         for kind, measured in runs.items():
-            rows.append([index + 1, kind, round(measured["wall_s"] / 60, 2), measured["stages"]])
+            rows.append([index + 1, kind, round(measured["wall_s"] / 60, 2), measured["stages"],
+                         ", ".join(f"{state} {n}" for state, n in measured["trials"].items())])
             pick_rows += best_rows(index + 1, kind, measured)
     results.table("Wall time (minutes), and each stage's seconds with the forward passes and tokens it ran",
-                  ["run", "cache", "wall min", "stages"], rows)
+                  ["run", "cache", "wall min", "stages", "trials at the end"], rows)
     results.table("Best files: serving measured against all-softmax (median of per-round ratios [90% interval]), each "
                   "at the concurrency its cache allows, beside the cost model's prediction; quality and retrieval at "
                   "the confirmation rung (facts answered by generation)",
