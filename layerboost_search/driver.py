@@ -137,9 +137,14 @@ class SearchRun:
         slots = budget - self._slots_taken()
         if slots <= 0:
             return
-        completed = [(LayerPlan.from_string(t.user_attrs[PLAN_ATTR]), t.values[0])
-                     for t in claims if t.state == TrialState.COMPLETE]
-        for plan in self.surrogate.propose(done, completed, {t.user_attrs[PLAN_ATTR] for t in claims})[:slots]:
+        done_trials = [t for t in claims if t.state == TrialState.COMPLETE]
+        completed = [(LayerPlan.from_string(t.user_attrs[PLAN_ATTR]), t.values[0]) for t in done_trials]
+        # plans whose proxy facts fall below the floor (the point estimate, as for the candidates confirmed)
+        lost = set() if self.retrieval_floor is None else {
+            t.user_attrs[PLAN_ATTR] for t in done_trials
+            if t.user_attrs.get("proxy:retrieval_acc", 1.0) < self.retrieval_floor}
+        for plan in self.surrogate.propose(done, completed, {t.user_attrs[PLAN_ATTR] for t in claims},
+                                           lost)[:slots]:
             self.study.enqueue_trial(self.space.params_of(plan), user_attrs={LABEL_ATTR: "surrogate"})
 
     def _tell_once(self, number: int, result: dict) -> bool:

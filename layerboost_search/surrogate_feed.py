@@ -54,7 +54,9 @@ class SurrogateFeed:
     def due(self, done: int) -> bool:
         return done >= self.next_at
 
-    def propose(self, done: int, completed: list[tuple[LayerPlan, float]], exclude: set[str]) -> list[LayerPlan]:
+    def propose(self, done: int, completed: list[tuple[LayerPlan, float]], exclude: set[str],
+                lost: set[str] = frozenset()) -> list[LayerPlan]:
+        """`lost`: completed plans that lost the retrieval floor (propose_plans keeps away from them)."""
         from layerboost_surrogates.propose import propose_plans
 
         self.next_at = done + self.every
@@ -63,6 +65,6 @@ class SurrogateFeed:
                               kv_bytes=self.kv_per_layer if self.memory_ceiling is not None else None,
                               kv_ceiling=self.memory_ceiling,
                               max_loss=None if self.max_loss is None else float(self.max_loss),
-                              forbidden=self.forbidden)
+                              forbidden=self.forbidden, lost=lost)
         log.debug("surrogate proposed %s after %d trials", [str(p) for p in plans], done)
         return plans

@@ -23,7 +23,8 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
                   *, exclude: Iterable[str] = (), metric: str = "kl", pairs: str = "adjacent",
                   latency_ceiling: float | None = None, feasible=None, kv_bytes: dict[str, float] | None = None,
                   kv_ceiling: float | None = None, explore_fraction: float = 0.25, min_trials: int = 8,
-                  max_draws: int | None = None, max_loss: float | None = None, forbidden=frozenset()) -> list[LayerPlan]:
+                  max_draws: int | None = None, max_loss: float | None = None, forbidden=frozenset(),
+                  lost: Iterable[str] = ()) -> list[LayerPlan]:
     """Up to `n` distinct plans of `space`, none in `completed` or `exclude` (plan strings).
 
     `sensitivity`: rows of sensitivity.csv, {(layer, option): score} or a SensitivityTable, of `metric` --
@@ -38,7 +39,12 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     proposals, and no one ships those plans.
     `forbidden`: (layer, option) choices no proposal makes (e.g. those that alone lose the retrieval floor).
     `latency_ceiling` bounds `cost_model.latency`; `feasible(plan)`, any other test a proposal must pass (the
-    search's ceilings predicted by its serving cost model)."""
+    search's ceilings predicted by its serving cost model).
+    `lost`: completed plans (strings) that lost the retrieval floor. The predictor models quality alone, and the
+    fast end of its front is where retrieval goes (a default run spent half its budget on neighbours of plans
+    finding no fact): those plans still teach the predictor, but the gaps filled are those of the front of the
+    plans that kept the floor, and no plan is proposed whose nearest evaluated plans (fewest layers changed) all
+    lost it."""
     if pairs not in ("adjacent", "none"):
         raise ValueError(f"pairs: {pairs!r}; propose_plans allows adjacent or none (all pairs are too slow to solve)")
     table = SensitivityTable.of(sensitivity, space.num_layers, metric)
@@ -47,9 +53,18 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     taken = {str(p) for p, _ in completed} | set(exclude)
     known = [LayerPlan.from_string(text) for text in taken]  # no-good cuts: the solver returns unseen plans only
     out: list[LayerPlan] = []
+    lost = set(lost)
+    kept = [(p, v) for p, v in completed if str(p) not in lost]
+    lost_plans = [LayerPlan.from_string(text) for text in lost]
+
+    def near_a_kept_plan(plan: LayerPlan) -> bool:
+        if not lost_plans:
+            return True
+        nearest_lost = min(layers_apart(plan, q) for q in lost_plans)
+        return min((layers_apart(plan, q) for q, _ in kept), default=len(plan) + 1) <= nearest_lost
 
     def allowed(plan: LayerPlan) -> bool:
-        return (str(plan) not in taken and space.violation(plan) is None
+        return (str(plan) not in taken and space.violation(plan) is None and near_a_kept_plan(plan)
                 and not any((layer, option) in forbidden for layer, option in enumerate(plan.layers))
                 and (latency_ceiling is None or cost_model.latency(plan) <= latency_ceiling)
                 and (feasible is None or feasible(plan))
@@ -66,10 +81,10 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
                                                        latency_ceiling, known, forbidden, views=2)
              if max_loss is None or quality <= max_loss]
     exploit = n - int(round(explore_fraction * n)) if completed else n
-    finite = [v for _, v in completed if np.isfinite(v)]
+    finite = [v for _, v in kept if np.isfinite(v)]
     if finite and exploit > 0:
-        for plan in gap_filling_plans(front, completed, predictor.predict, space, cost_model,
-                                      _reference(cost_model, completed, front, latency_ceiling, max_loss, finite),
+        for plan in gap_filling_plans(front, kept, predictor.predict, space, cost_model,
+                                      _reference(cost_model, kept, front, latency_ceiling, max_loss, finite),
                                       exploit, allowed):
             take(plan)
     elif front and exploit > 0:  # nothing measured yet: spread over the front of unseen plans, both ends included
@@ -98,6 +113,11 @@ def propose_plans(space, cost_model, sensitivity, completed: Sequence[tuple[Laye
     for plan in front:  # draws that failed to find anything new: fill from the mean front
         take(plan)
     return out
+
+
+def layers_apart(a: LayerPlan, b: LayerPlan) -> int:
+    """The layers whose option differs between two plans of one model."""
+    return sum(x != y for x, y in zip(a.layers, b.layers))
 
 
 def plan_kv(kv_bytes: dict, plan: LayerPlan) -> float:

@@ -52,7 +52,7 @@ class ProposeSix:
     def due(self, done):
         return True
 
-    def propose(self, done, completed, exclude):
+    def propose(self, done, completed, exclude, lost=frozenset()):
         plans = ["SSSS", "SSSN", "SSNS", "SNSS", "NSSS", "SSNN", "SNSN", "NSSN", "NNSS"]
         return [LayerPlan.from_string(p) for p in plans if p not in exclude][:6]
 
@@ -64,3 +64,27 @@ def test_surrogate_proposals_never_exceed_the_budget_left(tmp_path):
     assert len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) == 4
     assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     assert waiting_note(study) == ""
+
+
+class RecordsLost(ProposeSix):
+    """ProposeSix, recording the plans the driver says lost the retrieval floor at each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def propose(self, done, completed, exclude, lost=frozenset()):
+        self.calls.append(({str(p) for p, _ in completed}, set(lost)))
+        return super().propose(done, completed, exclude, lost)
+
+
+def test_the_surrogate_is_told_which_plans_lost_the_retrieval_floor(tmp_path):
+    """RetrievalByCount keeps a share of the facts equal to the share of softmax layers: at a floor of 0.75 a plan
+    with two `none` layers (0.5) lost it, one with a single one (0.75) kept it."""
+    run, study = small_run(tmp_path, "lost", ObjectiveSettings(retrieval="floor", retrieval_floor=0.75),
+                           RetrievalByCount(), seed=0, retrieval_floor=0.75)
+    run.surrogate = feed = RecordsLost()
+    run.run(8, progress=False)
+    assert any(completed for completed, _ in feed.calls)
+    for completed, lost in feed.calls:
+        assert lost == {plan for plan in completed if plan.count("S") < 3}
+    assert any(lost for _, lost in feed.calls)

@@ -238,3 +238,25 @@ def test_plan_of_params_restores_pinned_layers():
 def test_propose_plans_refuses_all_pairs():
     with pytest.raises(ValueError, match="pairs"):
         propose_plans(SPACES["free"], COST, random_table(), [], 2, pairs="all")
+
+
+def test_propose_plans_keeps_away_from_plans_that_lost_the_retrieval_floor():
+    """Plans keeping fewer than 4 softmax layers lost the floor here: unguarded, the fast end of the predicted front
+    is next to them; with `lost`, every proposal is at least as near a plan that kept it."""
+    from layerboost_surrogates.propose import layers_apart
+
+    space, table = SPACES["free"], random_table(20)
+    truth = planted_truth(table, 1.0)
+    completed = [(p, truth(p)) for p in random_plans(40, 21)]
+    lost = {str(p) for p, _ in completed if p.count("softmax") < 4}
+    kept = [p for p, _ in completed if str(p) not in lost]
+    assert lost and kept
+
+    def near_kept(plan):
+        return min(layers_apart(plan, q) for q in kept) <= min(layers_apart(plan, LayerPlan.from_string(q))
+                                                               for q in lost)
+
+    guarded = propose_plans(space, COST, table, completed, 6, seed=0, lost=lost)
+    assert guarded and all(near_kept(p) for p in guarded), [str(p) for p in guarded]
+    unguarded = propose_plans(space, COST, table, completed, 6, seed=0)
+    assert not all(near_kept(p) for p in unguarded)  # the guard is what kept them away
