@@ -9,8 +9,9 @@ held-out text the search never scored), judged at the pessimistic end of 90% int
   low end of a Clopper-Pearson interval, >= `objective.retrieval_floor` x the original's rate on the same facts
   (or at least as many facts as the original found). No retrieval floor where the original itself finds fewer
   than `objective.retrieval_min_original` of them: the report says so instead;
-* ceilings (`objective.ceilings`): its measured serving metrics (the median of per-round ratios to all-softmax;
-  cache bytes exactly) within them, e.g. a time to first token no longer than the original's.
+* ceilings (`objective.ceilings`): its measured serving metrics (per-round ratios to all-softmax; cache bytes
+  exactly) not shown beyond them, e.g. a time to first token not shown longer than the original's: a plan is
+  over a ceiling when the whole 90% interval of its median is (Evidence.over_ceiling).
 
 Among the plans that keep the floors, in the terms of the searched speed metric (objectives.SPEEDS: throughput,
 time to first token, time per output token or request latency, measured against all-softmax serving the same
@@ -155,6 +156,19 @@ class Evidence:
             return self.serving[metric].value
         return self.predicted_serving.get(metric)
 
+    def over_ceiling(self, metric: str, limit: float) -> bool:
+        """True when this plan is shown beyond `limit` (throughput's: below it). A measured ratio counts as over
+        only when its whole 90% interval is: a hybrid whose prefill costs what softmax's does (linear at a
+        512-token prompt) measures 0.9-1.1x of the original's TTFT from round to round, and a median just past
+        1.0 is that noise, not a slower plan. Predictions and cache bytes are compared as they are."""
+        value = self.ceiling_value(metric)
+        if value is None:
+            return False
+        measured = self.serving.get(metric) if metric != "kv_bytes" else None
+        if metric == "throughput":
+            return (measured.hi if measured is not None else value) < limit
+        return (measured.lo if measured is not None else value) > limit
+
     def shortfall(self, floors: Floors) -> str | None:
         """Why this plan is below the floors or over a ceiling, or None when it keeps them."""
         if self.agreement.lo < floors.agreement:
@@ -167,13 +181,14 @@ class Evidence:
             if found.value * found.n < original.value * original.n and found.lo < bar:
                 return f"retrieval {found.text()} < {floors.retrieval_share:.0%} of the original's {original.value:.3f}"
         for metric, limit in floors.ceilings.items():
-            value = self.ceiling_value(metric)
-            if value is None:
+            if not self.over_ceiling(metric, limit):
                 continue
-            if metric == "throughput" and value < limit:
-                return f"throughput {value:.2f}x < the floor of {limit:g}x the original's (objective.ceilings)"
-            if metric != "throughput" and value > limit:
-                return f"{metric} {value:.2f}x > the ceiling of {limit:g}x the original's (objective.ceilings)"
+            value, measured = self.ceiling_value(metric), self.serving.get(metric)
+            shown = f"{value:.2f}x" + (f" [{measured.lo:.2f}, {measured.hi:.2f}]" if measured is not None
+                                       and metric != "kv_bytes" else "")
+            if metric == "throughput":
+                return f"throughput {shown} < the floor of {limit:g}x the original's (objective.ceilings)"
+            return f"{metric} {shown} > the ceiling of {limit:g}x the original's (objective.ceilings)"
         return None
 
 
@@ -304,8 +319,10 @@ def floors_line(floors: Floors, fidelity: str, original: Interval | None) -> str
         found = (f" (the original found {round(original.value * original.n)}/{original.n})"
                  if original is not None else "")
         parts.append(f">= {floors.retrieval_share:.0%} of the original's retrieval{found}")
-    for metric, limit in floors.ceilings.items():
-        parts.append(f"{metric} {'>=' if metric == 'throughput' else '<='} {limit:g}x the original's")
+    limits = [f"{metric} {'>=' if metric == 'throughput' else '<='} {limit:g}x the original's"
+              for metric, limit in floors.ceilings.items()]
     text = (f"Every best file keeps, at fidelity `{fidelity}` and the pessimistic end of its 90% intervals: "
-            + " and ".join(parts) + ".")
+            + " and ".join(parts) + "."
+            + (f" Its measured serving is not shown beyond the ceilings (over one only when the whole 90% interval "
+               f"of its median is): {' and '.join(limits)}." if limits else ""))
     return text + (f" {floors.note}" if floors.note else "")

@@ -51,8 +51,9 @@ class ObjectiveSettings:
     # state); auto: throughput when the workload has output tokens, else latency (a prefill).
     speed: str = "auto"
     # Metric -> the share of all-softmax's value a plan may reach at most (throughput: the multiple it must reach
-    # at least; null: no ceiling), predicted during the search, measured for every best file. ttft 1.0: no plan
-    # that makes the first token wait longer than the original does.
+    # at least; null: no ceiling), predicted during the search, measured for every best file (over a ceiling when
+    # the whole 90% interval of its measured median is: picks.Evidence.over_ceiling). ttft 1.0: no plan that makes
+    # the first token wait longer than the original does.
     ceilings: dict = field(default_factory=lambda: {"ttft": 1.0, "tpot": None, "latency": None, "throughput": None,
                                                     "kv_bytes": None})
     # During the search a ceiling is checked on the cost model's prediction, with this share of slack: predictions
