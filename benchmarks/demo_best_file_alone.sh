@@ -16,7 +16,7 @@ time "$PY" "$ROOT/search.py" model=gemma3-270m data.source=builtin:-news workloa
   workload.decode=64 budget=10 fidelity.top_k=2 eval.top_k=1 fidelity.agreement_floor=0.75 progress=false \
   | tee search.log | sed -n '/## What to ship/,/## Pareto/p'
 RUN=$(sed -n 's/^report: \(\S*\).*/\1/p' search.log)
-BEST=$(ls "$RUN"/best/*.json | head -1)
+BEST=$(ls "$RUN"/best/*.json 2>/dev/null | head -1 || true)
 [ -n "$BEST" ] || { echo "no best file: see $RUN/summary.md"; exit 1; }
 echo "== best file: $BEST"
 "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); m=d['made_with']; print('plan', d['plan']); print('made_with model', m['model']['name'], m['model']['source'], '| data', m['data']['source'], '| workload', {k: m['workload'][k] for k in ('prefill', 'decode')})" "$BEST"
