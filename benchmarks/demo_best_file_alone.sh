@@ -28,7 +28,7 @@ class NoLayerBoost:
             raise ImportError(name + " must not be imported here")
 sys.meta_path.insert(0, NoLayerBoost())
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 ids = tok("The river flows through the old town and", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=12, do_sample=False)

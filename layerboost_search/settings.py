@@ -52,14 +52,14 @@ class ObjectiveSettings:
     speed: str = "auto"
     # Metric -> the share of all-softmax's value a plan may reach at most (throughput: the multiple it must reach
     # at least; null: no ceiling), predicted during the search, measured for every best file (over a ceiling when
-    # the whole 90% interval of its measured median is: picks.Evidence.over_ceiling). ttft 1.0: no plan that makes
-    # the first token wait longer than the original does.
+    # the whole 90% interval of its measured median is, or the median by more than ceiling_slack:
+    # picks.Evidence.over_ceiling). ttft 1.0: no plan that makes the first token wait longer than the original does.
     ceilings: dict = field(default_factory=lambda: {"ttft": 1.0, "tpot": None, "latency": None, "throughput": None,
                                                     "kv_bytes": None})
     # During the search a ceiling is checked on the cost model's prediction, with this share of slack: predictions
     # of plans this close to the original are within the cost model's error (at a 512-token prompt `linear` and
     # softmax prefill within ~5% of each other), and a hard cut there drops half of them on noise. Best files are
-    # judged on their measured value against the ceiling itself.
+    # judged on their measured median: over a ceiling when its whole interval is, or it by more than this share.
     ceiling_slack: float = 0.1
     memory: bool = False  # KV bytes per sequence as a third objective
     latency_ceiling: float | None = None  # seconds of request latency, predicted at the workload
