@@ -2,10 +2,13 @@
 # Issue 29, end to end: a search with a non-default model, data and workload, then `layerboost export` and
 # `layerboost heal` given nothing but its best file, each folder loaded and run in plain transformers (layerboost
 # not importable there), and an override contradicting the file refused in one line (exit status 2).
-#   bash benchmarks/demo_best_file_alone.sh [work folder]      (about 15 min on 2 cores without AMX)
+#   bash benchmarks/demo_best_file_alone.sh [work folder [key=value ...]]   (the search's extra overrides)
+# About 10 min for the search and 25 for healing on 2 cores without AMX; a rerun in the same folder resumes the
+# healing where it stopped.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$(mktemp -d -t layerboost-demo-XXXXXX)}"
+shift || true
 PY="$ROOT/.venv/bin/python"
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK" && cd "$WORK"
@@ -13,7 +16,7 @@ echo "== search ($(date +%T))"
 # The agreement floor is lowered to 0.75: Gemma 3 270M's plans in this small budget keep 0.75-0.8 of the
 # original's next tokens at the low end of their intervals (a setting a user states, recorded in the study).
 time "$PY" "$ROOT/search.py" model=gemma3-270m data.source=builtin:-news workload=chat workload.prefill=256 \
-  workload.decode=64 budget=10 fidelity.top_k=2 eval.top_k=1 fidelity.agreement_floor=0.75 progress=false \
+  workload.decode=64 budget=10 fidelity.top_k=2 eval.top_k=1 fidelity.agreement_floor=0.75 progress=false "$@" \
   | tee search.log | sed -n '/## What to ship/,/## Pareto/p'
 RUN=$(sed -n 's/^report: \(\S*\).*/\1/p' search.log)
 BEST=$(ls "$RUN"/best/*.json 2>/dev/null | head -1 || true)
