@@ -132,10 +132,9 @@ def screened_pool(trials: list, k: int, keeps, quality_sign: int, cost_of) -> li
     left = [t for t in trials if keeps(t)]
     pool: list = []
     while left and len(pool) <= k:
-        points = [(quality_sign * t.values[0], cost_of(t)) for t in left]
-        layer = {id(left[i]) for i in non_dominated(points)}
-        pool += [t for t in left if id(t) in layer]
-        left = [t for t in left if id(t) not in layer]
+        layer = set(non_dominated([(quality_sign * t.values[0], cost_of(t)) for t in left]))
+        pool += [t for i, t in enumerate(left) if i in layer]
+        left = [t for i, t in enumerate(left) if i not in layer]
     return sorted(pool, key=cost_of)
 
 
