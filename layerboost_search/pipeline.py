@@ -355,10 +355,8 @@ def _candidates(study, k: int, settings: SearchSettings, reference: dict, cost) 
     come from the search's front as before, so confirmation still says why they fall short."""
     speed = SPEEDS[settings.speed]
     floor, _ = retrieval_floor(settings.objective, _original(study))
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get(FEASIBLE_ATTR, True)]
     sign = 1 if study.directions[0] == StudyDirection.MINIMIZE else -1
-    pool = screened_pool(feasible, k, keeps_floors_at_proxy(settings.objective, cost, floor), sign,
+    pool = screened_pool(_feasible(study), k, keeps_floors_at_proxy(settings.objective, cost, floor), sign,
                          lambda t: speed.cost(t.values[1]))
 
     def ladder(front: list, slots: int) -> list:
@@ -373,6 +371,28 @@ def _candidates(study, k: int, settings: SearchSettings, reference: dict, cost) 
     return chosen
 
 
+def _feasible(study) -> list:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(FEASIBLE_ATTR, True)]
+
+
+def _faster_candidates(study, candidates: list, settings: SearchSettings, reference: dict, cost) -> list:
+    """`fidelity.faster_k` more candidates once `candidates` are confirmed (fidelity.faster_than_keepers): plans
+    keeping the floors and the quality floor at the proxy (the ceilings within their slack), faster than the
+    fastest candidate that kept every floor at the pick rung (than all-softmax when none did)."""
+    from .fidelity import faster_than_keepers, proxy_metrics, retained
+
+    speed = SPEEDS[settings.speed]
+    keepers = _servable(study, candidates, settings)
+    bar = min((speed.cost(t.values[1]) for t in keepers), default=speed.cost(reference[speed.column]))
+    floor, _ = retrieval_floor(settings.objective, _original(study))
+    keeps = keeps_floors_at_proxy(settings.objective, cost, floor, strict=False)
+    taken = {t.number for t in candidates}
+    pool = [t for t in _feasible(study) if t.number not in taken and not is_original(t.user_attrs[PLAN_ATTR])
+            and keeps(t) and (retained(proxy_metrics(t)) or 0.0) >= settings.fidelity.agreement_floor]
+    return faster_than_keepers(pool, settings.fidelity.faster_k, bar, lambda t: speed.cost(t.values[1]))
+
+
 def _climb_fidelity_ladder(settings: SearchSettings, study, runner, reference: dict, cost, progress: bool,
                            stage: Stages) -> list:
     """The candidates, re-measured at every rung (resumable: what the study already holds is skipped)."""
@@ -384,6 +404,10 @@ def _climb_fidelity_ladder(settings: SearchSettings, study, runner, reference: d
                   if not is_original(t.user_attrs[PLAN_ATTR])][:f.top_k]
     if f.rungs:
         measured = climb(study, runner, candidates, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+        if f.faster_k:  # past the fastest keeper (deterministic given the study: a resumed run picks the same)
+            faster = _faster_candidates(study, candidates, settings, reference, cost)
+            measured += climb(study, runner, faster, f.rungs, lambda t: t.user_attrs[PLAN_ATTR], progress)
+            candidates = candidates + faster
         prefill = settings.workload.prefill
         for rung in f.rungs:
             stage.count("confirmation", [m for m in measured if m == rung.name], rung.blocks, rung.seq_len(prefill))

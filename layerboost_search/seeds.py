@@ -1,5 +1,5 @@
-"""Plans enqueued before sampling: all-softmax, the additive front, the paper's threshold heuristic,
-interleavings.
+"""Plans enqueued before sampling: all-softmax, the additive front, the retrieval-ranked tiers, the paper's
+threshold heuristic, interleavings.
 
 The paper assigns tiers from single-layer sensitivities: layers whose removal hurts least lose attention,
 the next least sensitive get linear attention, the rest keep softmax. Sweeping the two thresholds gives a
@@ -110,6 +110,31 @@ def additive_front_plans(rows: list[dict], space, cost, count: int, metric: str 
     return [(f"additive-front(predicted {metric} {quality:.3g})", plan) for plan, quality in chosen]
 
 
+# Shares of the layers kept softmax by the retrieval-ranked seeds: on SmolLM2 at 512+256 tokens the plans the
+# KL-driven search offered kept about half (15 of 30, 1.4-1.5x the original's output tokens/s), and plans keeping
+# a third or less serve 2x and more when they keep retrieval.
+RETRIEVAL_RANKED_SHARES = (0.2, 0.27, 0.3, 0.33, 0.37, 0.4)
+
+
+def retrieval_ranked_plans(rows: list[dict], num_layers: int, shares=RETRIEVAL_RANKED_SHARES) -> list[tuple[str, LayerPlan]]:
+    """The paper's tiers ranked by retrieval instead of KL: softmax at the k layers whose single swap to the
+    middle tier (middle_tier: `linear` where searched) raises the proxy's retrieval NLL most, the middle tier
+    elsewhere, for k = each share of the layers. Retrieval is the floor plans fail at the confirmation rung, and
+    the KL ranking puts its layers in no particular place; the retrieval NLL is continuous where 16 facts'
+    accuracy is not (most single swaps find all 16). Empty without retrieval metrics."""
+    middle = middle_tier(dict.fromkeys(r["option"] for r in rows))
+    score = {r["layer"]: r.get("retrieval_nll") for r in rows if r["option"] == middle}
+    if middle is None or len(score) < num_layers or any(v is None for v in score.values()):
+        return []
+    ranked = sorted(range(num_layers), key=lambda i: -score[i])  # most retrieval lost first
+    out = []
+    for k in sorted({max(1, round(share * num_layers)) for share in shares}):
+        kept = set(ranked[:k])
+        plan = LayerPlan(tuple("softmax" if i in kept else middle for i in range(num_layers)))
+        out.append((f"retrieval-ranked(softmax at the {k} layers whose {middle} swap loses most retrieval)", plan))
+    return out
+
+
 def interleaved_plans(num_layers: int) -> list[tuple[str, LayerPlan]]:
     """Evenly interleaved hybrids: every k-th layer keeps softmax, the others take linear. (Interleaving
     with `none` measured KL 3-8 nats on SmolLM2: seeds the search never needed.)"""
@@ -123,13 +148,15 @@ def interleaved_plans(num_layers: int) -> list[tuple[str, LayerPlan]]:
 
 def seed_plans(rows: list[dict] | None, num_layers: int, heuristic_count: int = 12, *, space=None, cost=None,
                front_count: int = 10, critical=frozenset()) -> list[tuple[str, LayerPlan]]:
-    """All-softmax, then (with a sensitivity table) the additive front (needs `space` and `cost`) and the
-    heuristic sweep, then the interleavings, in that order: the study evaluates them first to last. A seed
-    making a `critical` choice (retrieval_critical) keeps that layer softmax instead (its label says so)."""
+    """All-softmax, then (with a sensitivity table) the additive front (needs `space` and `cost`), the
+    retrieval-ranked tiers and the heuristic sweep, then the interleavings, in that order: the study evaluates
+    them first to last. A seed making a `critical` choice (retrieval_critical) keeps that layer softmax instead
+    (its label says so)."""
     seeds = [("all-softmax", LayerPlan.uniform("softmax", num_layers))]
     if rows and space is not None and cost is not None and front_count > 0:
         seeds += additive_front_plans(rows, space, cost, front_count, critical=critical)
     if rows:
+        seeds += retrieval_ranked_plans(rows, num_layers)
         seeds += heuristic_sweep(rows, num_layers, heuristic_count)
     seeds += interleaved_plans(num_layers)
     kept = []

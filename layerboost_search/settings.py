@@ -199,6 +199,11 @@ class FidelitySettings:
     # Candidates confirmed, those a best file could name (0: picks at the proxy). The original itself needs no
     # confirming: every rung measures it on the same text as the reference.
     top_k: int = 4
+    # Then this many more: plans faster than the fastest candidate that kept every floor at `pick_rung`, least
+    # proxy retrieval loss first (0: none). The first candidates are drawn by quality bars and speed targets,
+    # blind to where retrieval breaks; these look past the fastest keeper (a default run's offered 1.4-1.5x
+    # while a plan keeping 10 of 30 layers softmax, ranked by retrieval, kept the floor at 1.64x predicted).
+    faster_k: int = 2
     rungs: tuple[RungSettings, ...] = (RungSettings("confirm", factor=1, blocks=16),  # at the prompt length
                                        RungSettings("long", factor=2, blocks=1, generate=False))  # at 2 x it
     pick_rung: str = "confirm"  # where the floors are judged (the report shows every rung)
@@ -212,6 +217,7 @@ class FidelitySettings:
 
     def __post_init__(self):
         _at_least("fidelity.top_k", self.top_k, 0)
+        _at_least("fidelity.faster_k", self.faster_k, 0)
         _at_least("fidelity.serving_rounds", self.serving_rounds, 0)
         names = [r.name for r in self.rungs]
         if len(set(names)) != len(names):

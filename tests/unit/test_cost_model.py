@@ -221,6 +221,8 @@ def test_candidates_keep_the_ceilings_without_slack_and_the_retrieval_floor_on_p
 
     objective = ObjectiveSettings(ceilings={"ttft": 0.9})  # SSSL: 0.933 of all-softmax's TTFT, within the slack
     assert not keeps_floors_at_proxy(objective, cost, None)(trial("SSSL", 1.0))
+    assert keeps_floors_at_proxy(objective, cost, None, strict=False)(trial("SSSL", 1.0))  # past the fastest keeper
+    assert not keeps_floors_at_proxy(ObjectiveSettings(ceilings={"ttft": 0.8}), cost, None, strict=False)(trial("SSSL", 1.0))
     assert keeps_floors_at_proxy(ObjectiveSettings(ceilings={"ttft": 0.95}), cost, None)(trial("SSSL", 1.0))
     keeps = keeps_floors_at_proxy(ObjectiveSettings(ceilings={}), cost, 0.9)
     assert keeps(trial("SSSL", 0.9375)) and not keeps(trial("SSSL", 0.875))  # 15 of 16 facts; 14 of 16

@@ -16,7 +16,8 @@ from optuna.trial import create_trial
 from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_core.workload import Workload
-from layerboost_search.fidelity import (binomial_interval, bootstrap_interval, climb, dominated_at, ladder_candidates,
+from layerboost_search.fidelity import (binomial_interval, bootstrap_interval, climb, dominated_at, faster_than_keepers,
+                                        ladder_candidates,
                                         record_rung, rung_scores, screened_pool, spread)
 from layerboost_search.objectives import Objective
 from layerboost_search.picks import Floors
@@ -200,6 +201,39 @@ def test_ladder_candidates_are_the_plans_a_best_plan_file_can_name():
     assert len(ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, cost)) == 7  # every plan once, no more
     # below the quality floor of every best file (0.85 here) a plan is never a candidate; all-softmax always is
     assert [t.number for t in ladder_candidates(front, 20, (0.99,), (0.5,), 1.0, cost, floor=0.85)] == [6, 5, 3, 4]
+
+
+def test_a_speed_target_takes_the_plan_losing_least_retrieval_then_the_most_agreeing():
+    def trial(number, agreement, latency, retrieval_nll=None):
+        attrs = {"plan": "LLSS", "proxy:top1_agreement": agreement}
+        if retrieval_nll is not None:
+            attrs["proxy:retrieval_nll"] = retrieval_nll
+        t = create_trial(values=[1 - agreement, latency], user_attrs=attrs)
+        t.number = number
+        return t
+
+    def cost(t):
+        return t.values[1]
+
+    loses = [trial(0, 0.91, 0.45, 0.19), trial(1, 0.89, 0.48, 0.06), trial(2, 0.90, 0.60, 0.01)]
+    assert [t.number for t in ladder_candidates(loses, 1, (), (0.5,), 1.0, cost)] == [1]  # 2 is over the target
+    no_facts = [trial(0, 0.91, 0.45), trial(1, 0.89, 0.48)]
+    assert [t.number for t in ladder_candidates(no_facts, 1, (), (0.5,), 1.0, cost)] == [0]
+
+
+def test_past_the_fastest_keeper_the_plans_losing_least_retrieval_come_first():
+    def trial(number, latency, retrieval_nll):
+        t = create_trial(values=[0.1, latency], user_attrs={"plan": "LLSS", "proxy:retrieval_nll": retrieval_nll})
+        t.number = number
+        return t
+
+    def cost(t):
+        return t.values[1]
+
+    pool = [trial(0, 0.30, 0.19), trial(1, 0.45, 0.07), trial(2, 0.40, 0.07), trial(3, 0.70, 0.01), trial(4, 0.50, 0.11)]
+    assert [t.number for t in faster_than_keepers(pool, 2, 0.6, cost)] == [2, 1]  # 3 is slower than the keeper
+    assert [t.number for t in faster_than_keepers(pool, 9, 0.6, cost)] == [2, 1, 4, 0]
+    assert faster_than_keepers(pool, 2, 0.3, cost) == []
 
 
 def test_the_screened_pool_peels_pareto_layers_of_the_plans_that_keep_the_floors():

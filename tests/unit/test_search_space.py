@@ -10,7 +10,7 @@ from layerboost_core.errors import UserError
 from layerboost_core.plan import LayerPlan
 from layerboost_search.driver import enqueue_seeds
 from layerboost_search.study import LABEL_ATTR
-from layerboost_search.seeds import heuristic_plan, heuristic_sweep, interleaved_plans, seed_plans
+from layerboost_search.seeds import heuristic_plan, heuristic_sweep, interleaved_plans, retrieval_ranked_plans, seed_plans
 from layerboost_core.space import SearchSpace, layer_param
 from layerboost_search.space import distributions, suggest
 
@@ -219,6 +219,17 @@ def test_heuristic_sweep_returns_distinct_labelled_plans():
         n_none = int(label.split("none=")[1].split(",")[0])
         n_linear = int(label.split("linear=")[1].rstrip(")"))
         assert plan == heuristic_plan(rows(), 6, n_none, n_linear)
+
+
+def test_retrieval_ranked_seeds_keep_softmax_where_a_linear_swap_loses_most_retrieval():
+    nll = [0.10, 0.90, 0.05, 0.40, 0.20, 0.70]  # layer 1 loses most, then 5, then 3
+    table = [dict(r, retrieval_nll=nll[r["layer"]] if r["option"] == "linear" else 9.0) for r in rows()]
+    seeds = retrieval_ranked_plans(table, 6, shares=(0.2, 0.5))
+    assert [str(plan) for _, plan in seeds] == ["LSLLLL", "LSLSLS"]
+    assert all(label.startswith("retrieval-ranked(softmax at the ") for label, _ in seeds)
+    assert retrieval_ranked_plans(rows(), 6) == []  # no retrieval metrics: no seeds
+    labels = [label for label, _ in seed_plans(table, 6)]
+    assert labels.index(seeds[0][0]) < next(i for i, l in enumerate(labels) if l.startswith("heuristic"))
 
 
 def test_seed_plans_start_with_all_softmax_and_work_without_a_table():

@@ -20,6 +20,7 @@ from layerboost.settings import search_settings
     ("objective.ceilings.throughput=-1", "error: objective.ceilings.throughput: -1 must be a positive share"),
     ("objective.ceilings.ttft=0", "error: objective.ceilings.ttft: 0 must be a positive share of all-softmax's value"),
     ("fidelity.serving_rounds=-1", "error: fidelity.serving_rounds: -1 must be a number >= 0"),
+    ("fidelity.faster_k=-1", "error: fidelity.faster_k: -1 must be a number >= 0"),
     ("fidelity.rungs.0.generate=maybe", "error: fidelity.rungs[0].generate: 'maybe' is not true or false"),
     ("eval.passkey_context=3", "error: eval.passkey_context: 3 must be a number >= 16"),
 ])
