@@ -193,8 +193,9 @@ class FidelitySettings:
     Defaults on SmolLM2 at the default workload's 512-token prompts: `confirm` gives 16 blocks at the prompt length
     (128 facts, answered by generation through the hybrid cache, 8 blocks a batch) and `long` 1 block at twice it
     (16 facts, teacher-forced). 128 facts: a plan keeping 96% of the original's retrieval clears a 90% floor at
-    the pessimistic end of its interval (with 64 it must match the original). About 3 min for 4 candidates on
-    2 cores without AMX (benchmarks/bench_default_run.py lists each stage's forwards and seconds)."""
+    the pessimistic end of its interval (with 64 it must match the original). About 4 min for the 6 candidates
+    (top_k 4, faster_k 2) on 2 cores without AMX (benchmarks/bench_default_run.py lists each stage's forwards and
+    seconds)."""
 
     # Candidates confirmed, those a best file could name (0: picks at the proxy). The original itself needs no
     # confirming: every rung measures it on the same text as the reference.
