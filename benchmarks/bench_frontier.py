@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     from layerboost_core.workbench import attach_bank
     from layerboost_search.fidelity import binomial_interval, rung_blocks
     from layerboost_core.sensitivity import cached_sensitivity
+    from layerboost_search.picks import Interval, keeps_retrieval
     from layerboost_search.pipeline import prepare, sensitivity_options
     from layerboost_search.seeds import retrieval_critical
 
@@ -76,6 +77,9 @@ def main(argv=None) -> None:
         predicted = cost.predict(plan)
         measured[name] = {"plan": str(plan), "found": int(sum(found)), "facts": len(found),
                           "kept_share": sum(found) / sum(original), "found_low": binomial_interval(int(sum(found)), len(found))[0],
+                          "keeps_floor": keeps_retrieval(Interval.of_facts(int(sum(found)), len(found)),
+                                                         Interval.of_facts(int(sum(original)), len(original)),
+                                                         settings.objective.retrieval_floor),
                           "kl": m.metrics["kl"], "agreement": m.metrics["top1_agreement"],
                           "cache_share": cost.kv_bytes(plan) / cost.kv_bytes(layer_plans["all-softmax"]),
                           "concurrency": predicted.concurrency, "throughput_predicted": predicted.throughput / reference.throughput,
@@ -102,12 +106,12 @@ def main(argv=None) -> None:
                    "sequences at once", "throughput predicted", "throughput measured", "TTFT predicted", "KL",
                    "top-1 agreement"],
                   [[name, m["plan"], f"{m['found']}/{m['facts']}", round(m["kept_share"], 3),
-                    "yes" if m["found_low"] >= bar or m["found"] >= int(sum(original)) else "no",
+                    "yes" if m["keeps_floor"] else "no",
                     round(m["cache_share"], 3), m["concurrency"], round(m["throughput_predicted"], 3),
                     round(m["throughput_measured"], 3) if "throughput_measured" in m else None,
                     round(m["ttft_predicted"], 3), round(m["kl"], 4), round(m["agreement"], 3)]
                    for name, m in measured.items()])
-    keeping = [m for m in measured.values() if m["found_low"] >= bar or m["found"] >= int(sum(original))]
+    keeping = [m for m in measured.values() if m["keeps_floor"]]
     cheapest = min((m for m in keeping if m["plan"] != "S" * n), key=lambda m: m["cache_share"], default=None)
     if cheapest is not None:
         results.headline(f"least cache a plan of this ladder keeps while keeping the retrieval floor, "

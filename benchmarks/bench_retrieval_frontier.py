@@ -7,7 +7,8 @@ The search offers the fastest plan that keeps >= objective.retrieval_floor (90%)
 confirmation rung (`fidelity.pick_rung`): facts planted at depth in prompts of the workload's length, answered by
 generating through the hybrid cache. This script puts that rung next to speed for the plans given (typically a
 search's front, fastest first; all-softmax is always added): per plan, the facts found of the rung's facts (with the
-original's on the same facts and a 90% Clopper-Pearson interval), KL and top-1 agreement on the rung's blocks, the
+original's on the same facts and a 90% Clopper-Pearson interval; kept as a best file keeps it:
+picks.keeps_retrieval), KL and top-1 agreement on the rung's blocks, the
 cache per sequence, the sequences a memory budget lets it serve, and the serving cost model's predicted throughput
 and TTFT; with `--rounds` > 0 also the measured ones (plans taking turns, each at its concurrency; `--runs` runs,
 median over every round with the range). Retrieval and KL do not depend on timing (greedy generation): they are
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
     from layerboost_core.plan import LayerPlan
     from layerboost_core.serving import serve_in_turns
     from layerboost_core.timing import round_ratios
-    from layerboost_search.fidelity import binomial_interval
+    from layerboost_search.picks import Interval, keeps_retrieval, retrieval_floor
     from layerboost_search.pipeline import prepare
     from layerboost_search.worker import PlanEvaluator
 
@@ -97,10 +98,10 @@ def main(argv=None) -> None:
     rows, keepers = [], []
     for name in sorted(plans, key=lambda k: -predicted[k]["throughput"]):
         c = confirmed[name]
-        lo, hi = binomial_interval(c["found"], c["facts"])
-        # no floor where the original itself cannot retrieve (picks.retrieval_floor: objective.retrieval_min_original)
-        has_floor = c["original_found"] >= settings.objective.retrieval_min_original * c["facts"]
-        keeps = has_floor and c["found"] >= floor_share * c["original_found"]
+        found, original = Interval.of_facts(c["found"], c["facts"]), Interval.of_facts(c["original_found"], c["facts"])
+        # judged as picks judge a best file; no floor where the original itself cannot retrieve
+        has_floor = retrieval_floor(settings.objective, {"retrieval_acc": original.value})[0] is not None
+        keeps = has_floor and keeps_retrieval(found, original, floor_share)
         measured = served[name]["throughput"]
         if keeps and name != "all-softmax":
             keepers.append((statistics.median(measured) if measured else predicted[name]["throughput"], name))
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
 
         rows.append([name, plans[name], round(kv[name], 3), concurrency[name], round(predicted[name]["throughput"], 3),
                      spread(measured), round(predicted[name]["ttft"], 3), spread(served[name]["ttft"]),
-                     f"{c['found']}/{c['facts']} [{lo:.2f}, {hi:.2f}] (original {c['original_found']})",
+                     f"{c['found']}/{c['facts']} [{found.lo:.2f}, {found.hi:.2f}] (original {c['original_found']})",
                      ("yes" if keeps else "no") if has_floor else "no floor", round(c["kl"], 4), round(c["top1_agreement"], 3)])
     facts = base["facts"]
     results.table(f"Plans at the `{rung_name}` rung ({facts} facts in prompts of {workload.prefill:,} tokens, answered "
@@ -119,7 +120,8 @@ def main(argv=None) -> None:
                   f"median [range] of {args.runs} x {args.rounds} rounds",
                   ["plan", "layers", "cache per sequence", "sequences at once", "throughput predicted",
                    "throughput measured", "TTFT predicted", "TTFT measured", "facts found [90%]",
-                   f"keeps {floor_share:.0%} of the original's", "KL", "top-1 agreement"], rows)
+                   f"keeps the floor ({floor_share:.0%} of the original's at the low end, or as many facts)", "KL",
+                   "top-1 agreement"], rows)
     if keepers:
         speed, name = max(keepers)
         results.headline(f"fastest plan keeping {floor_share:.0%} of the original's retrieval ({facts} facts at "

@@ -108,7 +108,7 @@ def ladder_candidates(front: list, k: int, bars, shares, reference_cost: float |
     candidates. Within a speed target the plan losing least retrieval comes first (`retrieval_loss`), top-1
     agreement breaking ties: retrieval is the floor fast plans fail at the confirmation rung (a default run's
     2x target took its most agreeing plan, 0.91 agreement and 0.19 proxy retrieval NLL against 0.05 for the
-    plans that kept the floor, and it found 107 of 128 facts where 110 were needed)."""
+    plans that kept the floor, and it found 107 of 128 facts where about 117 were needed)."""
     picks: list = []
 
     def add(trial) -> None:

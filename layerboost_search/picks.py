@@ -80,6 +80,12 @@ class Floors:
     ceiling_slack: float = 0.0  # how far a measured median may pass a ceiling while its interval does not
 
 
+def keeps_retrieval(found: Interval, original: Interval, share: float) -> bool:
+    """The retrieval floor on facts: a plan keeps it when it finds as many facts as the original did, or when the
+    low end of its Clopper-Pearson interval is at least `share` x the original's rate on the same facts."""
+    return found.value * found.n >= original.value * original.n or found.lo >= share * original.value
+
+
 def retrieval_floor(objective, original: dict | None) -> tuple[float | None, str]:
     """(the retrieval_acc a plan must keep, or None; why there is none). `original`: the original model's own
     metrics on the proxy's facts ({} or None when none are planted). A share of an original that cannot
@@ -183,8 +189,7 @@ class Evidence:
             if self.retrieval is None or self.original_retrieval is None:
                 return f"retrieval not measured at {self.fidelity}"
             found, original = self.retrieval, self.original_retrieval
-            bar = floors.retrieval_share * original.value
-            if found.value * found.n < original.value * original.n and found.lo < bar:
+            if not keeps_retrieval(found, original, floors.retrieval_share):
                 return f"retrieval {found.text()} < {floors.retrieval_share:.0%} of the original's {original.value:.3f}"
         for metric, limit in floors.ceilings.items():
             if not self.over_ceiling(metric, limit, floors.ceiling_slack):

@@ -202,8 +202,8 @@ class FidelitySettings:
     top_k: int = 4
     # Then this many more: plans faster than the fastest candidate that kept every floor at `pick_rung`, least
     # proxy retrieval loss first (0: none). The first candidates are drawn by quality bars and speed targets,
-    # blind to where retrieval breaks; these look past the fastest keeper (a default run's offered 1.4-1.5x
-    # while a plan keeping 10 of 30 layers softmax, ranked by retrieval, kept the floor at 1.64x predicted).
+    # blind to where retrieval breaks; these look past the fastest keeper (a default run offered 1.4-1.5x; with
+    # them and the retrieval-ranked seeds, one offered a plan serving 2.2x that kept the floor).
     faster_k: int = 2
     rungs: tuple[RungSettings, ...] = (RungSettings("confirm", factor=1, blocks=16),  # at the prompt length
                                        RungSettings("long", factor=2, blocks=1, generate=False))  # at 2 x it
