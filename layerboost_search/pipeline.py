@@ -386,7 +386,7 @@ def _faster_candidates(study, candidates: list, settings: SearchSettings, refere
     keepers = _servable(study, candidates, settings)
     bar = min((speed.cost(t.values[1]) for t in keepers), default=speed.cost(reference[speed.column]))
     floor, _ = retrieval_floor(settings.objective, _original(study))
-    keeps = keeps_floors_at_proxy(settings.objective, cost, floor, strict=False)
+    keeps = keeps_floors_at_proxy(settings.objective, cost, floor)
     taken = {t.number for t in candidates}
     pool = [t for t in _feasible(study) if t.number not in taken and not is_original(t.user_attrs[PLAN_ATTR])
             and keeps(t) and (retained(proxy_metrics(t)) or 0.0) >= settings.fidelity.agreement_floor]
