@@ -213,8 +213,10 @@ class FidelitySettings:
     agreement_floor: float = 0.8
     # Measured serving of the candidates that keep the floors: rounds of each serving the workload in turn with
     # all-softmax, each at the concurrency its cache allows (0: predicted only). On a shared 2-core VM one
-    # forward varies by +-15% from run to run; a round's ratio compares two plans timed seconds apart.
-    serving_rounds: int = 3
+    # forward varies by +-15% from run to run; a round's ratio compares two plans timed seconds apart. A decode
+    # step of the default run's 2x pick at 12 sequences over all-softmax's at 4 measured 1.11-1.22x in four
+    # rounds of one run: with 3 rounds the same pick served 2.22x and 2.05x in two runs; 5 rounds cost ~30 s more.
+    serving_rounds: int = 5
 
     def __post_init__(self):
         _at_least("fidelity.top_k", self.top_k, 0)
