@@ -66,6 +66,8 @@ class Served:
 
 
 PREFILLS = 3  # prefills per TTFT measurement (the fastest counts)
+DECODE_STEPS = 8  # decode steps timed per TPOT measurement, after one untimed (their median counts): the serving
+# measurement and the cost model's pieces time a step alike
 
 
 def prompt_ids(vocab: int, length: int, seed: int, device) -> torch.Tensor:
@@ -127,7 +129,7 @@ def mean_context(workload: Workload) -> int:
 
 
 def serve_in_turns(switcher, plans: dict, workload: Workload, concurrency: dict[str, int], rounds: int,
-                   steps: int = 4, seed: int = 0, prefills: int = PREFILLS) -> dict[str, list[Served]]:
+                   steps: int = DECODE_STEPS, seed: int = 0, prefills: int = PREFILLS) -> dict[str, list[Served]]:
     """Per label of `plans` ({label: LayerPlan}), one `Served` per round at `concurrency[label]` sequences, plans
     taking turns (in reverse order every other round). No warm-up round: the first of each measurement's
     `prefills` prefills and its untimed decode step pay for what a first call costs. `steps` decode steps are

@@ -14,14 +14,12 @@ import logging
 from dataclasses import asdict
 
 from layerboost_core.plan import LayerPlan
-from layerboost_core.serving import PREFILLS, Served, mean_context, serve_in_turns
+from layerboost_core.serving import DECODE_STEPS, PREFILLS, Served, mean_context, serve_in_turns
 from layerboost_core.timing import model_device
 from layerboost_surrogates.cost_model import device_name
 
 from .fidelity import is_original
 from .study import PLAN_ATTR
-
-STEPS = 8  # decode steps timed per plan and round (their median is the plan's TPOT in that round)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +76,7 @@ def measure_serving(study, switcher, trials: list, workload, rounds: int, cost, 
     concurrency = {label: cost.concurrency(plan) for label, plan in plans.items()}
     log.info("serving: %d plan(s) and all-softmax taking turns, %d round(s) at %s (concurrency: %s)", len(todo),
              rounds, settings["workload"], ", ".join(f"{k} {v}" for k, v in concurrency.items()))
-    served = serve_in_turns(switcher, plans, workload, concurrency, rounds, steps=STEPS, seed=seed)
+    served = serve_in_turns(switcher, plans, workload, concurrency, rounds, steps=DECODE_STEPS, seed=seed)
     reference = cost.predict(plans[REFERENCE])
     for trial in todo:
         label = str(trial.number)
@@ -90,7 +88,7 @@ def measure_serving(study, switcher, trials: list, workload, rounds: int, cost, 
     return serving_work(workload, list(concurrency.values()), rounds)
 
 
-def serving_work(workload, concurrencies: list[int], rounds: int, steps: int = STEPS) -> dict:
+def serving_work(workload, concurrencies: list[int], rounds: int, steps: int = DECODE_STEPS) -> dict:
     """Forwards and tokens of `rounds` rounds of serve_in_turns over plans at `concurrencies`."""
     per_round = [(PREFILLS + (1 if workload.decode else 0),
                   PREFILLS * workload.prefill + (mean_context(workload) if workload.decode else 0))]

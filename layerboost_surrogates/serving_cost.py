@@ -20,7 +20,7 @@ piece as the serving measurement times it (a prefill: the fastest round; a decod
 measured once per device, model, option settings and workload, cached with every round's values, which
 `dominated` reads: an option is dropped only when its costs lie above softmax's in every round of every piece
 (two measurements that disagree decide nothing). The measurement's own cost is stated in `pieces_work`: on a
-2-core CPU at the default workload ~100 s (3 rounds x 4 options x 3 prefills, a mean-context prefill and 4
+2-core CPU at the default workload ~100 s (3 rounds x 4 options x 3 prefills, a mean-context prefill and 9
 decode steps at each of 3 concurrencies), once per device and workload.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ from filelock import FileLock
 
 from layerboost_core.cache_dir import cache_root, content_hash, write_json
 from layerboost_core.plan import LayerPlan
-from layerboost_core.serving import (PREFILLS, Served, batch_at_context, decode_steps, mean_context, prompt_ids,
-                                     time_to_first_token)
+from layerboost_core.serving import (DECODE_STEPS, PREFILLS, Served, batch_at_context, decode_steps, mean_context,
+                                     prompt_ids, time_to_first_token)
 from layerboost_core.timing import model_device, time_rounds
 from layerboost_core.workload import Workload
 
@@ -46,9 +46,8 @@ from .cost_model import AdditiveCostModel, device_name, kv_bytes_per_layer
 
 log = logging.getLogger(__name__)
 
-COST_FORMAT = "serving-cost/v3"
+COST_FORMAT = "serving-cost/v4"  # v4: DECODE_STEPS (8) steps per piece, as the serving measurement times them
 SPEEDS = ("throughput", "ttft", "tpot", "latency")  # what `latency(plan)` returns the cost of (lower is better)
-STEPS = 3  # timed decode steps per grid concurrency and round (after one untimed)
 
 
 def concurrency_grid(low: int, high: int) -> list[int]:
@@ -224,7 +223,7 @@ def measure_pieces(switcher, workload: Workload, options, grid: list[int], seed:
                 cache = copy.deepcopy(single)  # decoding writes into the cache: every batch starts from the same one
                 if b > 1:
                     cache.batch_repeat_interleave(b)
-                times = decode_steps(model, cache, token.repeat_interleave(b, dim=0), STEPS + 1, sync)
+                times = decode_steps(model, cache, token.repeat_interleave(b, dim=0), DECODE_STEPS + 1, sync)
                 steps.append(statistics.median(times[1:]))  # the first step pays for the batch's new buffers
                 del cache
         return prefill, steps
@@ -305,10 +304,11 @@ def serving_cost_model(switcher, model_info: dict, option_settings: dict, worklo
 
 def pieces_work(workload: Workload, options: int, grid: list[int]) -> dict:
     """Forwards and tokens `measure_pieces` runs: per option and round (a warm-up round included), the prompt's
-    prefill, and with decode steps the mean-context prefill and STEPS + 1 steps at each grid concurrency."""
+    prefill, and with decode steps the mean-context prefill and DECODE_STEPS + 1 steps at each grid concurrency."""
     rounds = workload.repeats
-    forwards = PREFILLS + (1 + (STEPS + 1) * len(grid) if workload.decode else 0)
-    tokens = PREFILLS * workload.prefill + (mean_context(workload) + (STEPS + 1) * sum(grid) if workload.decode else 0)
+    forwards = PREFILLS + (1 + (DECODE_STEPS + 1) * len(grid) if workload.decode else 0)
+    tokens = PREFILLS * workload.prefill + (mean_context(workload) + (DECODE_STEPS + 1) * sum(grid)
+                                            if workload.decode else 0)
     return {"forwards": rounds * options * forwards, "tokens": rounds * options * tokens}
 
 
