@@ -1,12 +1,15 @@
 """Retrieval against serving speed at the confirmation rung: does any plan that serves >= 2x keep the retrieval floor?
 
-    python benchmarks/bench_retrieval_frontier.py --plans NAME=PLAN,... [--blocks N] [--rounds 3] [--runs 2]
-                                                  [key=value ...]     e.g. workload=long-document --blocks 4
+    python benchmarks/bench_retrieval_frontier.py [--plans NAME=PLAN,...] [--best FILE,...] [--ladder] [--blocks N]
+                                                  [--rounds 3] [--runs 2] [key=value ...]
+                                                  e.g. workload=long-document --blocks 4
 
 The search offers the fastest plan that keeps >= objective.retrieval_floor (90%) of the original's retrieval at the
 confirmation rung (`fidelity.pick_rung`): facts planted at depth in prompts of the workload's length, answered by
 generating through the hybrid cache. This script puts that rung next to speed for the plans given (typically a
-search's front, fastest first; all-softmax is always added): per plan, the facts found of the rung's facts (with the
+search's front, or the plans of `--best` files; all-softmax is always added; `--ladder` adds hand plans from
+all-softmax to all-linear: softmax kept at the layers whose single swap loses the floor at the proxy and `mixed1`
+elsewhere, all-`mixed1`, `mixed1` and `linear` alternating, all-`linear`): per plan, the facts found of the rung's facts (with the
 original's on the same facts and a 90% Clopper-Pearson interval; kept as a best file keeps it:
 picks.keeps_retrieval), KL and top-1 agreement on the rung's blocks, the
 cache per sequence, the sequences a memory budget lets it serve, and the serving cost model's predicted throughput
@@ -20,6 +23,7 @@ The bank (linear layers' learned parts) is the cached one of these settings, tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 
 from harness import Script, run
@@ -36,13 +40,41 @@ def parse_plans(text: str, n_layers: int) -> dict[str, str]:
     return plans
 
 
+def ladder_plans(prepared) -> dict[str, str]:
+    """Hand plans from the most cache to the least: softmax at the layers whose single swap loses the retrieval
+    floor at the proxy (the search's sensitivity table, cached) and `mixed1` elsewhere, all-`mixed1`, `mixed1`
+    and `linear` alternating, all-`linear`."""
+    from layerboost_core.sensitivity import cached_sensitivity
+    from layerboost_core.workbench import attach_bank
+    from layerboost_search.pipeline import sensitivity_options
+    from layerboost_search.seeds import retrieval_critical
+
+    bench, settings = prepared.bench, prepared.settings
+    n = bench.switcher.num_layers
+    attach_bank(bench)
+    proxy = bench.proxy_evaluator()
+    rows = cached_sensitivity(bench.switcher, proxy, bench.scoring_key(), progress=settings.workbench.progress,
+                              options=sensitivity_options(prepared.space))
+    floor = settings.objective.retrieval_floor * proxy.original["retrieval_acc"]
+    critical = {layer for layer, _ in retrieval_critical(rows, floor, proxy.blocks.num_facts)}
+    return {"softmax where a swap loses retrieval, mixed1 elsewhere": "".join("S" if i in critical else "1"
+                                                                              for i in range(n)),
+            "all-mixed1": "1" * n, "mixed1, linear alternating": ("1L" * n)[:n], "all-linear": "L" * n}
+
+
 def main(argv=None) -> None:
     script = Script(__doc__, __file__, result="retrieval_frontier",
                     title="Retrieval at the confirmation rung against serving speed", runs=True)
     script.parser.add_argument("--plans", default="", help="comma-separated NAME=PLAN (compact strings)")
+    script.parser.add_argument("--best", default="", help="comma-separated best files (plan JSON)")
+    script.parser.add_argument("--ladder", action="store_true", help="add the hand plans from all-softmax to all-linear")
     script.parser.add_argument("--blocks", type=int, default=None, help="blocks of the confirmation rung (its own when unset)")
     script.parser.add_argument("--rounds", type=int, default=3, help="serving rounds per run (0: predicted only)")
     args, cfg = script.parse(argv)
+    if not (args.plans or args.best or args.ladder):
+        from layerboost_core.errors import UserError
+
+        raise UserError("--plans, --best, --ladder: none given; allowed: at least one plan to compare with all-softmax")
     from layerboost.settings import search_settings
     from layerboost_core.plan import LayerPlan
     from layerboost_core.serving import serve_in_turns
@@ -60,7 +92,9 @@ def main(argv=None) -> None:
     prepared = prepare(settings)  # the mixed options' kept heads and the serving cost model (cached per device)
     bench, cost, workload = prepared.bench, prepared.cost, prepared.settings.workload
     n = bench.switcher.num_layers
-    plans = {"all-softmax": "S" * n, **parse_plans(args.plans, n)}
+    plans = {"all-softmax": "S" * n, **(ladder_plans(prepared) if args.ladder else {}), **parse_plans(args.plans, n)}
+    for path in filter(None, args.best.split(",")):
+        plans[path.rsplit("/", 1)[-1].removesuffix(".json")] = json.loads(open(path).read())["plan"]
     layer_plans = {name: LayerPlan.from_string(text) for name, text in plans.items()}
     evaluator = PlanEvaluator(prepared.settings.evaluator(with_bank=True))
     results = script.results()
