@@ -159,7 +159,9 @@ def main(argv=None) -> None:
     if keepers:
         speed, name = max(keepers)
         results.headline(f"fastest plan keeping {floor_share:.0%} of the original's retrieval ({facts} facts at "
-                         f"{workload.prefill:,} tokens): output tokens/s over all-softmax's ({name})", round(speed, 3), "x")
+                         f"{workload.prefill:,} tokens): output tokens/s over all-softmax's, "
+                         f"{'measured' if args.rounds > 0 else 'predicted (not served: --rounds 0)'} ({name})",
+                         round(speed, 3), "x")
     else:
         results.note(f"no plan given keeps {floor_share:.0%} of the original's retrieval at the `{rung_name}` rung")
     results.write()
