@@ -215,7 +215,8 @@ class FidelitySettings:
     # all-softmax, each at the concurrency its cache allows (0: predicted only). On a shared 2-core VM one
     # forward varies by +-15% from run to run; a round's ratio compares two plans timed seconds apart. A decode
     # step of the default run's 2x pick at 12 sequences over all-softmax's at 4 measured 1.11-1.22x in four
-    # rounds of one run: with 3 rounds the same pick served 2.22x and 2.05x in two runs; 5 rounds cost ~30 s more.
+    # rounds of one run: with 3 rounds the same pick served 2.22x and 2.05x in two runs, with 5 rounds 2.24x and 2.45x
+    # (5 rounds do not make two runs agree within 5% here); the default run's serving took 56-106 s against 47 s.
     serving_rounds: int = 5
 
     def __post_init__(self):
