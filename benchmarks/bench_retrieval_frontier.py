@@ -23,21 +23,9 @@ The bank (linear layers' learned parts) is the cached one of these settings, tra
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 
-from harness import Script, run
-
-
-def parse_plans(text: str, n_layers: int) -> dict[str, str]:
-    """{name: plan string} from `NAME=PLAN,...` (a bare PLAN names itself)."""
-    from layerboost_core.plan import LayerPlan
-
-    plans = {}
-    for item in filter(None, text.split(",")):
-        name, _, plan = item.partition("=")
-        plans[name] = str(LayerPlan.from_string(plan or name).check_layers(n_layers))
-    return plans
+from harness import Script, named_plans, run
 
 
 def ladder_plans(prepared) -> dict[str, str]:
@@ -92,9 +80,8 @@ def main(argv=None) -> None:
     prepared = prepare(settings)  # the mixed options' kept heads and the serving cost model (cached per device)
     bench, cost, workload = prepared.bench, prepared.cost, prepared.settings.workload
     n = bench.switcher.num_layers
-    plans = {"all-softmax": "S" * n, **(ladder_plans(prepared) if args.ladder else {}), **parse_plans(args.plans, n)}
-    for path in filter(None, args.best.split(",")):
-        plans[path.rsplit("/", 1)[-1].removesuffix(".json")] = json.loads(open(path).read())["plan"]
+    plans = {"all-softmax": "S" * n, **(ladder_plans(prepared) if args.ladder else {}),
+             **named_plans(args.plans, args.best, n)}
     layer_plans = {name: LayerPlan.from_string(text) for name, text in plans.items()}
     evaluator = PlanEvaluator(prepared.settings.evaluator(with_bank=True))
     results = script.results()

@@ -24,20 +24,13 @@ import json
 import random
 import statistics
 
-from harness import Script, run
+from harness import Script, named_plans, run
 
 
 def plans_to_serve(args, n_layers: int, options) -> dict:
-    """{name: plan string} from --plans, --best and --random (all-softmax added by the caller)."""
-    from layerboost_core.plan import LayerPlan
-
-    plans = {}
-    for item in filter(None, (args.plans or "").split(",")):
-        name, _, text = item.partition("=")
-        plans[name] = str(LayerPlan.from_string(text or name).check_layers(n_layers))
-    for path in filter(None, (args.best or "").split(",")):
-        data = json.loads(open(path).read())
-        plans[f"{data.get('origin', {}).get('label') or 'best'}:{path.rsplit('/', 1)[-1].removesuffix('.json')}"] = data["plan"]
+    """{name: plan string} from --plans, --best (harness.named_plans) and --random (all-softmax added by the
+    caller)."""
+    plans = named_plans(args.plans, args.best, n_layers)
     rng = random.Random(args.seed)
     codes = {"softmax": "S", "linear": "L", "none": "N", "mixed1": "1", "mixed2": "2"}
     for k in range(args.random):

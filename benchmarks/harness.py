@@ -67,6 +67,22 @@ def floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+def named_plans(plans: str, best: str, n_layers: int) -> dict[str, str]:
+    """{name: plan string} from `--plans NAME=PLAN,...` (a bare PLAN names itself) and `--best FILE,...` (each best
+    file's plan, named `<label>:<file stem>`), every plan checked against the model's `n_layers`."""
+    from layerboost_core.plan import LayerPlan
+
+    named = {}
+    for item in filter(None, (plans or "").split(",")):
+        name, _, text = item.partition("=")
+        named[name] = str(LayerPlan.from_string(text or name).check_layers(n_layers))
+    for path in filter(None, (best or "").split(",")):
+        data = json.loads(Path(path).read_text())
+        label = data.get("origin", {}).get("label") or "best"
+        named[f"{label}:{Path(path).stem}"] = str(LayerPlan.from_string(data["plan"]).check_layers(n_layers))
+    return named
+
+
 def _override_root(item: str) -> str:
     key = item.partition("=")[0].lstrip("+~")
     return key.split(".")[0].split("@")[0]
