@@ -20,11 +20,10 @@ headline is the cost model's error against whole requests (the issue's check: wi
 """
 from __future__ import annotations
 
-import json
 import random
 import statistics
 
-from harness import Script, named_plans, run
+from harness import Script, best_settings, named_plans, run
 
 
 def plans_to_serve(args, n_layers: int, options) -> dict:
@@ -36,13 +35,6 @@ def plans_to_serve(args, n_layers: int, options) -> dict:
     for k in range(args.random):
         plans[f"random-{k}"] = "".join(codes[rng.choice(options)] for _ in range(n_layers))
     return plans
-
-
-def best_settings(args) -> dict:
-    """The option settings (mixed kept heads included) of the first --best file, if any."""
-    for path in filter(None, (args.best or "").split(",")):
-        return json.loads(open(path).read()).get("settings") or {}
-    return {}
 
 
 def main(argv=None) -> None:
@@ -69,7 +61,7 @@ def main(argv=None) -> None:
 
     settings = search_settings(cfg)
     workbench = settings.workbench
-    recorded = best_settings(args)
+    recorded = best_settings(args.best)
     if recorded:  # the kept heads (and linear settings) the picks were made with
         workbench = replace(workbench, options={**workbench.options, **recorded})
     bench = open_workbench(workbench)

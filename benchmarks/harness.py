@@ -83,6 +83,14 @@ def named_plans(plans: str, best: str, n_layers: int) -> dict[str, str]:
     return named
 
 
+def best_settings(best: str) -> dict:
+    """The option settings (mixed options' kept heads, linear settings) recorded in the first of `--best FILE,...`,
+    or {}: a pick is measured with the heads it was chosen with, not ones derived again at another workload."""
+    for path in filter(None, (best or "").split(",")):
+        return json.loads(Path(path).read_text()).get("settings") or {}
+    return {}
+
+
 def _override_root(item: str) -> str:
     key = item.partition("=")[0].lstrip("+~")
     return key.split(".")[0].split("@")[0]

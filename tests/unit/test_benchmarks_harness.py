@@ -66,6 +66,17 @@ def fake_results(folder: Path, name="fake", runs=((1.0, 2.0), (3.0, 2.5))) -> Pa
     return r.write(echo=False)
 
 
+def test_best_files_give_their_plan_and_the_settings_it_was_picked_with(tmp_path):
+    best = tmp_path / "fastest.json"
+    heads = {"mixed1": {"kept_heads": [[0], [2], [1], [0]]}}
+    best.write_text(json.dumps({"plan": "SL1N", "origin": {"label": "fastest"}, "settings": heads}))
+    assert harness.named_plans("a=SSLL", str(best), 4) == {"a": "SSLL", "fastest:fastest": "SL1N"}
+    assert harness.best_settings(str(best)) == heads
+    assert harness.best_settings("") == {}
+    with pytest.raises(UserError, match="layers"):  # a best file of another model: one line, not a crash later
+        harness.named_plans("", str(best), 30)
+
+
 def test_a_results_file_holds_its_context(tmp_path):
     data = json.loads(fake_results(tmp_path).read_text())
     assert data["schema"] == harness.SCHEMA and data["name"] == "fake" and data["title"] == "A fake measurement"
