@@ -29,9 +29,13 @@ BANK_FORMAT = "layerboost.bank/v1"
 class TransferSettings:
     """How the bank is trained. Every field goes into the bank's cache key."""
 
-    batches: int = 24  # teacher passes (about 2 min of a 2-core CPU for SmolLM2-135M at bf16)
+    batches: int = 24  # teacher passes
     batch_size: int = 1  # token blocks per teacher pass: 1 x 2,048 tokens at the laptop workload (as many as 4 x 512)
-    steps_per_batch: int = 4  # optimiser steps per layer on each captured batch
+    # Optimiser steps per layer on each captured batch; the steps, not the teacher passes, are what training
+    # costs (SmolLM2, 2 cores: ~0.25 s a step in bf16 with AMX, ~0.8 s in fp32 without). At the default
+    # workload, on 4 plans at 0.33-0.4x the cache, 8 steps found 3-7 more of 128 facts than 4 steps; twice the
+    # passes at 4 steps found fewer (benchmarks/results/bank_training_bf16_*.json).
+    steps_per_batch: int = 8
     lr: float = 1e-2
     seed: int = 0
 
