@@ -59,7 +59,9 @@ def search(overrides: list[str], cache: Path, output_dir: Path) -> dict:
             "agreement": (metrics.get("confirm:top1_agreement") or {}).get("value"),
             "agreement_interval": (metrics.get("confirm:top1_agreement") or {}).get("interval90"),
             "retrieval": retrieval.get("value"), "retrieval_interval": retrieval.get("interval90"),
-            "facts": retrieval.get("samples")}
+            "facts": retrieval.get("samples"),
+            # the option settings it was picked with (mixed layers' kept heads): what re-serving it elsewhere needs
+            "settings": data.get("settings")}
     answer = json.loads((run_dir / "answer.json").read_text())
     original = study.user_attrs.get("original_retrieval", {})
     summary = (run_dir / "summary.md").read_text()
