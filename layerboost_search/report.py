@@ -450,7 +450,8 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
         "`layerboost export|heal|bench|eval plan=<file>` need nothing else (an override contradicting the file "
         "is refused).", ""]
         + (["Candidates below the floors (not offered): "
-            + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else []))
+            + "; ".join(f"trial {n} ({reason})" for n, reason in sorted(picks.below.items()))] if picks.below else [])
+        + ([hint] if (hint := ceiling_hint(picks)) else []))
     marked = ladder.dominated()
     front_part = "\n".join(["## Pareto front (proxy)", "",
                             front_table(front, objectives, ladder, lm_eval_scores(study), marked, original)])
@@ -477,6 +478,22 @@ def write_report(study: optuna.Study, objectives, run_dir: Path, context: dict, 
                front_part, ""]
     write_text(run_dir / "summary.md", "\n".join(summary))
     return f"{answer}\n\n{front_part}"
+
+
+def ceiling_hint(picks) -> str:
+    """With no plan offered, the override that would offer the candidates only a ceiling held back ('' if none):
+    on a CPU with AMX a 512-token prompt's `linear` prefill costs more than softmax's, so the default TTFT
+    ceiling is all that stands between a default run and its fastest candidates (README)."""
+    if picks.chosen:
+        return ""
+    held = {n: reason.split(" ", 1)[0] for n, reason in picks.below.items() if reason.endswith("(objective.ceilings)")}
+    if not held:
+        return ""
+    metrics = sorted(set(held.values()))
+    trials = ", ".join(str(n) for n in sorted(held))
+    lifts = " ".join(f"`objective.ceilings.{m}=null`" for m in metrics)
+    return (f"Only a ceiling ({', '.join(metrics)}) held back trial(s) {trials}: {lifts} offers them, trading that "
+            "metric for speed.")
 
 
 def workload_line(workload: dict) -> str:

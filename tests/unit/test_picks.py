@@ -145,3 +145,20 @@ def test_a_plan_keeping_the_floors_is_offered_even_where_it_reaches_no_bar_and_n
     picks = pick([evidence(0, "SSSS", 1.0, 94, 1.0, kl=0.0), e], FLOORS, LATENCY)
     assert list(picks.chosen) == ["fastest"] and picks.chosen["fastest"] is e
     assert pick([evidence(1, "LLLL", 0.85, 40, 0.5)], FLOORS, LATENCY).chosen == {}  # below a floor: nothing
+
+
+def test_with_nothing_offered_the_report_names_the_ceiling_that_held_candidates_back():
+    from layerboost_search.report import ceiling_hint
+
+    slow = evidence(3, "SSLL", 0.95, 94, 0.5)
+    slow.serving = {"ttft": Interval.of_rounds([1.10, 1.12, 1.14])}
+    lossy = evidence(4, "LLLL", 0.95, 40, 0.4)
+    floors = Floors(agreement=0.8, retrieval_share=0.9, ceilings={"ttft": 1.0}, ceiling_slack=0.1)
+    picks = pick([slow, lossy], floors, THROUGHPUT)
+    assert picks.chosen == {} and "ceiling" in picks.below[3] and "retrieval" in picks.below[4]
+    hint = ceiling_hint(picks)
+    assert "trial(s) 3:" in hint and "`objective.ceilings.ttft=null`" in hint
+    assert ceiling_hint(pick([lossy], floors, THROUGHPUT)) == ""  # held back by a floor, not a ceiling
+    within = evidence(5, "SSLL", 0.95, 94, 0.5)
+    within.serving = {"ttft": Interval.of_rounds([0.98, 1.0, 1.02])}
+    assert ceiling_hint(pick([slow, within], floors, THROUGHPUT)) == ""  # a plan is offered: no hint
