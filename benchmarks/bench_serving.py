@@ -16,7 +16,8 @@ concurrency its cache allows under the workload's memory budget, plans taking tu
 * predicted: the serving cost model (layerboost_surrogates.serving_cost), measured once per device and cached.
 
 Ratios to all-softmax in the same run; the tables show the median over runs with the range. With `--random`, the
-headline is the cost model's error against whole requests (the issue's check: within 10%).
+headlines are the cost model's errors against whole requests: of its absolute values, and of the ratios to
+all-softmax the search judges plans by (the issue's check: within 10%).
 """
 from __future__ import annotations
 

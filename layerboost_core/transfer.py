@@ -30,7 +30,7 @@ class TransferSettings:
     """How the bank is trained. Every field goes into the bank's cache key."""
 
     batches: int = 24  # teacher passes
-    batch_size: int = 1  # token blocks per teacher pass: 1 x 2,048 tokens at the laptop workload (as many as 4 x 512)
+    batch_size: int = 1  # token blocks per teacher pass, each data.seq_len tokens (default: the workload's prompt length)
     # Optimiser steps per layer on each captured batch; the steps, not the teacher passes, are what training
     # costs (SmolLM2, 2 cores: ~0.25 s a step in bf16 with AMX, ~0.8 s in fp32 without). At the default
     # workload, on 4 plans at 0.33-0.4x the cache, 8 steps found 3-7 more of 128 facts than 4 steps; twice the
