@@ -476,6 +476,10 @@ def report_study(settings: SearchSettings) -> Path:
                        floors_of(settings.fidelity, settings.objective, _original(study))))
     print(f"report: {run_dir}")
     if asked != searched:
+        from .resolve import longer_prompt_warning
+
+        if warning := longer_prompt_warning(searched["prefill"], asked["prefill"]):
+            print(warning)
         _resolve_for_workload(settings, bench, space, study, objectives, run_dir)
     return run_dir
 

@@ -32,6 +32,16 @@ def workload_tag(workload: dict) -> str:
     return f"prefill{workload['prefill']}-decode{workload['decode']}-batch{workload['batch']}{memory}"
 
 
+def longer_prompt_warning(searched_prefill: int, asked_prefill: int) -> str:
+    """A warning when a front is re-priced for prompts much longer than those its quality was measured on ('' if
+    not): `linear` layers trained on 512-token blocks lost every planted fact at 7,680 tokens (README)."""
+    if asked_prefill <= 2 * searched_prefill:
+        return ""
+    return (f"warning: quality and retrieval were measured on {searched_prefill:,}-token prompts, this workload's are "
+            f"{asked_prefill:,}: re-priced, not re-measured, and they may not hold there (a bank trained at 512 "
+            f"tokens lost every fact at 7,680); search at this workload to measure them")
+
+
 def _non_dominated(points: list[dict], quality: str, sign: float) -> list[dict]:
     """Points no other point beats on both (sign * quality, latency), by latency."""
     return [points[i] for i in front_indices([(p["cost_s"], sign * p[quality]) for p in points])]

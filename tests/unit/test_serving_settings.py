@@ -54,3 +54,12 @@ def test_the_default_is_a_memory_bound_server_searched_for_throughput():
     assert search_settings(compose(["workload=prefill-only"])).speed == "latency"
     chat = search_settings(compose(["workload=chat"])).workload
     assert not chat.memory_bound and chat.batch == 8
+
+
+def test_a_front_re_priced_for_much_longer_prompts_says_its_quality_was_not_measured_there():
+    from layerboost_search.resolve import longer_prompt_warning
+
+    warning = longer_prompt_warning(512, 7680)
+    assert warning.startswith("warning:") and "512-token" in warning and "7,680" in warning
+    assert longer_prompt_warning(512, 1024) == ""  # twice the length: the study's `long` rung measured it
+    assert longer_prompt_warning(2048, 512) == ""  # shorter prompts: nothing to warn about
