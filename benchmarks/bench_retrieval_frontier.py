@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from harness import Script, best_settings, named_plans, run
+from harness import Script, named_plans, run, with_best_settings
 
 
 def ladder_plans(prepared) -> dict[str, str]:
@@ -77,11 +77,8 @@ def main(argv=None) -> None:
         rungs = tuple(dataclasses.replace(r, blocks=args.blocks) if r.name == rung_name else r
                       for r in settings.fidelity.rungs)
         settings = dataclasses.replace(settings, fidelity=dataclasses.replace(settings.fidelity, rungs=rungs))
-    recorded = best_settings(args.best)
-    if recorded:  # the kept heads the picks were made with, not ones derived again (at another workload, say)
-        workbench = settings.workbench
-        settings = dataclasses.replace(settings, workbench=dataclasses.replace(
-            workbench, options={**workbench.options, **recorded}))
+    # the kept heads the picks were made with, not ones derived again (at another workload, say)
+    settings = dataclasses.replace(settings, workbench=with_best_settings(settings.workbench, args.best))
     prepared = prepare(settings)  # the mixed options' kept heads and the serving cost model (cached per device)
     bench, cost, workload = prepared.bench, prepared.cost, prepared.settings.workload
     n = bench.switcher.num_layers

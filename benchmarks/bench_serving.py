@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import statistics
 
-from harness import Script, best_settings, named_plans, run
+from harness import Script, named_plans, run, with_best_settings
 
 
 def plans_to_serve(args, n_layers: int, options) -> dict:
@@ -50,7 +50,6 @@ def main(argv=None) -> None:
                                help="skip the cost model (its pieces take minutes at long prompts on a CPU)")
     script.parser.add_argument("--prefills", type=int, default=3, help="prefills per TTFT measurement (the fastest)")
     args, cfg = script.parse(argv)
-    from dataclasses import replace
 
     from layerboost.settings import search_settings
     from layerboost_core.plan import LayerPlan
@@ -61,11 +60,8 @@ def main(argv=None) -> None:
     from layerboost_surrogates.serving_cost import serving_cost_model
 
     settings = search_settings(cfg)
-    workbench = settings.workbench
-    recorded = best_settings(args.best)
-    if recorded:  # the kept heads (and linear settings) the picks were made with
-        workbench = replace(workbench, options={**workbench.options, **recorded})
-    bench = open_workbench(workbench)
+    # the kept heads (and linear settings) the picks were made with
+    bench = open_workbench(with_best_settings(settings.workbench, args.best))
     n = bench.switcher.num_layers
     options = [o for o in settings.space["options"]]
     plans = {"all-softmax": "S" * n, **plans_to_serve(args, n, options)}
@@ -145,18 +141,15 @@ def main(argv=None) -> None:
                   ["plan", "layers", "sequences at once", "cache per sequence", "throughput whole", "throughput steady",
                    "throughput predicted", "TTFT whole", "TTFT steady", "TTFT predicted", "TPOT steady",
                    "TPOT predicted"], rows)
-    for metric, values in errors.items():
-        if values:
-            results.summarize(f"cost model {metric} error", values)
-            results.headline(f"serving cost model: worst {metric} error against measured serving, "
-                             f"{len(plans)} plans x {args.runs} runs at {workload_text(workload)}",
-                             round(100 * max(values), 1), "%")
-    for metric, values in ratio_errors.items():
-        if values:
-            results.summarize(f"cost model {metric} ratio error", values)
-            results.headline(f"serving cost model: worst error of the {metric} ratio to all-softmax against measured "
-                             f"serving, {len(plans) - 1} plans x {args.runs} runs at {workload_text(workload)}",
-                             round(100 * max(values), 1), "%")
+    checks = (("error", "{} error", errors, len(plans)),
+              ("ratio error", "error of the {} ratio to all-softmax", ratio_errors, len(plans) - 1))
+    for kind, what, found, count in checks:
+        for metric, values in found.items():
+            if values:
+                results.summarize(f"cost model {metric} {kind}", values)
+                results.headline(f"serving cost model: worst {what.format(metric)} against measured serving, "
+                                 f"{count} plans x {args.runs} runs at {workload_text(workload)}",
+                                 round(100 * max(values), 1), "%")
     for name in plans:
         if name != "all-softmax" and not name.startswith("random-"):
             got = [r["plans"][name].get("throughput_whole") or r["plans"][name]["throughput_steady"]

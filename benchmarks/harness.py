@@ -91,6 +91,15 @@ def best_settings(best: str) -> dict:
     return {}
 
 
+def with_best_settings(workbench, best: str):
+    """`workbench` (WorkbenchSettings) with the option settings of the first `--best` file laid over its own
+    (unchanged without one)."""
+    from dataclasses import replace
+
+    recorded = best_settings(best)
+    return replace(workbench, options={**workbench.options, **recorded}) if recorded else workbench
+
+
 def _override_root(item: str) -> str:
     key = item.partition("=")[0].lstrip("+~")
     return key.split(".")[0].split("@")[0]

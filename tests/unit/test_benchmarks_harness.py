@@ -73,6 +73,12 @@ def test_best_files_give_their_plan_and_the_settings_it_was_picked_with(tmp_path
     assert harness.named_plans("a=SSLL", str(best), 4) == {"a": "SSLL", "fastest:fastest": "SL1N"}
     assert harness.best_settings(str(best)) == heads
     assert harness.best_settings("") == {}
+    from layerboost_core.workbench import WorkbenchSettings
+
+    own = WorkbenchSettings()
+    laid = harness.with_best_settings(own, str(best))
+    assert laid.options["mixed1"] == heads["mixed1"] and laid.options["linear"] == own.options["linear"]
+    assert harness.with_best_settings(own, "") is own
     with pytest.raises(UserError, match="layers"):  # a best file of another model: one line, not a crash later
         harness.named_plans("", str(best), 30)
 
