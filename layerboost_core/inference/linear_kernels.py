@@ -8,7 +8,10 @@ gate g mixes the two (m_i: the row max of the softmax scores):
     y_i = (g * sum_sm e_ij v_j + (1 - g) * sum_lin a_ij v_j) / (g * sum_sm e_ij + (1 - g) * sum_lin a_ij)
 
 `chunked_prefill` uses chunks of W tokens, so the window of chunk c lies in chunks c-1 and c and everything
-older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built.
+older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built. It has two
+bodies with the same math: `_differentiable_prefill` (attention transfer trains through it) and, when nothing is
+differentiated, `_inference_prefill`, which accumulates both parts into one buffer in place and allocates about
+half as many large tensors (on CPU, fresh buffers cost page faults: it runs about 2x faster at 512-2,048 tokens).
 `decode_step` is the recurrent form, on a fixed-size ring-buffer state (`LinearState`) that it updates in
 place once full. The project's `attention/naive.py` holds the quadratic reference both are tested against
 (references are not shipped in exported folders).
@@ -86,9 +89,9 @@ class LinearState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def _group_rows(x: torch.Tensor, hkv: int, n: int, c: int, scale: float = 1.0) -> torch.Tensor:
-    """(B, Hq, n*c, X) -> (B, Hkv, n, G*c, X), times `scale`: the G query heads of one kv head stacked as
-    rows per chunk. At inference the multiply writes straight into the grouped layout (one pass)."""
+def _group_rows(x: torch.Tensor, hkv: int, n: int, c: int, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """(B, Hq, n*c, X) -> (B, Hkv, n, G*c, X), times `scale` (a number, or per query head shaped
+    (1, Hkv, 1, G, 1, 1)): the G query heads of one kv head stacked as rows per chunk. At inference the multiply writes straight into the grouped layout (one pass)."""
     b, hq, _, d = x.shape
     g = hq // hkv
     grouped = x.view(b, hkv, g, n, c, d).permute(0, 1, 3, 2, 4, 5)
@@ -196,6 +199,13 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
         from .flex import flex_prefill  # here, not at the top: flex.py builds on this module
 
         return flex_prefill(q, k, v, fq, fk, gate, window, scale, sinks, return_state)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, fq, fk, gate))):
+        return _inference_prefill(q, k, v, fq, fk, gate, window, scale, sinks, return_state)
+    return _differentiable_prefill(q, k, v, fq, fk, gate, window, scale, sinks, return_state)
+
+
+def _differentiable_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int, return_state: bool):
+    """`chunked_prefill` built from out-of-place ops, so autograd can run through it (the training path)."""
     b, hq, s, d = q.shape
     hkv = k.shape[1]
     g, c = hq // hkv, window
@@ -235,6 +245,69 @@ def chunked_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int
     return y, _state_after(k, v, fk, window, sinks)
 
 
+@functools.lru_cache(maxsize=32)
+def _set_rows(n: int, c: int, sinks: int, device) -> torch.Tensor:
+    """Row indices into a sequence padded with one chunk before it: chunk j's softmax set, [chunk j-1 | chunk j |
+    sinks], for every chunk in turn ((n * (2c + sinks),), one gather builds all sets)."""
+    with torch.inference_mode(False), torch.no_grad():
+        chunk = torch.arange(n, device=device).view(n, 1)
+        window_rows = chunk * c + torch.arange(2 * c, device=device).view(1, -1)
+        sink_rows = (c + torch.arange(sinks, device=device)).view(1, -1).expand(n, -1)
+        return torch.cat([window_rows, sink_rows], dim=1).reshape(-1)
+
+
+def _inference_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int, return_state: bool):
+    """`chunked_prefill` when nothing is differentiated: the same sums, in fewer and mostly in-place passes.
+
+    Per chunk, one (G*c x (D + 1)) buffer accumulates [numerator | denominator] of both parts: the softmax part
+    from p @ [v | 1] scaled per row by g / max(p) (= g * sum_sm e_ij, see the module docstring), then the
+    previous chunk's linear part and the older chunks' state, added in place by baddbmm. The linear weights carry
+    (1 - g) from the grouped phi(q). One division writes y straight into the layout o_proj reads."""
+    b, hq, s, d = q.shape
+    hkv, f = k.shape[1], fq.shape[-1]
+    g, c = hq // hkv, window
+    n = math.ceil(s / c)
+    sinks = min(sinks, s)
+    bias, _, older = _masks(n, c, g, sinks, q.device, q.dtype)
+    rows, width, padded = b * hkv * n, 2 * c + sinks, (n + 1) * c
+    # One zero chunk before the start (chunk 0's "previous chunk", masked) and zeros past the end.
+    vx = v.new_zeros(b, hkv, padded, d + 1)  # [v | 1]: "weights @ vx" also gives the weights' row sum
+    vx[:, :, c : c + s, :d] = v
+    vx[:, :, c : c + s, d] = 1
+    k_pad = k.new_zeros(b, hkv, padded, d)
+    k_pad[:, :, c : c + s] = k
+    fk_pad = fk.new_zeros(b, hkv, padded, f)  # zero at sinks: they are never in the linear sums
+    fk_pad[:, :, c + sinks : c + s] = fk[:, :, sinks:]
+    set_rows = _set_rows(n, c, sinks, q.device)
+    k_set = k_pad.index_select(2, set_rows).view(rows, width, d)
+    vx_set = vx.index_select(2, set_rows).view(rows, width, d + 1)
+    gate_rows = gate.view(1, hkv, 1, g, 1, 1)
+    qg = _group_rows(_pad_to(q, n * c), hkv, n, c, scale).view(rows, g * c, d)
+    fqg = _group_rows(_pad_to(fq, n * c), hkv, n, c, 1 - gate_rows).view(rows, g * c, f)
+
+    scores = torch.bmm(qg, k_set.transpose(1, 2)).view(b * hkv, n, g * c, width).add_(bias)
+    p = torch.softmax(scores, dim=-1).view(rows, g * c, width)
+    w_sm = p.amax(dim=-1, keepdim=True).reciprocal_().view(b, hkv, n, g, c, 1).mul_(gate_rows)
+    acc = torch.bmm(p, vx_set)  # (rows, G*c, D + 1): [p @ v | 1]
+    acc.view(b, hkv, n, g, c, d + 1).mul_(w_sm)
+    # The previous chunk's keys at least W behind: key index <= query index within the chunk (lower triangle).
+    lin_prev = torch.bmm(fqg, fk_pad[:, :, : n * c].reshape(rows, c, f).transpose(1, 2))
+    lin_prev.view(rows * g, c, c).tril_()
+    acc.baddbmm_(lin_prev, vx[:, :, : n * c].reshape(rows, c, d + 1))
+    fk_cur, vx_cur = fk_pad[:, :, c:].reshape(rows, c, f), vx[:, :, c:].reshape(rows, c, d + 1)
+    kv_chunk = torch.bmm(fk_cur.transpose(1, 2), vx_cur).view(b * hkv, n, f * (d + 1))
+    acc.baddbmm_(fqg, torch.matmul(older, kv_chunk).view(rows, f, d + 1))  # chunks 0 .. j-2 for chunk j
+
+    out = q.new_empty(b, n * c, hq, d)
+    grouped = acc.view(b, hkv, n, g, c, d + 1)
+    torch.div(grouped[..., :d], grouped[..., d:], out=out.view(b, n, c, hkv, g, d).permute(0, 3, 1, 4, 2, 5))
+    y = out[:, :s].transpose(1, 2)
+    if not return_state:
+        return y
+    split = max(s - window, 0)
+    return y, _state_from(k, v, fk_pad[:, :, c : c + s], vx[:, :, c : c + split], window, sinks)
+
+
 def _to_ring(x: torch.Tensor, first: int, window: int) -> torch.Tensor:
     """x (B, H, w, X) holding tokens first .. first + w - 1 -> a new contiguous tensor with token j in slot
     j % window (w == window whenever first > 0)."""
@@ -245,16 +318,20 @@ def _to_ring(x: torch.Tensor, first: int, window: int) -> torch.Tensor:
 def _state_after(k, v, fk, window: int, sinks: int) -> LinearState:
     """State after a prefill (fk already zero at sinks): the sinks and the last W tokens stay exact, the
     other tokens are summed into the linear state."""
+    v_old = v[:, :, : max(k.shape[2] - window, 0)]
+    return _state_from(k, v, fk, torch.cat([v_old, v_old.new_ones(*v_old.shape[:-1], 1)], dim=-1), window, sinks)
+
+
+def _state_from(k, v, fk, vx_old, window: int, sinks: int) -> LinearState:
+    """`_state_after` given [v | 1] of the tokens older than the window (`vx_old`, (B, Hkv, max(S - W, 0), D + 1))."""
     s = k.shape[2]
-    split = max(s - window, 0)
-    v_old = v[:, :, :split]
-    v_one = torch.cat([v_old, v_old.new_ones(*v_old.shape[:-1], 1)], dim=-1)
+    split = vx_old.shape[2]
     keys = torch.cat([k[:, :, :sinks], _to_ring(k[:, :, split:], split, window)], dim=2)
     return LinearState(
         keys_t=keys.transpose(-1, -2).contiguous(),
         values=torch.cat([v[:, :, :sinks], _to_ring(v[:, :, split:], split, window)], dim=2),
         fk_win=_to_ring(fk[:, :, split:], split, window),
-        sums=fk[:, :, :split].transpose(-1, -2) @ v_one,
+        sums=fk[:, :, :split].transpose(-1, -2) @ vx_old,
         position=s,
     )
 

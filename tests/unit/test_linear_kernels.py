@@ -52,6 +52,25 @@ def test_chunked_prefill_matches_reference(seq, window, groups, sinks):
     assert (fast - slow).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("sinks", [0, 2, 5])
+@pytest.mark.parametrize("seq,window", CASES)
+def test_training_and_inference_bodies_agree(seq, window, sinks):
+    """`chunked_prefill` runs `_inference_prefill` unless something is differentiated: both bodies give the
+    reference's output and the same state."""
+    inputs = make_inputs(seq, 3)
+    with torch.no_grad():
+        y_inf, state_inf = chunked_prefill(*inputs, window, SCALE, sinks, return_state=True)
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    y_train, state_train = chunked_prefill(*leaves, window, SCALE, sinks, return_state=True)
+    assert y_train.grad_fn is not None  # the differentiable body ran
+    slow = linear_sliding_window_reference(*inputs, window, SCALE, sinks)
+    assert (y_inf - slow).abs().max().item() <= TOL
+    assert (y_train.detach() - slow).abs().max().item() <= TOL
+    for a, b in zip(state_inf.tensors(), state_train.tensors()):
+        assert a.shape == b.shape and torch.allclose(a, b.detach(), atol=TOL)
+    assert state_inf.position == state_train.position == seq
+
+
 @pytest.mark.parametrize("groups", [1, 2, 3])
 @pytest.mark.parametrize("seq,window", [(10, 10), (10, 13), (7, 32), (1, 1)])
 @pytest.mark.parametrize("gate_value", [0.02, 0.5, 0.98])
