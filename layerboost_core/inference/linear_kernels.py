@@ -245,15 +245,14 @@ def _differentiable_prefill(q, k, v, fq, fk, gate, window: int, scale: float, si
     return y, _state_after(k, v, fk, window, sinks)
 
 
-@functools.lru_cache(maxsize=32)
-def _set_rows(n: int, c: int, sinks: int, device) -> torch.Tensor:
-    """Row indices into a sequence padded with one chunk before it: chunk j's softmax set, [chunk j-1 | chunk j |
-    sinks], for every chunk in turn ((n * (2c + sinks),), one gather builds all sets)."""
-    with torch.inference_mode(False), torch.no_grad():
-        chunk = torch.arange(n, device=device).view(n, 1)
-        window_rows = chunk * c + torch.arange(2 * c, device=device).view(1, -1)
-        sink_rows = (c + torch.arange(sinks, device=device)).view(1, -1).expand(n, -1)
-        return torch.cat([window_rows, sink_rows], dim=1).reshape(-1)
+def _softmax_sets(padded: torch.Tensor, x: torch.Tensor, n: int, c: int, sinks: int) -> torch.Tensor:
+    """Every chunk's softmax set [chunk j-1 | chunk j | sinks] as one contiguous (B, H, n, 2c + sinks, X) tensor:
+    one copy (a cat of the overlapping-window view and the sinks), from `padded` (one chunk before the
+    sequence) and `x` (the sequence itself, whose first `sinks` rows are the sinks)."""
+    windows = _windows(padded, c)
+    if not sinks:
+        return windows.contiguous()
+    return torch.cat([windows, x[:, :, None, :sinks].expand(-1, -1, n, -1, -1)], dim=-2)
 
 
 def _inference_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: int, return_state: bool):
@@ -278,9 +277,8 @@ def _inference_prefill(q, k, v, fq, fk, gate, window: int, scale: float, sinks: 
     k_pad[:, :, c : c + s] = k
     fk_pad = fk.new_zeros(b, hkv, padded, f)  # zero at sinks: they are never in the linear sums
     fk_pad[:, :, c + sinks : c + s] = fk[:, :, sinks:]
-    set_rows = _set_rows(n, c, sinks, q.device)
-    k_set = k_pad.index_select(2, set_rows).view(rows, width, d)
-    vx_set = vx.index_select(2, set_rows).view(rows, width, d + 1)
+    k_set = _softmax_sets(k_pad, k, n, c, sinks).view(rows, width, d)
+    vx_set = _softmax_sets(vx, vx[:, :, c:], n, c, sinks).view(rows, width, d + 1)
     gate_rows = gate.view(1, hkv, 1, g, 1, 1)
     qg = _group_rows(_pad_to(q, n * c), hkv, n, c, scale).view(rows, g * c, d)
     fqg = _group_rows(_pad_to(fq, n * c), hkv, n, c, 1 - gate_rows).view(rows, g * c, f)
