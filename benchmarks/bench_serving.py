@@ -2,7 +2,8 @@
 and the serving cost model's prediction, side by side.
 
     python benchmarks/bench_serving.py [--plans NAME=PLAN,...] [--best FILE,...] [--random N] [--runs 2]
-                                       [--rounds 3] [--no-whole] [--no-predict] [--prefills 3] [key=value ...]
+                                       [--rounds 3] [--whole-rounds 2] [--no-whole] [--no-predict] [--prefills 3]
+                                       [key=value ...]
 
 Plans: `--plans` (compact strings), `--best` (best files of a search: their plan and option settings; the workload
 is the config's, e.g. `workload=long-document` to serve a pick where it was not searched), `--random N` (N plans,
@@ -11,6 +12,9 @@ concurrency its cache allows under the workload's memory budget, plans taking tu
 
 * whole requests (unless `--no-whole`): `concurrency` prompts prefilled one at a time, then every one of the
   `decode` steps of the batch (layerboost_core.serving.serve_requests): output tokens/s = tokens / total seconds;
+  `--whole-rounds` rounds, plans taking turns (in reverse order every other round), each plan's ratio to
+  all-softmax taken within a round and the median over rounds kept (a machine drifting over minutes moves both
+  sides of a ratio alike);
 * steady state (`--rounds` rounds): what the search confirms its picks with (serve_in_turns): one prefill (TTFT),
   a few decode steps at the mean context (TPOT), throughput from them;
 * predicted: the serving cost model (layerboost_surrogates.serving_cost), measured once per device and cached.
@@ -45,6 +49,8 @@ def main(argv=None) -> None:
     script.parser.add_argument("--random", type=int, default=0, help="random plans to add")
     script.parser.add_argument("--seed", type=int, default=0, help="seed of the random plans")
     script.parser.add_argument("--rounds", type=int, default=3, help="steady-state rounds per run")
+    script.parser.add_argument("--whole-rounds", type=int, default=2,
+                               help="rounds of whole requests per run, plans taking turns")
     script.parser.add_argument("--no-whole", action="store_true", help="skip whole requests (steady state only)")
     script.parser.add_argument("--no-predict", action="store_true",
                                help="skip the cost model (its pieces take minutes at long prompts on a CPU)")
@@ -80,11 +86,14 @@ def main(argv=None) -> None:
     for index in range(args.runs):
         steady = serve_in_turns(bench.switcher, layer_plans, workload, concurrency, args.rounds, seed=index,
                                 prefills=args.prefills)
-        whole = {}
+        whole = {}  # plan -> one serve_requests result per round
         if not args.no_whole and workload.decode:
-            for name, plan in layer_plans.items():  # whole requests of every plan, in the order given
-                bench.switcher.apply(plan)
-                whole[name] = serve_requests(bench.model, workload, concurrency[name], seed=index)
+            for turn in range(args.whole_rounds):
+                order = list(layer_plans) if turn % 2 == 0 else list(reversed(layer_plans))
+                for name in order:
+                    bench.switcher.apply(layer_plans[name])
+                    whole.setdefault(name, []).append(serve_requests(bench.model, workload, concurrency[name],
+                                                                     seed=index))
             bench.switcher.restore()
         per_plan = {}
         for name, plan in layer_plans.items():
@@ -101,11 +110,11 @@ def main(argv=None) -> None:
                 row[f"{metric}_value_steady"] = statistics.median(mine) if mine[0] is not None else None
                 row[f"{metric}_value_predicted"] = predicted.metric(metric) if predicted else None
             if whole:
-                row["throughput_whole"] = whole[name]["throughput"] / whole["all-softmax"]["throughput"]
-                row["ttft_whole"] = whole[name]["ttft_s"] / whole["all-softmax"]["ttft_s"]
-                row["tpot_whole"] = whole[name]["tpot_s"] / whole["all-softmax"]["tpot_s"]
-                row["throughput_value_whole"] = whole[name]["throughput"]
-                row["ttft_value_whole"] = whole[name]["ttft_s"]
+                for metric, key in (("throughput", "throughput"), ("ttft", "ttft_s"), ("tpot", "tpot_s")):
+                    row[f"{metric}_whole"] = statistics.median(
+                        mine[key] / theirs[key] for mine, theirs in zip(whole[name], whole["all-softmax"]))
+                row["throughput_value_whole"] = statistics.median(w["throughput"] for w in whole[name])
+                row["ttft_value_whole"] = statistics.median(w["ttft_s"] for w in whole[name])
             per_plan[name] = row
             print(f"run {index + 1} {name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()
                                                           if isinstance(v, float)))
