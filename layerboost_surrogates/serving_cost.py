@@ -46,7 +46,7 @@ from .cost_model import AdditiveCostModel, device_name, kv_bytes_per_layer
 
 log = logging.getLogger(__name__)
 
-COST_FORMAT = "serving-cost/v4"  # v4: DECODE_STEPS (8) steps per piece, as the serving measurement times them
+COST_FORMAT = "serving-cost/v5"  # v5: the `linear` inference prefill kernel (timings before it are stale)
 SPEEDS = ("throughput", "ttft", "tpot", "latency")  # what `latency(plan)` returns the cost of (lower is better)
 
 
