@@ -11,7 +11,8 @@ gate g mixes the two (m_i: the row max of the softmax scores):
 older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built. It has two
 bodies with the same math: `_differentiable_prefill` (attention transfer trains through it) and, when nothing is
 differentiated, `_inference_prefill`, which accumulates both parts into one buffer in place and allocates about
-half as many large tensors (on CPU, fresh buffers cost page faults: it runs about 2x faster at 512-2,048 tokens).
+half as many large tensors (all-linear SmolLM2 in bf16 on a CPU with AMX: 5% faster at 512 tokens, 9-17% at
+2,048 tokens, at 7,680 and at batch 4).
 `decode_step` is the recurrent form, on a fixed-size ring-buffer state (`LinearState`) that it updates in
 place once full. The project's `attention/naive.py` holds the quadratic reference both are tested against
 (references are not shipped in exported folders).
@@ -91,7 +92,8 @@ class LinearState:
 
 def _group_rows(x: torch.Tensor, hkv: int, n: int, c: int, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
     """(B, Hq, n*c, X) -> (B, Hkv, n, G*c, X), times `scale` (a number, or per query head shaped
-    (1, Hkv, 1, G, 1, 1)): the G query heads of one kv head stacked as rows per chunk. At inference the multiply writes straight into the grouped layout (one pass)."""
+    (1, Hkv, 1, G, 1, 1)): the G query heads of one kv head stacked as rows per chunk. At inference the
+    multiply writes straight into the grouped layout (one pass)."""
     b, hq, _, d = x.shape
     g = hq // hkv
     grouped = x.view(b, hkv, g, n, c, d).permute(0, 1, 3, 2, 4, 5)
