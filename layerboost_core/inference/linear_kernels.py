@@ -11,8 +11,8 @@ gate g mixes the two (m_i: the row max of the softmax scores):
 older than chunk c-1 is a running (F x D) state: cost is linear in S and no S x S matrix is built. It has two
 bodies with the same math: `_differentiable_prefill` (attention transfer trains through it) and, when nothing is
 differentiated, `_inference_prefill`, which accumulates both parts into one buffer in place and allocates about
-half as many large tensors (all-linear SmolLM2 in bf16 on a CPU with AMX: 5% faster at 512 tokens, 9-17% at
-2,048 tokens, at 7,680 and at batch 4).
+half as many large tensors (all-linear SmolLM2 prefill in bf16 on a CPU with AMX, the two bodies side by side:
+0-6% faster at 512 tokens, 5-8% at 2,048, 28-37% at 7,680; `bench_prefill.py --training-kernel`).
 `decode_step` is the recurrent form, on a fixed-size ring-buffer state (`LinearState`) that it updates in
 place once full. The project's `attention/naive.py` holds the quadratic reference both are tested against
 (references are not shipped in exported folders).
