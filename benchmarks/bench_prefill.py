@@ -9,7 +9,8 @@ computation itself: the ceiling any replacement of the attention core could reac
 round-robin (one forward of batch 1 each per round, one warm-up round first, `--repeats` rounds counted) so
 machine noise hits them alike; speed-ups are the median of per-round ratios to all-softmax. `--training-kernel`
 adds all-linear run through the `linear` prefill's training body (`linear_kernels._differentiable_prefill`, which
-attention transfer differentiates) in place of its inference body: what the inference body saves, side by side.
+attention transfer differentiates) in place of its inference body: what the inference body saves, side by side
+(on a CPU; on CUDA both variants run the FlexAttention path).
 """
 from __future__ import annotations
 
