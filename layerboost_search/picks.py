@@ -181,8 +181,8 @@ class Evidence:
             return measured.hi < limit or measured.value < limit * (1 - slack)
         return measured.lo > limit or measured.value > limit * (1 + slack)
 
-    def shortfall(self, floors: Floors) -> str | None:
-        """Why this plan is below the floors or over a ceiling, or None when it keeps them."""
+    def quality_shortfall(self, floors: Floors) -> str | None:
+        """Why this plan is below the agreement or retrieval floor, or None when it keeps both."""
         if self.agreement.lo < floors.agreement:
             return f"top-1 agreement {self.agreement.text()} < {floors.agreement:g}"
         if floors.retrieval_share is not None:
@@ -191,16 +191,26 @@ class Evidence:
             found, original = self.retrieval, self.original_retrieval
             if not keeps_retrieval(found, original, floors.retrieval_share):
                 return f"retrieval {found.text()} < {floors.retrieval_share:.0%} of the original's {original.value:.3f}"
-        for metric, limit in floors.ceilings.items():
-            if not self.over_ceiling(metric, limit, floors.ceiling_slack):
-                continue
-            value, measured = self.ceiling_value(metric), self.serving.get(metric)
-            shown = f"{value:.2f}x" + (f" [{measured.lo:.2f}, {measured.hi:.2f}]" if measured is not None
-                                       and metric != "kv_bytes" else "")
-            if metric == "throughput":
-                return f"throughput {shown} < the floor of {limit:g}x the original's (objective.ceilings)"
-            return f"{metric} {shown} > the ceiling of {limit:g}x the original's (objective.ceilings)"
         return None
+
+    def ceilings_over(self, floors: Floors) -> list[str]:
+        """The metrics of `objective.ceilings` this plan is beyond (see `over_ceiling`), in the settings' order."""
+        return [m for m, limit in floors.ceilings.items() if self.over_ceiling(m, limit, floors.ceiling_slack)]
+
+    def shortfall(self, floors: Floors) -> str | None:
+        """Why this plan is below the floors or over a ceiling (the first it misses), or None when it keeps them."""
+        if (reason := self.quality_shortfall(floors)) is not None:
+            return reason
+        over = self.ceilings_over(floors)
+        if not over:
+            return None
+        metric = over[0]
+        limit, value, measured = floors.ceilings[metric], self.ceiling_value(metric), self.serving.get(metric)
+        shown = f"{value:.2f}x" + (f" [{measured.lo:.2f}, {measured.hi:.2f}]" if measured is not None
+                                   and metric != "kv_bytes" else "")
+        if metric == "throughput":
+            return f"throughput {shown} < the floor of {limit:g}x the original's (objective.ceilings)"
+        return f"{metric} {shown} > the ceiling of {limit:g}x the original's (objective.ceilings)"
 
 
 @dataclass
@@ -209,6 +219,8 @@ class Picks:
     unmet: list[str]  # one line per target no plan meets under the floors
     below: dict[int, str]  # candidate -> why it is not offered
     fastest: Evidence | None  # the fastest candidate that keeps the floors
+    # candidate -> the ceilings it is over, for those that keep the agreement and retrieval floors
+    held_by_ceilings: dict[int, list[str]] = field(default_factory=dict)
 
 
 def pick(evidence: list[Evidence], floors: Floors, speed, knee: int | None = None, bars=KEEP_BARS) -> Picks:
@@ -246,7 +258,9 @@ def pick(evidence: list[Evidence], floors: Floors, speed, knee: int | None = Non
         chosen["knee"] = knee_evidence
     if fastest is not None:
         chosen["fastest"] = fastest
-    return Picks(chosen, unmet, below, fastest)
+    held = {e.number: over for e in evidence
+            if e.quality_shortfall(floors) is None and (over := e.ceilings_over(floors))}
+    return Picks(chosen, unmet, below, fastest, held)
 
 
 def answer_json(picks: Picks, floors: Floors, speed) -> dict:

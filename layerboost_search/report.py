@@ -484,12 +484,10 @@ def ceiling_hint(picks) -> str:
     """With no plan offered, the override that would offer the candidates only a ceiling held back ('' if none):
     on a CPU with AMX a 512-token prompt's `linear` prefill costs more than softmax's, so the default TTFT
     ceiling is all that stands between a default run and its fastest candidates (README)."""
-    if picks.chosen:
+    held = picks.held_by_ceilings
+    if picks.chosen or not held:
         return ""
-    held = {n: reason.split(" ", 1)[0] for n, reason in picks.below.items() if reason.endswith("(objective.ceilings)")}
-    if not held:
-        return ""
-    metrics = sorted(set(held.values()))
+    metrics = sorted({m for over in held.values() for m in over})
     trials = ", ".join(str(n) for n in sorted(held))
     lifts = " ".join(f"`objective.ceilings.{m}=null`" for m in metrics)
     return (f"Only a ceiling ({', '.join(metrics)}) held back trial(s) {trials}: {lifts} offers them, trading that "

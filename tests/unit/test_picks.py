@@ -2,6 +2,8 @@
 retrieval floor from the original model's own score."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from layerboost_search.objectives import SPEEDS
@@ -162,3 +164,7 @@ def test_with_nothing_offered_the_report_names_the_ceiling_that_held_candidates_
     within = evidence(5, "SSLL", 0.95, 94, 0.5)
     within.serving = {"ttft": Interval.of_rounds([0.98, 1.0, 1.02])}
     assert ceiling_hint(pick([slow, within], floors, THROUGHPUT)) == ""  # a plan is offered: no hint
+    slow.serving["tpot"] = Interval.of_rounds([1.2, 1.25, 1.3])  # over two ceilings: lifting one would not do
+    both = replace(floors, ceilings={"ttft": 1.0, "tpot": 1.0})
+    hint = ceiling_hint(pick([slow], both, THROUGHPUT))
+    assert "`objective.ceilings.tpot=null` `objective.ceilings.ttft=null`" in hint
